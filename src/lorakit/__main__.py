@@ -1,0 +1,4 @@
+from lorakit.cli.main import main
+
+if __name__ == "__main__":
+    main()

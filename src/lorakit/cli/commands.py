@@ -1,0 +1,3 @@
+"""Imports every command module so that each registers its command on the app."""
+
+from lorakit.cli import version  # noqa: F401

@@ -1,0 +1,37 @@
+"""Entry point of `lorakit` / `python -m lorakit`.
+
+Errors in the user's input print one line (`error: ...`) and exit 1; usage errors exit 2; `--debug`
+anywhere on the command line shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from lorakit.cli.app import app
+from lorakit.errors import LorakitError
+
+# Importing the command modules registers their commands on `app`.
+from lorakit.cli import commands  # noqa: E402,F401  isort: skip
+
+USER_ERRORS = (LorakitError, ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+               NotADirectoryError, OSError)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    if debug:
+        args.remove("--debug")
+    command = typer.main.get_command(app)
+    try:
+        # standalone mode: Click reports usage errors itself (exit 2) and lets other exceptions through.
+        command.main(args=args, prog_name="lorakit", standalone_mode=True)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,228 @@
+"""Which modules an adapter targets, and swapping them for LoRA layers in place.
+
+The model stays the same transformers object: only the targeted submodules are replaced by a LoRA layer
+that holds the original module as `base_layer` (and `unload` puts the original back).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.init import init_embedding, init_zeros, initialiser, moves_base_weight
+from lorakit.layers import AdapterModule, AdapterSpec, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSaveWrapper, is_conv1d
+
+# PEFT's defaults when target_modules is None: attention query and value projections.
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    **dict.fromkeys(
+        ["llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+         "gemma3_text", "opt", "phi", "smollm3", "olmo", "olmo2", "granite", "starcoder2", "stablelm",
+         "cohere", "deepseek_v2", "exaone", "internlm2", "mllama"],
+        ["q_proj", "v_proj"],
+    ),
+    "gpt2": ["c_attn"],
+    "gpt_bigcode": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "phi3": ["qkv_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "t5": ["q", "v"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+}
+
+ALL_LINEAR = "all-linear"
+_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(\d+)\.")
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear (quantized subclasses included) or transformers' Conv1D."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """named_modules() without the internals of adapter layers (their base_layer, lora_A, copies...)."""
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        name, module = stack.pop()
+        yield name, module
+        if isinstance(module, AdapterModule):
+            continue
+        children = [(f"{name}.{n}" if name else n, m) for n, m in module.named_children()]
+        stack.extend(reversed(children))
+
+
+def _name_matches(name: str, targets: list[str] | str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return name in targets or any(name.endswith(f".{t}") for t in targets)
+
+
+def _layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
+    if not layers_pattern:
+        match = _LAYER_INDEX.match(name)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        match = next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", name))), None)
+    return int(match.group(1)) if match else None
+
+
+def resolve_target_modules(model: nn.Module, config: LoraConfig) -> list[str] | str:
+    """config.target_modules with None and "all-linear" expanded to concrete module names."""
+    targets = config.target_modules
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGET_MODULES:
+            raise ValueError(f"target_modules: no default for model type {model_type!r}; pass target_modules explicitly")
+        return DEFAULT_TARGET_MODULES[model_type]
+    if targets == ALL_LINEAR:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        names = {name.rsplit(".", 1)[-1] for name, module in base_modules(model)
+                 if is_linear_like(module) and module is not head and name}
+        head_names = {name.rsplit(".", 1)[-1] for name, module in base_modules(model) if module is head and name}
+        return sorted(names - head_names)
+    return targets
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Names of the modules `config` adapts, after exclusions and layer selection.
+
+    Raises ValueError for a target entry that matches no module, naming it and some available names.
+    """
+    targets = resolve_target_modules(model, config)
+    saved = config.modules_to_save or []
+    layers = config.layers_to_transform
+    layers = [layers] if isinstance(layers, int) else layers
+    found, seen_entries = [], set()
+    for name, module in base_modules(model):
+        if not name or any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in saved):
+            continue
+        if config.exclude_modules and _name_matches(name, config.exclude_modules):
+            continue
+        if isinstance(targets, str):
+            if re.fullmatch(targets, name) is None:
+                continue
+            seen_entries.add(targets)
+        else:
+            hits = [t for t in targets if name == t or name.endswith(f".{t}")]
+            if not hits:
+                continue
+            seen_entries.update(hits)
+            if layers is not None and name not in targets and _layer_index(name, config.layers_pattern) not in layers:
+                continue
+        if isinstance(module, ModulesToSaveWrapper):
+            continue
+        found.append(name)
+    entries = [targets] if isinstance(targets, str) else targets
+    missing = [t for t in entries if t not in seen_entries]
+    if missing:
+        sample = sorted({n.rsplit(".", 1)[-1] for n, m in base_modules(model) if n and is_linear_like(m)})[:12]
+        raise ValueError(
+            f"target_modules: {', '.join(map(repr, missing))} matched no module of {type(model).__name__}; "
+            f"linear modules available include: {', '.join(sample)}"
+        )
+    return found
+
+
+def adapter_spec(config: LoraConfig, name: str, base: nn.Module, autocast_adapter_dtype: bool = True) -> AdapterSpec:
+    """Resolve rank, alpha, scaling and dtype of one adapter on one module."""
+    r, alpha = config.rank_for(name), config.alpha_for(name)
+    weight = getattr(base, "weight", None)
+    dtype = torch.float32
+    if not autocast_adapter_dtype and weight is not None and weight.dtype.is_floating_point:
+        dtype = weight.dtype
+    return AdapterSpec(
+        r=r, alpha=alpha, scaling=config.scaling(r, alpha), dropout=config.lora_dropout,
+        init=config.init_lora_weights, use_dora=config.use_dora, lora_bias=config.lora_bias, dtype=dtype,
+    )
+
+
+def _wrap(module: nn.Module, name: str, config: LoraConfig) -> LoraLayer:
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding(module, name)
+    if is_conv1d(module):
+        if not config.fan_in_fan_out:
+            warnings.warn(f"{name}: Conv1D stores its weight as (in, out); using fan_in_fan_out=True", stacklevel=4)
+        return LoraLinear(module, name, fan_in_fan_out=True)
+    if isinstance(module, nn.Linear):
+        if config.fan_in_fan_out:
+            warnings.warn(f"{name}: nn.Linear stores its weight as (out, in); using fan_in_fan_out=False", stacklevel=4)
+        return LoraLinear(module, name, fan_in_fan_out=False)
+    raise ValueError(
+        f"{name}: cannot adapt a {type(module).__name__}; LoRA supports nn.Linear, Conv1D and nn.Embedding "
+        "(target its linear submodules instead)"
+    )
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def inject_adapter(
+    model: nn.Module, config: LoraConfig, adapter_name: str, *, autocast_adapter_dtype: bool = True, for_loading: bool = False
+) -> list[str]:
+    """Add adapter `adapter_name` to every module `config` targets; returns the adapted module names.
+
+    With `for_loading`, factors start at zero (they are about to be overwritten by saved weights) unless
+    the init moves the base weight (OLoRA, PiSSA), whose residual must be recomputed from the base.
+    """
+    targets = find_targets(model, config)
+    method = config.init_lora_weights
+    for name in targets:
+        module = model.get_submodule(name)
+        if not isinstance(module, LoraLayer):
+            module = _wrap(module, name, config)
+            _set_submodule(model, name, module)
+        spec = adapter_spec(config, name, module.base_layer, autocast_adapter_dtype)
+        if for_loading and not moves_base_weight(method):
+            init = init_zeros
+        elif isinstance(module, LoraEmbedding) and method is not False:
+            init = init_embedding
+        else:
+            init = initialiser(method)
+        module.add_adapter(adapter_name, spec, init)
+    for name in config.modules_to_save or []:
+        _add_modules_to_save(model, name, adapter_name)
+    return targets
+
+
+def _add_modules_to_save(model: nn.Module, target: str, adapter_name: str) -> None:
+    matched = False
+    for name, module in list(base_modules(model)):
+        if name and (name == target or name.endswith(f".{target}")):
+            matched = True
+            if not isinstance(module, ModulesToSaveWrapper):
+                if isinstance(module, AdapterModule):
+                    raise ValueError(f"modules_to_save: {name} already carries LoRA adapters")
+                module = ModulesToSaveWrapper(module, name)
+                _set_submodule(model, name, module)
+            module.add_adapter(adapter_name)
+    if not matched:
+        raise ValueError(f"modules_to_save: {target!r} matched no module of {type(model).__name__}")
+
+
+def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:
+    """(name, module) of every adapter-carrying module in the model."""
+    for name, module in base_modules(model):
+        if isinstance(module, AdapterModule):
+            yield name, module
+
+
+def remove_adapter_modules(model: nn.Module, keep_saved_copy: bool) -> None:
+    """Put original modules back: LoRA layers become their base layer; a modules_to_save wrapper
+    becomes its active copy (`keep_saved_copy`) or the original module."""
+    for name, module in list(adapter_modules(model)):
+        if isinstance(module, LoraLayer):
+            replacement = module.base_layer
+        else:
+            replacement = module.current_module() if keep_saved_copy else module.original_module
+        _set_submodule(model, name, replacement)

@@ -1,0 +1,53 @@
+"""Saving OLoRA/PiSSA adapters so that they apply to the untouched base model.
+
+Those inits replace the base weight W by a residual W_res = W − s·B₀A₀ and train A, B from (A₀, B₀). On the
+original W the same model is W + s·(BA − B₀A₀), a LoRA of twice the rank:
+
+    A' = [A; A₀]   (2r × in),   B' = [B, −B₀]   (out × 2r),   r' = 2r,
+
+with lora_alpha rescaled so that the scaling is unchanged (×2, or ×√2 under rsLoRA's alpha/√r).
+The saved config says `init_lora_weights: true`, so any loader (PEFT, vLLM, lorakit) uses it as a plain
+LoRA. lorakit keeps A₀, B₀ on each layer from the moment of init; the user never saves them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import Tensor, nn
+
+from lorakit.config import LoraConfig
+from lorakit.inject import adapter_modules
+from lorakit.layers import LoraLayer
+
+PREFIX = "base_model.model."
+
+
+def portable_adapter(
+    model: nn.Module, adapter_name: str, config: LoraConfig, tensors: dict[str, Tensor]
+) -> tuple[LoraConfig, dict[str, Tensor]]:
+    """The (config, tensors) to save for `adapter_name`; unchanged unless its init moved the base."""
+    layers = [(n, m) for n, m in adapter_modules(model) if isinstance(m, LoraLayer) and adapter_name in m.r]
+    if not any(adapter_name in m.initial_factors for _, m in layers):
+        return config, tensors
+    if config.use_dora:
+        raise ValueError("save_pretrained: an OLoRA/PiSSA adapter with DoRA cannot be made portable; use portable=False")
+    out = dict(tensors)
+    for name, layer in layers:
+        a_key, b_key = (f"{PREFIX}{name}.{key}" for key in layer._disk_names)
+        a, b = tensors[a_key].detach(), tensors[b_key].detach()
+        a0, b0 = layer.initial_factors.get(adapter_name, (torch.zeros_like(a), torch.zeros_like(b)))
+        out[a_key] = torch.cat([a, a0.to(a)], dim=0)
+        out[b_key] = torch.cat([b, -b0.to(b)], dim=1)
+    alpha_factor = math.sqrt(2) if config.use_rslora else 2
+    portable = dataclasses.replace(
+        config,
+        r=2 * config.r,
+        lora_alpha=alpha_factor * config.lora_alpha,
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: alpha_factor * v for k, v in config.alpha_pattern.items()},
+        init_lora_weights=True,
+    )
+    return portable, out

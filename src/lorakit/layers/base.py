@@ -1,0 +1,295 @@
+"""What every adapter-carrying layer shares: adapters held by name, activation, merge bookkeeping.
+
+A LoRA layer wraps the original module as `base_layer` and adds, per adapter name, the low-rank factors
+(`lora_A`/`lora_B` or `lora_embedding_A`/`lora_embedding_B`), a dropout and, for DoRA, a
+`lora_magnitude_vector`. These attribute names are PEFT's, so parameter names such as
+`...q_proj.lora_A.default.weight` are the ones user code (custom optimizers, LoRA+) already selects by.
+
+Mixed-adapter batches: `row_adapters(names)` sets, for the duration of a forward or generate call, which
+adapter each batch row uses; layers read it instead of receiving an extra forward argument.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from lorakit.init import Initialiser, LoraInit
+from lorakit.merge.delta import add_delta, dora_merge, dora_norm, dora_unmerge
+
+BASE_ROW = "__base__"
+"""Name that selects no adapter for a row of a mixed-adapter batch (PEFT's convention)."""
+
+_ROW_ADAPTERS: ContextVar[tuple[str, ...] | None] = ContextVar("lorakit_row_adapters", default=None)
+
+
+@contextmanager
+def row_adapters(names: Sequence[str]) -> Iterator[None]:
+    """Within the block, batch row i uses adapter `names[i]` in every adapter layer."""
+    token = _ROW_ADAPTERS.set(tuple(names))
+    try:
+        yield
+    finally:
+        _ROW_ADAPTERS.reset(token)
+
+
+def rows_for_batch(batch_size: int) -> tuple[str, ...] | None:
+    """The per-row adapter names for a batch, expanded when generate() repeats rows (beams, samples)."""
+    names = _ROW_ADAPTERS.get()
+    if names is None:
+        return None
+    if batch_size % len(names):
+        raise ValueError(f"adapter_names has {len(names)} entries but the batch has {batch_size} rows")
+    repeat = batch_size // len(names)
+    return tuple(n for n in names for _ in range(repeat)) if repeat > 1 else names
+
+
+def row_groups(names: Sequence[str], device: torch.device) -> Iterator[tuple[str, Tensor]]:
+    """(adapter name, row indices) for each adapter used in a mixed batch, base rows skipped."""
+    for name in dict.fromkeys(names):
+        if name != BASE_ROW:
+            yield name, torch.tensor([i for i, n in enumerate(names) if n == name], device=device)
+
+
+@runtime_checkable
+class AdapterModule(Protocol):
+    """The interface lorakit finds adapter-carrying modules by (LoRA layers and modules_to_save)."""
+
+    def adapter_names(self) -> list[str]: ...
+
+    def set_active(self, names: Sequence[str]) -> None: ...
+
+    def set_disabled(self, disabled: bool) -> None: ...
+
+    def delete_adapter(self, name: str) -> None: ...
+
+    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]: ...
+
+    def adapter_state(self, name: str) -> dict[str, Tensor]:
+        """Adapter `name`'s tensors under their PEFT on-disk names, relative to this module."""
+        ...
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One adapter's settings for one module, resolved from LoraConfig (rank/alpha patterns applied)."""
+
+    r: int
+    alpha: float
+    scaling: float
+    dropout: float = 0.0
+    init: bool | str = True
+    use_dora: bool = False
+    lora_bias: bool = False
+    dtype: torch.dtype | None = None
+
+
+class LoraLayer(nn.Module):
+    """Base of the LoRA layers. Subclasses define the factor modules and the forward pass.
+
+    `feature_axis` is the axis of the stored base weight that indexes output features (0 for
+    nn.Linear's (out, in), 1 for Conv1D's (in, out) and Embedding's (num_embeddings, dim)).
+    """
+
+    feature_axis: int = 0
+    _disk_names: tuple[str, str] = ("lora_A.weight", "lora_B.weight")
+
+    def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.module_name = module_name
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_bias: dict[str, bool] = {}
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        # A0 and B0 of adapters whose init moved the base weight (OLoRA, PiSSA), kept on the CPU so that
+        # saving can write an adapter for the untouched base.
+        self.initial_factors: dict[str, tuple[Tensor, Tensor]] = {}
+        self._dora_norms: dict[str, Tensor] = {}
+
+    # ---- what subclasses provide -----------------------------------------------------------------
+
+    @property
+    def weight(self) -> Tensor:
+        """The stored base weight (a Parameter of `base_layer`)."""
+        return self.base_layer.weight
+
+    def _create(self, name: str, spec: AdapterSpec, init: LoraInit) -> None:
+        raise NotImplementedError
+
+    def factors(self, name: str) -> tuple[Tensor, Tensor]:
+        """(A, B) of adapter `name` as stored on disk by PEFT."""
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> Tensor:
+        """ΔW of adapter `name` in float32, in the stored weight's layout."""
+        raise NotImplementedError
+
+    def _init_weight(self) -> Tensor:
+        """The base weight as (out, in) float32, the layout the initialisers take."""
+        raise NotImplementedError
+
+    def _store_init_weight(self, residual: Tensor) -> None:
+        """Write an (out, in) residual from an initialiser back into the stored layout and dtype."""
+        raise NotImplementedError
+
+    # ---- adapters by name ------------------------------------------------------------------------
+
+    def adapter_names(self) -> list[str]:
+        return list(self.r)
+
+    def add_adapter(self, name: str, spec: AdapterSpec, initialise: Initialiser) -> None:
+        """Create adapter `name`; `initialise(weight, r, scaling) -> LoraInit` chooses its start."""
+        if name in self.r:
+            raise ValueError(f"{self.module_name}: adapter {name!r} already exists")
+        self.r[name], self.lora_alpha[name], self.scaling[name] = spec.r, spec.alpha, spec.scaling
+        self.lora_bias[name] = spec.lora_bias
+        self.lora_dropout[name] = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        with torch.no_grad():
+            weight = self._init_weight()
+            init = initialise(weight, spec.r, spec.scaling)
+            if init.residual is not None:
+                self._store_init_weight(init.residual)
+                self.initial_factors[name] = (init.lora_A.detach().cpu().clone(), init.lora_B.detach().cpu().clone())
+            self._create(name, spec, init)
+            if spec.use_dora:
+                self._create_magnitude(name)
+
+    def _create_magnitude(self, name: str) -> None:
+        delta = self.delta_weight(name)
+        norm = dora_norm(add_delta(self.weight, delta), self.feature_axis)
+        module = nn.Module()
+        module.weight = nn.Parameter(norm.to(device=delta.device, dtype=self._adapter_dtype(name)))
+        self.lora_magnitude_vector[name] = module
+
+    def _adapter_dtype(self, name: str) -> torch.dtype:
+        return next(self.adapter_parameters(name)).dtype
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise ValueError(f"{self.module_name}: unmerge adapter {name!r} before deleting it")
+        for container in self._containers():
+            if name in container:
+                del container[name]
+        for table in (self.r, self.lora_alpha, self.scaling, self.lora_bias, self.initial_factors, self._dora_norms):
+            table.pop(name, None)
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def _containers(self) -> list[nn.ModuleDict | nn.ParameterDict]:
+        return [self.lora_dropout, self.lora_magnitude_vector]
+
+    def adapter_state(self, name: str) -> dict[str, Tensor]:
+        a, b = self.factors(name)
+        state = {self._disk_names[0]: a, self._disk_names[1]: b}
+        if self.lora_bias.get(name):
+            state["lora_B.bias"] = self.lora_B[name].bias
+        if name in self.lora_magnitude_vector:
+            state["lora_magnitude_vector"] = self.lora_magnitude_vector[name].weight
+        return state
+
+    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        for container in self._containers():
+            if name in container:
+                item = container[name]
+                if isinstance(item, nn.Parameter):
+                    yield item
+                else:
+                    yield from item.parameters()
+
+    def set_active(self, names: Sequence[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.r]
+
+    def set_disabled(self, disabled: bool) -> None:
+        self.disabled = disabled
+
+    def _live_adapters(self) -> list[str]:
+        """Active adapters whose update is not already merged into the base weight."""
+        if self.disabled:
+            return []
+        return [n for n in self.active_adapters if n not in self.merged_adapters]
+
+    # ---- merge -----------------------------------------------------------------------------------
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def merge(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        """Add the adapters' updates into the base weight: float32 maths, one rounding at the end.
+
+        With `safe_merge`, the result is checked for NaN/inf before the base weight is touched.
+        """
+        names = [n for n in (adapter_names if adapter_names is not None else self.active_adapters)
+                 if n in self.r and n not in self.merged_adapters]
+        if not names:
+            return
+        merged = self.weight.detach().float()
+        bias = self._bias_after(names, sign=1.0)
+        for name in names:
+            delta = self.delta_weight(name)
+            if name in self.lora_magnitude_vector:
+                magnitude = self.lora_magnitude_vector[name].weight.detach()
+                merged, self._dora_norms[name] = dora_merge(merged, delta, magnitude, self.feature_axis)
+            else:
+                merged = add_delta(merged, delta)
+        if safe_merge and not (torch.isfinite(merged).all() and (bias is None or torch.isfinite(bias).all())):
+            raise ValueError(f"{self.module_name}: merging adapter(s) {names} gives NaN/inf weights; the adapter seems broken")
+        self._write_weight(merged)
+        if bias is not None:
+            with torch.no_grad():
+                self.base_layer.bias.copy_(bias)
+        self.merged_adapters.extend(names)
+
+    def unmerge(self) -> None:
+        """Subtract every merged update again (in reverse order), restoring the base weight."""
+        if not self.merged_adapters:
+            return
+        weight = self.weight.detach().float()
+        bias = self._bias_after(self.merged_adapters, sign=-1.0)
+        for name in reversed(self.merged_adapters):
+            delta = self.delta_weight(name)
+            if name in self.lora_magnitude_vector:
+                magnitude = self.lora_magnitude_vector[name].weight.detach()
+                weight = dora_unmerge(weight, delta, magnitude, self._dora_norms.pop(name), self.feature_axis)
+            else:
+                weight = weight - delta
+        self._write_weight(weight)
+        if bias is not None:
+            with torch.no_grad():
+                self.base_layer.bias.copy_(bias)
+        self.merged_adapters = []
+
+    def _bias_after(self, names: Sequence[str], sign: float) -> Tensor | None:
+        """Base bias with ± s · lora_B.bias of the adapters that have one (None if none do)."""
+        with_bias = [n for n in names if self.lora_bias.get(n)]
+        if not with_bias:
+            return None
+        if getattr(self.base_layer, "bias", None) is None:
+            raise ValueError(f"{self.module_name}: cannot merge lora_bias into a base layer without a bias")
+        bias = self.base_layer.bias.detach().float()
+        for name in with_bias:
+            bias = bias + sign * self.scaling[name] * self._lora_bias_vector(name).float()
+        return bias
+
+    def _lora_bias_vector(self, name: str) -> Tensor:
+        raise NotImplementedError
+
+    def _write_weight(self, weight: Tensor) -> None:
+        # copy_ keeps the storage, so weights tied to this one (embeddings ↔ lm_head) stay tied.
+        with torch.no_grad():
+            self.weight.copy_(weight)
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}: r={r}" for n, r in self.r.items())
+        return f"adapters=({ranks}), active={self.active_adapters}, merged={self.merged_adapters}"

@@ -1,0 +1,125 @@
+"""LoRA for `nn.Linear` and for transformers' GPT-2 style `Conv1D` (weight stored as (in, out)).
+
+y = W x + b + s · B A dropout(x), with A: nn.Linear(in, r), B: nn.Linear(r, out) per adapter.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lorakit.init import LoraInit
+from lorakit.layers import dora
+from lorakit.layers.base import AdapterSpec, LoraLayer, row_groups, rows_for_batch
+from lorakit.merge.delta import lora_delta
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 and kin): a linear layer whose weight is stored as (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear-like module, whatever its weight layout or quantization."""
+    if is_conv1d(module):
+        in_features, out_features = module.weight.shape
+        return in_features, out_features
+    return module.in_features, module.out_features
+
+
+class LoraLinear(LoraLayer):
+    """LoRA around a Linear-like base layer; `fan_in_fan_out` marks the (in, out) weight layout."""
+
+    def __init__(self, base_layer: nn.Module, module_name: str = "", fan_in_fan_out: bool = False) -> None:
+        super().__init__(base_layer, module_name)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.feature_axis = 1 if fan_in_fan_out else 0
+        self.in_features, self.out_features = linear_features(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def _containers(self) -> list[nn.ModuleDict]:
+        return [self.lora_A, self.lora_B, *super()._containers()]
+
+    def _create(self, name: str, spec: AdapterSpec, init: LoraInit) -> None:
+        device = _device_of(self.base_layer)
+        dtype = spec.dtype or torch.float32
+        a = nn.Linear(self.in_features, spec.r, bias=False, device=device, dtype=dtype)
+        b = nn.Linear(spec.r, self.out_features, bias=spec.lora_bias, device=device, dtype=dtype)
+        a.weight.copy_(init.lora_A)
+        b.weight.copy_(init.lora_B)
+        if b.bias is not None and spec.init is not False:
+            b.bias.zero_()
+        self.lora_A[name], self.lora_B[name] = a, b
+
+    def factors(self, name: str) -> tuple[Tensor, Tensor]:
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def delta_weight(self, name: str) -> Tensor:
+        a, b = self.factors(name)
+        return lora_delta(a.detach(), b.detach(), self.scaling[name], transpose=self.fan_in_fan_out)
+
+    def _lora_bias_vector(self, name: str) -> Tensor:
+        return self.lora_B[name].bias.detach()
+
+    def _init_weight(self) -> Tensor:
+        weight = self.weight.detach().float()
+        return weight.T if self.fan_in_fan_out else weight
+
+    def _store_init_weight(self, residual: Tensor) -> None:
+        self._write_weight(residual.T if self.fan_in_fan_out else residual)
+
+    # ---- forward ---------------------------------------------------------------------------------
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        rows = rows_for_batch(x.shape[0]) if self.r else None
+        if rows is not None:
+            if self.merged_adapters:
+                raise ValueError(f"{self.module_name}: adapter_names cannot be used while adapters are merged")
+            for name, index in row_groups(rows, x.device):
+                if name in self.r:
+                    sub = self._adapter_out(name, x.index_select(0, index), result.index_select(0, index))
+                    result = result.index_add(0, index, sub)
+            return result
+        for name in self._live_adapters():
+            result = result + self._adapter_out(name, x, result)
+        return result
+
+    def _adapter_out(self, name: str, x: Tensor, result: Tensor) -> Tensor:
+        """This adapter's addition to the layer output `result` for input x."""
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        dropout, scaling = self.lora_dropout[name], self.scaling[name]
+        x = x.to(lora_a.weight.dtype)
+        if name not in self.lora_magnitude_vector:
+            return (lora_b(lora_a(dropout(x))) * scaling).to(result.dtype)
+        lora_weight = lora_b.weight @ lora_a.weight
+        weight = self.weight
+        if self.fan_in_fan_out:
+            lora_weight = lora_weight.T
+        magnitude = self.lora_magnitude_vector[name].weight
+        scale = dora.magnitude_scale(weight, lora_weight, scaling, magnitude, self.feature_axis)
+        if isinstance(dropout, nn.Identity) or not self.training:
+            base_out = result.to(x.dtype)
+            bias = getattr(self.base_layer, "bias", None)
+            if bias is not None:
+                base_out = base_out - bias.to(x.dtype)
+        else:
+            x = dropout(x)
+            weight = weight.to(x.dtype)
+            base_out = F.linear(x, weight.T if self.fan_in_fan_out else weight)
+        lora_out = lora_b(lora_a(x))
+        return dora.linear_term(base_out, lora_out, scale, scaling).to(result.dtype)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    """Where a base layer computes: its weight's device, or accelerate's execution device if offloaded."""
+    weight = getattr(module, "weight", None)
+    if weight is not None and weight.device.type != "meta":
+        return weight.device
+    hook = getattr(module, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    return torch.device(device) if device is not None else torch.device("cpu")
