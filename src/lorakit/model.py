@@ -157,6 +157,12 @@ class PeftModel(nn.Module):
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
+        if peft_config.bias != "none":
+            others = [n for n, c in self.peft_config.items() if c.bias != "none"]
+            if others:
+                # The base biases are shared: two adapters training (and saving) them would overwrite each other.
+                raise ValueError(f"adapter {adapter_name!r}: bias={peft_config.bias!r}, but adapter {others[0]!r} already "
+                                 "trains the base biases; only one adapter may use bias other than 'none' (as in PEFT)")
         self.peft_config[adapter_name] = peft_config
         try:
             inject_adapter(self.get_base_model(), peft_config, adapter_name,
@@ -164,6 +170,9 @@ class PeftModel(nn.Module):
         except Exception:
             self._drop(adapter_name)
             raise
+        # A new adapter starts frozen (PEFT: adding an adapter never changes what trains); `set_adapter` or
+        # `load_adapter(is_trainable=True)` makes it trainable.
+        self.set_requires_grad(adapter_name, False)
         self._apply_active()
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
@@ -174,14 +183,24 @@ class PeftModel(nn.Module):
         self._apply_active()
         for name in self.peft_config:
             self.set_requires_grad(name, requires_grad=name == adapter_name and not inference_mode)
+        # Base biases trained by an adapter (bias="all"/"lora_only") train while that adapter is the active,
+        # trainable one. (PEFT instead decides once, when the first adapter is injected.)
+        for name, config in self.peft_config.items():
+            if config.bias != "none":
+                trainable = name == adapter_name and not inference_mode
+                for tensor in peft_format.bias_tensors(self.get_base_model(), config, name).values():
+                    tensor.requires_grad_(trainable)
 
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
-        """Turn gradients on or off for the given adapters' parameters (and trained biases)."""
+        """Turn gradients on or off for the given adapters' own parameters (LoRA factors, DoRA magnitudes,
+        modules_to_save copies); base biases are left alone, as in PEFT."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in names:
-            for tensor in peft_format.adapter_tensors(self.get_base_model(), self.peft_config[name], name, False).values():
-                if isinstance(tensor, nn.Parameter):
-                    tensor.requires_grad_(requires_grad)
+            if name not in self.peft_config:
+                raise ValueError(f"adapter {name!r} not found; loaded: {sorted(self.peft_config)}")
+            for _, module in self._adapter_modules():
+                for param in module.adapter_parameters(name):
+                    param.requires_grad_(requires_grad)
 
     def _apply_active(self) -> None:
         for _, module in self._adapter_modules():
@@ -190,17 +209,27 @@ class PeftModel(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} not found; loaded: {sorted(self.peft_config)}")
-        self._drop(adapter_name)
+        merged = [name for name, m in self._adapter_modules() if isinstance(m, LoraLayer) and adapter_name in m.merged_adapters]
+        if merged:
+            raise ValueError(f"adapter {adapter_name!r} is merged (e.g. into {merged[0]}); unmerge_adapter() before deleting it")
+        # Layers left without adapters stay LoRA layers, as in PEFT, so parameter names do not change.
+        self._drop(adapter_name, unwrap_empty=False)
         if adapter_name in self.active_adapters:
-            self.active_adapters = [n for n in self.active_adapters if n != adapter_name] or list(self.peft_config)[:1]
+            remaining = [n for n in self.active_adapters if n != adapter_name] or sorted(self.peft_config)[:1]
+            if remaining:
+                # PEFT activates the first remaining adapter by sorted name, the way set_adapter does (trainable).
+                self.set_adapter(remaining[0])
+                return
+            self.active_adapters = []
         self._apply_active()
 
-    def _drop(self, adapter_name: str) -> None:
+    def _drop(self, adapter_name: str, unwrap_empty: bool = True) -> None:
+        """Remove an adapter everywhere; with `unwrap_empty` (rolling back a failed add), layers left with
+        no adapter at all go back to being their original module."""
         self.peft_config.pop(adapter_name, None)
         for _, module in list(self._adapter_modules()):
             module.delete_adapter(adapter_name)
-        # Layers left with no adapter at all go back to being their original module.
-        empty = [(n, m) for n, m in self._adapter_modules() if not m.adapter_names()]
+        empty = [(n, m) for n, m in self._adapter_modules() if not m.adapter_names()] if unwrap_empty else []
         if empty:
             model = self.get_base_model()
             for name, module in empty:
@@ -255,7 +284,8 @@ class PeftModel(nn.Module):
         config.inference_mode = not is_trainable
         saved = peft_format.read_adapter_weights(directory)
         self._load(directory, adapter_name, config, saved, torch_dtype)
-        self.set_requires_grad(adapter_name, is_trainable and adapter_name in self.active_adapters)
+        # As in PEFT: the adapter is not activated, but is_trainable makes its parameters trainable anyway.
+        self.set_requires_grad(adapter_name, is_trainable)
 
     def _load(self, directory: Path, adapter_name: str, config: LoraConfig, saved: dict,
               torch_dtype: torch.dtype | None) -> None:

@@ -52,6 +52,7 @@ def _load_config(ctx: typer.Context, param: typer.CallbackParam, value: Path | N
 
 
 ConfigOption = typer.Option(
-    None, "--config", help="YAML file of options (same names); command-line flags override it.",
-    callback=_load_config, is_eager=True, exists=False, dir_okay=False,
+    "--config", help="YAML file of options (same names); command-line flags override it.",
+    callback=_load_config, is_eager=True,
 )
+"""Use as `config: Annotated[Optional[Path], ConfigOption] = None` in a command's signature."""

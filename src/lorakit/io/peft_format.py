@@ -26,7 +26,7 @@ PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 
 
-def _bias_tensors(model: nn.Module, config: LoraConfig, adapter_name: str) -> dict[str, Tensor]:
+def bias_tensors(model: nn.Module, config: LoraConfig, adapter_name: str) -> dict[str, Tensor]:
     """Base-model biases trained along with the adapter (bias="all" or "lora_only")."""
     if config.bias == "none":
         return {}
@@ -61,7 +61,7 @@ def adapter_tensors(
             tensors[f"{name}.{key}"] = tensor
         if isinstance(module, LoraEmbedding):
             embeddings.append((name, module))
-    tensors.update(_bias_tensors(model, config, adapter_name))
+    tensors.update(bias_tensors(model, config, adapter_name))
     if save_embedding_layers is True or (save_embedding_layers == "auto" and embeddings):
         for name, module in embeddings:
             tensors[f"{name}.base_layer.weight"] = module.base_layer.weight
@@ -147,6 +147,6 @@ def adapter_directory(path: str | Path, subfolder: str | None = None) -> Path:
 
 
 __all__ = [
-    "CONFIG_NAME", "PREFIX", "WEIGHTS_NAME", "adapter_directory", "adapter_tensors", "load_adapter_tensors",
+    "CONFIG_NAME", "PREFIX", "WEIGHTS_NAME", "adapter_directory", "adapter_tensors", "bias_tensors", "load_adapter_tensors",
     "read_adapter_weights", "save_adapter_files",
 ]

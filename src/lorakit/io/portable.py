@@ -5,7 +5,16 @@ original W the same model is W + s·(BA − B₀A₀), a LoRA of twice the rank:
 
     A' = [A; A₀]   (2r × in),   B' = [B, −B₀]   (out × 2r),   r' = 2r,
 
-with lora_alpha rescaled so that the scaling is unchanged (×2, or ×√2 under rsLoRA's alpha/√r).
+with lora_alpha rescaled so that the scaling is unchanged (×2 for alpha/r; ×√2 under rsLoRA's alpha/√r,
+Kalajdzievski 2023), in rank_pattern/alpha_pattern too. This is PEFT's `path_initial_model_for_weight_conversion`
+conversion (PiSSA, Meng et al. 2024, arXiv:2404.02948, §4), without the user having to save the initial adapter.
+Layers whose base did not move (embeddings, which keep PEFT's zero-A init) get zero blocks, A' = [A; 0],
+B' = [B, 0], so every layer has the doubled rank the config announces.
+
+DoRA carries over as is: its magnitude m rescales the columns of W_res + s·BA = W + s·B'A', the same matrix, so
+m / ‖W + s·B'A'‖_c · (W + s·B'A') is the trained layer. Biases (lora_bias, bias="all") are not moved by the
+init and are saved unchanged.
+
 The saved config says `init_lora_weights: true`, so any loader (PEFT, vLLM, lorakit) uses it as a plain
 LoRA. lorakit keeps A₀, B₀ on each layer from the moment of init; the user never saves them.
 """
@@ -32,8 +41,6 @@ def portable_adapter(
     layers = [(n, m) for n, m in adapter_modules(model) if isinstance(m, LoraLayer) and adapter_name in m.r]
     if not any(adapter_name in m.initial_factors for _, m in layers):
         return config, tensors
-    if config.use_dora:
-        raise ValueError("save_pretrained: an OLoRA/PiSSA adapter with DoRA cannot be made portable; use portable=False")
     out = dict(tensors)
     for name, layer in layers:
         a_key, b_key = (f"{PREFIX}{name}.{key}" for key in layer._disk_names)

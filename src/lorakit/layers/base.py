@@ -20,7 +20,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from lorakit.init import Initialiser, LoraInit
+from lorakit.init import Initialiser, LoraInit, init_zeros
 from lorakit.merge.delta import add_delta, dora_merge, dora_norm, dora_unmerge
 
 BASE_ROW = "__base__"
@@ -158,11 +158,16 @@ class LoraLayer(nn.Module):
         self.lora_dropout[name] = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         with torch.no_grad():
             weight = self._init_weight()
+            # Build the factor modules before initialising them, as PEFT does: their constructors draw from
+            # torch's RNG first, so a seeded random init (Kaiming, Gaussian, randomized-SVD PiSSA) yields
+            # PEFT's factors for the same seed.
+            self._create(name, spec, init_zeros(weight, spec.r, spec.scaling))
             init = initialise(weight, spec.r, spec.scaling)
+            for factor, value in zip(self.factors(name), init[:2]):
+                factor.copy_(value)
             if init.residual is not None:
                 self._store_init_weight(init.residual)
                 self.initial_factors[name] = (init.lora_A.detach().cpu().clone(), init.lora_B.detach().cpu().clone())
-            self._create(name, spec, init)
             if spec.use_dora:
                 self._create_magnitude(name)
 

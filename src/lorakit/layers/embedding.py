@@ -60,14 +60,17 @@ class LoraEmbedding(LoraLayer):
             for name, index in row_groups(rows, x.device):
                 if name in self.r:
                     sub = self._adapted(name, x.index_select(0, index), result.index_select(0, index))
-                    result = result.index_copy(0, index, sub)
+                    result = result.index_copy(0, index, sub.to(result.dtype))
             return result
+        adapted = result
         for name in self._live_adapters():
-            result = self._adapted(name, x, result)
-        return result
+            adapted = self._adapted(name, x, adapted)
+        # Computed in the adapters' dtype and rounded once to the base dtype, as PEFT does.
+        return adapted.to(result.dtype)
 
     def _adapted(self, name: str, ids: Tensor, result: Tensor) -> Tensor:
-        """`result` (the embeddings so far) with adapter `name` applied to token ids `ids`."""
+        """`result` (the embeddings so far) with adapter `name` applied to token ids `ids`, in the
+        adapter's dtype (or the wider of the two)."""
         base = self.base_layer
         a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
         rows = F.embedding(ids, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
@@ -78,7 +81,7 @@ class LoraEmbedding(LoraLayer):
             lora_out = lora_out * embed_scale.to(lora_out.dtype)
         scaling = self.scaling[name]
         if name not in self.lora_magnitude_vector:
-            return result + (lora_out * scaling).to(result.dtype)
+            return result + lora_out * scaling
         magnitude = self.lora_magnitude_vector[name].weight
         scale = dora.magnitude_scale(self.weight, (b @ a).T, scaling, magnitude, self.feature_axis)
-        return (scale * result.to(scale.dtype) + scale * lora_out * scaling).to(result.dtype)
+        return scale * result.to(scale.dtype) + scale * lora_out * scaling

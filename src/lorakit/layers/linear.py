@@ -82,20 +82,24 @@ class LoraLinear(LoraLayer):
                 raise ValueError(f"{self.module_name}: adapter_names cannot be used while adapters are merged")
             for name, index in row_groups(rows, x.device):
                 if name in self.r:
-                    sub = self._adapter_out(name, x.index_select(0, index), result.index_select(0, index))
-                    result = result.index_add(0, index, sub)
+                    base_rows = result.index_select(0, index)
+                    sub = base_rows + self._adapter_out(name, x.index_select(0, index), base_rows)
+                    result = result.index_copy(0, index, sub.to(result.dtype))
             return result
+        adapted = result
         for name in self._live_adapters():
-            result = result + self._adapter_out(name, x, result)
-        return result
+            adapted = adapted + self._adapter_out(name, x, result)
+        # The sum is formed in the adapters' dtype (float32 by default) and rounded once to the base dtype,
+        # as PEFT does: rounding the update to float16/bfloat16 before adding would round twice.
+        return adapted.to(result.dtype)
 
     def _adapter_out(self, name: str, x: Tensor, result: Tensor) -> Tensor:
-        """This adapter's addition to the layer output `result` for input x."""
+        """This adapter's addition to the base layer output `result` for input x, in the adapter's dtype."""
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]
         dropout, scaling = self.lora_dropout[name], self.scaling[name]
         x = x.to(lora_a.weight.dtype)
         if name not in self.lora_magnitude_vector:
-            return (lora_b(lora_a(dropout(x))) * scaling).to(result.dtype)
+            return lora_b(lora_a(dropout(x))) * scaling
         lora_weight = lora_b.weight @ lora_a.weight
         weight = self.weight
         if self.fan_in_fan_out:
@@ -103,16 +107,15 @@ class LoraLinear(LoraLayer):
         magnitude = self.lora_magnitude_vector[name].weight
         scale = dora.magnitude_scale(weight, lora_weight, scaling, magnitude, self.feature_axis)
         if isinstance(dropout, nn.Identity) or not self.training:
-            base_out = result.to(x.dtype)
+            # W x = result − b, subtracted in the base dtype as PEFT does, so both give the same numbers.
             bias = getattr(self.base_layer, "bias", None)
-            if bias is not None:
-                base_out = base_out - bias.to(x.dtype)
+            base_out = (result if bias is None else result - bias.to(result.dtype)).to(x.dtype)
         else:
             x = dropout(x)
             weight = weight.to(x.dtype)
             base_out = F.linear(x, weight.T if self.fan_in_fan_out else weight)
         lora_out = lora_b(lora_a(x))
-        return dora.linear_term(base_out, lora_out, scale, scaling).to(result.dtype)
+        return dora.linear_term(base_out, lora_out, scale, scaling)
 
 
 def _device_of(module: nn.Module) -> torch.device:
