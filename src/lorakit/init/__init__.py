@@ -14,7 +14,14 @@ from functools import partial
 
 from torch import Tensor
 
-from lorakit.init.default import LoraInit, init_embedding, init_gaussian, init_kaiming, init_random, init_zeros
+from lorakit.init.default import (
+    LoraInit,
+    init_embedding,
+    init_gaussian,
+    init_kaiming,
+    init_random,
+    init_zeros,
+)
 from lorakit.init.olora import init_olora
 from lorakit.init.pissa import init_pissa
 

@@ -18,6 +18,12 @@ class LoraInit(NamedTuple):
     residual: Tensor | None = None
 
 
+def _device(weight: Tensor) -> torch.device:
+    """Where to create the factors: the weight's device, or the CPU for an offloaded weight (accelerate keeps
+    it on the meta device, where only its shape is known); the layer then moves them to where it computes."""
+    return torch.device("cpu") if weight.device.type == "meta" else weight.device
+
+
 def _kaiming_a(r: int, in_features: int, device: torch.device) -> Tensor:
     # The bound of nn.Linear's own init (kaiming-uniform with a=√5): U(-1/√in, 1/√in).
     a = torch.empty(r, in_features, device=device)
@@ -27,22 +33,22 @@ def _kaiming_a(r: int, in_features: int, device: torch.device) -> Tensor:
 
 def init_kaiming(weight: Tensor, r: int, scaling: float) -> LoraInit:
     """LoRA paper default: A ~ Kaiming-uniform, B = 0, so ΔW = 0 at step 0."""
-    out_features, in_features = weight.shape
-    return LoraInit(_kaiming_a(r, in_features, weight.device), torch.zeros(out_features, r, device=weight.device))
+    (out_features, in_features), device = weight.shape, _device(weight)
+    return LoraInit(_kaiming_a(r, in_features, device), torch.zeros(out_features, r, device=device))
 
 
 def init_gaussian(weight: Tensor, r: int, scaling: float) -> LoraInit:
     """A ~ N(0, 1/r²), B = 0 (PEFT's "gaussian")."""
-    out_features, in_features = weight.shape
-    a = torch.randn(r, in_features, device=weight.device) / r
-    return LoraInit(a, torch.zeros(out_features, r, device=weight.device))
+    (out_features, in_features), device = weight.shape, _device(weight)
+    a = torch.randn(r, in_features, device=device) / r
+    return LoraInit(a, torch.zeros(out_features, r, device=device))
 
 
 def init_random(weight: Tensor, r: int, scaling: float) -> LoraInit:
     """Both factors random as nn.Linear initialises them: ΔW ≠ 0 from the start."""
-    out_features, in_features = weight.shape
-    b = torch.empty(out_features, r, device=weight.device).uniform_(-1 / math.sqrt(r), 1 / math.sqrt(r))
-    return LoraInit(_kaiming_a(r, in_features, weight.device), b)
+    (out_features, in_features), device = weight.shape, _device(weight)
+    b = torch.empty(out_features, r, device=device).uniform_(-1 / math.sqrt(r), 1 / math.sqrt(r))
+    return LoraInit(_kaiming_a(r, in_features, device), b)
 
 
 def init_embedding(weight: Tensor, r: int, scaling: float) -> LoraInit:
@@ -50,11 +56,11 @@ def init_embedding(weight: Tensor, r: int, scaling: float) -> LoraInit:
 
     A multiplies a one-hot row selection, so a zero A keeps ΔW = 0 while B carries the randomness.
     """
-    out_features, in_features = weight.shape
-    return LoraInit(torch.zeros(r, in_features, device=weight.device), torch.randn(out_features, r, device=weight.device))
+    (out_features, in_features), device = weight.shape, _device(weight)
+    return LoraInit(torch.zeros(r, in_features, device=device), torch.randn(out_features, r, device=device))
 
 
 def init_zeros(weight: Tensor, r: int, scaling: float) -> LoraInit:
     """Placeholder factors for an adapter whose saved weights are about to be loaded."""
-    out_features, in_features = weight.shape
-    return LoraInit(torch.zeros(r, in_features, device=weight.device), torch.zeros(out_features, r, device=weight.device))
+    (out_features, in_features), device = weight.shape, _device(weight)
+    return LoraInit(torch.zeros(r, in_features, device=device), torch.zeros(out_features, r, device=device))

@@ -6,8 +6,9 @@ original W the same model is W + s·(BA − B₀A₀), a LoRA of twice the rank:
     A' = [A; A₀]   (2r × in),   B' = [B, −B₀]   (out × 2r),   r' = 2r,
 
 with lora_alpha rescaled so that the scaling is unchanged (×2 for alpha/r; ×√2 under rsLoRA's alpha/√r,
-Kalajdzievski 2023), in rank_pattern/alpha_pattern too. This is PEFT's `path_initial_model_for_weight_conversion`
-conversion (PiSSA, Meng et al. 2024, arXiv:2404.02948, §4), without the user having to save the initial adapter.
+Kalajdzievski 2023), in rank_pattern/alpha_pattern too. This is the conversion PEFT does with
+`path_initial_model_for_weight_conversion` (described in PiSSA, Meng et al. 2024, arXiv:2404.02948), without
+the user having to save the initial adapter first.
 Layers whose base did not move (embeddings, which keep PEFT's zero-A init) get zero blocks, A' = [A; 0],
 B' = [B, 0], so every layer has the doubled rank the config announces.
 
