@@ -15,7 +15,15 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.init import init_embedding, init_zeros, initialiser, moves_base_weight
-from lorakit.layers import AdapterModule, AdapterSpec, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSaveWrapper, is_conv1d
+from lorakit.layers import (
+    AdapterModule,
+    AdapterSpec,
+    LoraEmbedding,
+    LoraLayer,
+    LoraLinear,
+    ModulesToSaveWrapper,
+    is_conv1d,
+)
 
 # PEFT's defaults when target_modules is None: attention query and value projections.
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
@@ -102,9 +110,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     layers = [layers] if isinstance(layers, int) else layers
     found, seen_entries = [], set()
     for name, module in base_modules(model):
-        if not name or any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in saved):
-            continue
-        if config.exclude_modules and _name_matches(name, config.exclude_modules):
+        if not name:
             continue
         if isinstance(targets, str):
             if re.fullmatch(targets, name) is None:
@@ -117,6 +123,12 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             seen_entries.update(hits)
             if layers is not None and name not in targets and _layer_index(name, config.layers_pattern) not in layers:
                 continue
+        # Exclusions come after the match, so an entry whose modules are all excluded (e.g. "all-linear"
+        # minus exclude_modules) still counts as matched.
+        if any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in saved):
+            continue
+        if config.exclude_modules and _name_matches(name, config.exclude_modules):
+            continue
         if isinstance(module, ModulesToSaveWrapper):
             continue
         found.append(name)
@@ -127,6 +139,11 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         raise ValueError(
             f"target_modules: {', '.join(map(repr, missing))} matched no module of {type(model).__name__}; "
             f"linear modules available include: {', '.join(sample)}"
+        )
+    if not found:
+        raise ValueError(
+            f"target_modules: every module matching {config.target_modules!r} is excluded (by exclude_modules, "
+            "layers_to_transform or modules_to_save); nothing is left to adapt"
         )
     return found
 

@@ -207,6 +207,8 @@ class PeftModel(nn.Module):
             module.set_active(self.active_adapters)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an (unmerged) adapter. If it was active, the first remaining adapter by name becomes active
+        (and trainable), as in PEFT."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} not found; loaded: {sorted(self.peft_config)}")
         merged = [name for name, m in self._adapter_modules() if isinstance(m, LoraLayer) and adapter_name in m.merged_adapters]
@@ -273,6 +275,9 @@ class PeftModel(nn.Module):
         peft_model._setup(model, autocast_adapter_dtype)
         peft_model._load(directory, adapter_name, config, saved, torch_dtype)
         peft_model.set_adapter(adapter_name, inference_mode=not is_trainable)
+        if not is_trainable:
+            # Loaded for inference: dropout off (the new LoRA dropout modules start in training mode), as PEFT.
+            peft_model.eval()
         return peft_model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
@@ -284,8 +289,11 @@ class PeftModel(nn.Module):
         config.inference_mode = not is_trainable
         saved = peft_format.read_adapter_weights(directory)
         self._load(directory, adapter_name, config, saved, torch_dtype)
-        # As in PEFT: the adapter is not activated, but is_trainable makes its parameters trainable anyway.
+        # As in PEFT: the adapter is not activated, but is_trainable makes its parameters trainable anyway;
+        # loading for inference puts the whole model in eval mode.
         self.set_requires_grad(adapter_name, is_trainable)
+        if not is_trainable:
+            self.eval()
 
     def _load(self, directory: Path, adapter_name: str, config: LoraConfig, saved: dict,
               torch_dtype: torch.dtype | None) -> None:
@@ -301,7 +309,8 @@ class PeftModel(nn.Module):
                         param.data = param.data.to(torch_dtype)
             peft_format.load_adapter_tensors(self.get_base_model(), config, adapter_name, saved, source)
         except Exception:
-            self.delete_adapter(adapter_name) if len(self.peft_config) > 1 else self._drop(adapter_name)
+            # Roll back completely: the layers this adapter wrapped go back to their original modules.
+            self._drop(adapter_name)
             raise
 
     # ---- saving -------------------------------------------------------------------------------------
@@ -312,7 +321,9 @@ class PeftModel(nn.Module):
         """Write each adapter in PEFT's format: "default" into `save_directory`, others into sub-folders.
 
         portable: an adapter whose init moved the base weight (OLoRA, PiSSA) is saved so that it applies
-        to the untouched base (see `lorakit.io.portable`); False keeps the raw form, for resuming training.
+        to the untouched base (see `lorakit.io.portable`); False keeps the raw form, for resuming training:
+        loading it re-runs the init on the fresh base, which for "pissa_niter_N" (a randomized SVD) gives the
+        same residual only when torch is seeded as it was at init.
         """
         _warn_unused(kwargs, "save_pretrained")
         if not safe_serialization:
@@ -341,9 +352,52 @@ class PeftModel(nn.Module):
         return [m for _, m in self._adapter_modules() if isinstance(m, LoraLayer)]
 
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
-        """Add the (active, or named) adapters into the base weights; layers stay and can unmerge."""
-        for layer in self._lora_layers():
-            layer.merge(adapter_names if adapter_names is not None else self.active_adapters, safe_merge)
+        """Add the (active, or named) adapters into the base weights; layers stay and can unmerge.
+
+        With `safe_merge`, a layer whose merged weight would hold NaN/inf raises ValueError naming it, and
+        the layers already merged by this call are restored, so the model is left as it was.
+        """
+        names = adapter_names if adapter_names is not None else self.active_adapters
+        self._untie_merged_weights([layer for layer in self._lora_layers()
+                                    if any(n in layer.r and n not in layer.merged_adapters for n in names)])
+        done: list[tuple[LoraLayer, list[str]]] = []
+        try:
+            for layer in self._lora_layers():
+                before = list(layer.merged_adapters)
+                layer.merge(names, safe_merge)
+                if layer.merged_adapters != before:
+                    done.append((layer, before))
+        except Exception:
+            for layer, before in reversed(done):
+                layer.unmerge()
+                layer.merge(before)
+            raise
+
+    def _untie_merged_weights(self, layers: list[LoraLayer]) -> None:
+        """Give modules that share a to-be-merged weight (tied embeddings: GPT-2's wte and lm_head) their own
+        copy first. Merging into the shared tensor would also add the update to the module that the adapter
+        does not adapt, so the merged model would no longer compute what the adapter model computes (PEFT
+        0.21 merges into the shared tensor). The config then says the weights are no longer tied, so the
+        merged model saves both and reloads with the same outputs."""
+        if not layers:
+            return
+        model = self.get_base_model()
+        owners: dict[int, list[tuple[nn.Module, str]]] = {}
+        for module in model.modules():
+            for attr, param in module._parameters.items():
+                if param is not None:
+                    owners.setdefault(id(param), []).append((module, attr))
+        untied = False
+        for layer in layers:
+            for module, attr in owners.get(id(layer.weight), []):
+                if module is not layer.base_layer:
+                    setattr(module, attr, nn.Parameter(layer.weight.detach().clone(), requires_grad=False))
+                    untied = True
+        config = getattr(model, "config", None)
+        if untied and config is not None:
+            for cfg in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: config)())}.values():
+                if getattr(cfg, "tie_word_embeddings", False):
+                    cfg.tie_word_embeddings = False
 
     def unmerge_adapter(self) -> None:
         for layer in self._lora_layers():

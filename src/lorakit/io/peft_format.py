@@ -8,6 +8,8 @@ Tensor names are the in-memory names under `PeftModel` with the adapter name dro
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import torch
@@ -17,13 +19,15 @@ from torch import Tensor, nn
 
 from lorakit.config import CONFIG_NAME, LoraConfig
 from lorakit.errors import AdapterFileError
-from lorakit.inject import adapter_modules
+from lorakit.inject import ALL_LINEAR, adapter_modules, base_modules
 from lorakit.io.atomic import atomic_file
-from lorakit.layers import LoraEmbedding, LoraLayer, ModulesToSaveWrapper
+from lorakit.layers import LoraLayer, ModulesToSaveWrapper
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
+# Module names whose targeting makes PEFT save the base embedding weights (peft.utils.other.EMBEDDING_LAYER_NAMES).
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
 def bias_tensors(model: nn.Module, config: LoraConfig, adapter_name: str) -> dict[str, Tensor]:
@@ -43,28 +47,75 @@ def bias_tensors(model: nn.Module, config: LoraConfig, adapter_name: str) -> dic
     }
 
 
+def _embedding_named_in_targets(model: nn.Module, config: LoraConfig) -> bool:
+    """PEFT's test for save_embedding_layers="auto": target_modules names a module called `embed_tokens` or
+    `lm_head` (a list entry, or a regex matching such a module). Other embedding names (GPT-2's `wte`) do
+    not count, so for them PEFT saves no base weights and neither do we: the key sets stay equal."""
+    targets = config.target_modules
+    if isinstance(targets, str):
+        if targets == ALL_LINEAR:
+            return False
+        return any(re.fullmatch(targets, name) for name, _ in base_modules(model)
+                   if name.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES)
+    return any(t in EMBEDDING_LAYER_NAMES for t in targets or [])
+
+
+def _vocab_resized(model: nn.Module, config: LoraConfig) -> bool:
+    """True when the base model named in the config is a local directory whose config.json has another
+    vocab_size than `model` (the vocabulary was resized for training). Hub ids are not looked up."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    base = config.base_model_name_or_path
+    file = Path(base) / "config.json" if base else None
+    if not vocab or file is None or not file.is_file():
+        return False
+    try:
+        saved = json.loads(file.read_text(encoding="utf-8")).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return saved is not None and saved != vocab
+
+
+def embedding_tensors(model: nn.Module, config: LoraConfig, save_embedding_layers: bool | str) -> dict[str, Tensor]:
+    """The base embedding weights PEFT saves with an adapter, keyed relative to `model`.
+
+    "auto" saves them when target_modules names `embed_tokens`/`lm_head` (then only the base weights of the
+    input/output embeddings that carry LoRA) or when the vocabulary was resized (then the whole input and
+    output embeddings); True saves the whole input and output embeddings; False nothing.
+    """
+    named = _embedding_named_in_targets(model, config)
+    if save_embedding_layers == "auto":
+        save_embedding_layers = named or _vocab_resized(model, config)
+    if not save_embedding_layers or not hasattr(model, "get_input_embeddings"):
+        return {}
+    layers = [model.get_input_embeddings(), model.get_output_embeddings()]
+    tensors: dict[str, Tensor] = {}
+    for name, module in base_modules(model):
+        if not name or not any(module is layer for layer in layers) or isinstance(module, ModulesToSaveWrapper):
+            continue
+        if isinstance(module, LoraLayer):
+            tensors.update({f"{name}.base_layer.{k}": v for k, v in module.base_layer.named_parameters()})
+        elif not named:
+            tensors.update({f"{name}.{k}": v for k, v in module.named_parameters()})
+    return tensors
+
+
 def adapter_tensors(
     model: nn.Module, config: LoraConfig, adapter_name: str, save_embedding_layers: bool | str = "auto"
 ) -> dict[str, Tensor]:
     """Every tensor that belongs to adapter `adapter_name`, keyed by its PEFT on-disk name.
 
-    `model` is the transformers model with adapters injected. With `save_embedding_layers` ("auto":
-    when an embedding is targeted, as PEFT does) the base embedding weights are included too, so an
-    adapter trained after resizing the vocabulary carries its embeddings.
+    `model` is the transformers model with adapters injected. With `save_embedding_layers` the base
+    embedding weights are included too, by PEFT's rules (see `embedding_tensors`), so that an adapter
+    trained with a targeted or resized embedding carries it.
     """
     tensors: dict[str, Tensor] = {}
-    embeddings = []
     for name, module in adapter_modules(model):
         if adapter_name not in module.adapter_names():
             continue
         for key, tensor in module.adapter_state(adapter_name).items():
             tensors[f"{name}.{key}"] = tensor
-        if isinstance(module, LoraEmbedding):
-            embeddings.append((name, module))
     tensors.update(bias_tensors(model, config, adapter_name))
-    if save_embedding_layers is True or (save_embedding_layers == "auto" and embeddings):
-        for name, module in embeddings:
-            tensors[f"{name}.base_layer.weight"] = module.base_layer.weight
+    tensors.update(embedding_tensors(model, config, save_embedding_layers))
     return {PREFIX + key: value for key, value in tensors.items()}
 
 
@@ -110,7 +161,8 @@ def load_adapter_tensors(
     """Copy saved tensors into adapter `adapter_name` of `model` (already injected), checking every key
     and shape; errors name the file, the module and both shapes."""
     expected = adapter_tensors(model, config, adapter_name, save_embedding_layers=True)
-    optional = {k for k in expected if k.endswith(".base_layer.weight") or k.endswith(".base_layer.bias") or (config.bias == "all" and k.endswith("bias") and "lora_" not in k)}
+    embeddings = {PREFIX + k for k in embedding_tensors(model, config, True)}
+    optional = {k for k in expected if k in embeddings or k.endswith(".base_layer.weight") or k.endswith(".base_layer.bias") or (config.bias == "all" and k.endswith("bias") and "lora_" not in k)}
     model_name = type(model).__name__
     for key, value in saved.items():
         if key not in expected:

@@ -20,7 +20,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from lorakit.init import Initialiser, LoraInit, init_zeros
+from lorakit.init import Initialiser, LoraInit, init_zeros, moves_base_weight
 from lorakit.merge.delta import add_delta, dora_merge, dora_norm, dora_unmerge
 
 BASE_ROW = "__base__"
@@ -153,11 +153,22 @@ class LoraLayer(nn.Module):
         """Create adapter `name`; `initialise(weight, r, scaling) -> LoraInit` chooses its start."""
         if name in self.r:
             raise ValueError(f"{self.module_name}: adapter {name!r} already exists")
+        if moves_base_weight(spec.init) and self.initial_factors:
+            # The base already holds another adapter's residual: a second OLoRA/PiSSA init would factor that
+            # residual, and neither adapter would then be relative to the original weight.
+            other = next(iter(self.initial_factors))
+            raise ValueError(
+                f"{self.module_name}: adapter {other!r} (OLoRA/PiSSA) already replaced the base weight by its "
+                f"residual; init_lora_weights={spec.init!r} for {name!r} would start from it. Save {other!r} "
+                "(portable) and add the new adapter to a fresh base model"
+            )
         self.r[name], self.lora_alpha[name], self.scaling[name] = spec.r, spec.alpha, spec.scaling
         self.lora_bias[name] = spec.lora_bias
         self.lora_dropout[name] = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         with torch.no_grad():
             weight = self._init_weight()
+            if weight.device.type == "meta":
+                self._check_offloaded(spec)
             # Build the factor modules before initialising them, as PEFT does: their constructors draw from
             # torch's RNG first, so a seeded random init (Kaiming, Gaussian, randomized-SVD PiSSA) yields
             # PEFT's factors for the same seed.
@@ -170,6 +181,22 @@ class LoraLayer(nn.Module):
                 self.initial_factors[name] = (init.lora_A.detach().cpu().clone(), init.lora_B.detach().cpu().clone())
             if spec.use_dora:
                 self._create_magnitude(name)
+
+    def _check_offloaded(self, spec: AdapterSpec) -> None:
+        """The base weight is offloaded (accelerate keeps it on the meta device and loads it only for the base
+        layer's own forward): the default inits need only its shape, but these methods need its values."""
+        needs = "DoRA (use_dora=True)" if spec.use_dora else (
+            f"init_lora_weights={spec.init!r}" if moves_base_weight(spec.init) else None)
+        if needs:
+            raise ValueError(
+                f"{self.module_name}: {needs} needs the base weight, but it is offloaded (meta device); "
+                "load this layer into memory (a device_map without 'disk'/'meta' for it) or use another init"
+            )
+
+    def _check_in_memory(self, action: str) -> None:
+        if self.weight.device.type == "meta":
+            raise ValueError(f"{self.module_name}: cannot {action}: the base weight is offloaded (meta device); "
+                             "load the model without disk/meta offloading to merge")
 
     def _create_magnitude(self, name: str) -> None:
         delta = self.delta_weight(name)
@@ -239,6 +266,7 @@ class LoraLayer(nn.Module):
                  if n in self.r and n not in self.merged_adapters]
         if not names:
             return
+        self._check_in_memory("merge")
         merged = self.weight.detach().float()
         bias = self._bias_after(names, sign=1.0)
         for name in names:
@@ -260,6 +288,7 @@ class LoraLayer(nn.Module):
         """Subtract every merged update again (in reverse order), restoring the base weight."""
         if not self.merged_adapters:
             return
+        self._check_in_memory("unmerge")
         weight = self.weight.detach().float()
         bias = self._bias_after(self.merged_adapters, sign=-1.0)
         for name in reversed(self.merged_adapters):
