@@ -86,6 +86,10 @@ def test_lorakit_adapter_loads_in_peft(tmp_path: Path, kind: str, kwargs: dict) 
     config = peft.LoraConfig.from_pretrained(tmp_path)
     for key, value in kwargs.items():
         got = getattr(config, key)
+        if key == "target_modules" and value == "all-linear":
+            # Like PEFT, the saved config names the concrete modules that "all-linear" resolved to.
+            assert isinstance(got, (set, list)) and got and "lm_head" not in got and "all-linear" not in got
+            continue
         assert (set(got) if isinstance(got, (set, list)) else got) == (set(value) if isinstance(value, list) else value), key
     assert config.inference_mode is True
     with quiet():

@@ -51,8 +51,8 @@ _LAYER_INDEX = re.compile(r".*?\.[^.]*\.(\d+)\.")
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    """nn.Linear (quantized subclasses included) or transformers' Conv1D."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    """nn.Linear (quantized subclasses included), transformers' Conv1D, or a LoRA layer around either."""
+    return isinstance(module, (nn.Linear, LoraLinear)) or is_conv1d(module)
 
 
 def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -192,6 +192,10 @@ def inject_adapter(
     With `for_loading`, factors start at zero (they are about to be overwritten by saved weights) unless
     the init moves the base weight (OLoRA, PiSSA), whose residual must be recomputed from the base.
     """
+    if config.target_modules is None or config.target_modules == ALL_LINEAR:
+        # Record the concrete names, as PEFT does: the saved config then means the same to every loader,
+        # including on a model that already carries LoRA layers.
+        config.target_modules = list(resolve_target_modules(model, config))
     targets = find_targets(model, config)
     method = config.init_lora_weights
     for name in targets:
