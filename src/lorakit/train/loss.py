@@ -1,0 +1,74 @@
+"""Causal-LM loss that never materialises float32 logits for every token.
+
+The straightforward loss runs the language-model head over every position (batch × length × vocab
+floats: 49k-wide for SmolLM2) and then throws most of them away — in answer-only SFT only the answer
+tokens carry labels. Here the decoder's hidden states are gathered at the supervised positions only
+and the head + cross-entropy run over them in chunks; each chunk is recomputed in the backward pass
+(activation checkpointing), so at most one chunk of logits is alive at a time. The result equals
+`model(..., labels=labels).loss` (tested).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+# Architectures whose CausalLM forward is exactly `logits = head(decoder(...).last_hidden_state)`
+# (no logit soft-capping or scaling); others use the model's own forward.
+HEAD_ON_HIDDEN = {
+    "llama", "mistral", "qwen2", "qwen3", "smollm3", "gpt2", "phi3", "gemma", "olmo", "olmo2", "starcoder2",
+    "stablelm", "opt",
+}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PeftModel (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _head_loss(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+class CausalLMLoss(nn.Module):
+    """forward(input_ids, attention_mask, labels[, position_ids]) → (sum of token losses, token count).
+
+    Labels are aligned with input_ids (the shift happens here); IGNORE_INDEX marks unsupervised
+    positions. Returning the sum lets the caller normalise over a whole accumulation window (and
+    across processes) instead of averaging per micro-batch.
+
+    It is an nn.Module so that accelerate/DDP can wrap it: the whole loss runs inside the wrapped
+    forward, which is what DDP's gradient synchronisation requires.
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int = 1024) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                position_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        base = _unwrap(self.model)
+        targets = labels[:, 1:]
+        mask = targets != IGNORE_INDEX
+        count = mask.sum()
+        extra = {"position_ids": position_ids} if position_ids is not None else {}
+        if getattr(base.config, "model_type", None) not in HEAD_ON_HIDDEN or not hasattr(base, "get_decoder"):
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits
+            loss = F.cross_entropy(logits[:, :-1][mask].float(), targets[mask], reduction="sum")
+            return loss, count
+        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+        hidden = hidden.last_hidden_state[:, :-1][mask]
+        targets = targets[mask]
+        head = base.get_output_embeddings()
+        if hidden.shape[0] <= self.chunk_size:
+            return _head_loss(head, hidden, targets), count
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], self.chunk_size):
+            part = slice(start, start + self.chunk_size)
+            total = total + checkpoint(_head_loss, head, hidden[part], targets[part], use_reentrant=False)
+        return total, count
