@@ -22,3 +22,39 @@ def default_model_dir() -> Path:
     from lorakit import default_model_path
 
     return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama (hidden 32, 2 layers) with the embedded model's tokenizer and chat template:
+    fast enough for end-to-end training tests, real enough for the data pipeline."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    directory = tmp_path_factory.mktemp("tiny-chat-model")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def demo_subset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Small train/validation/test files cut from the bundled demo dataset."""
+    from lorakit.train.data import bundled_dataset_path
+
+    directory = tmp_path_factory.mktemp("demo-subset")
+    sizes = {"train": 48, "validation": 16, "test": 8}
+    paths = {}
+    for split, size in sizes.items():
+        lines = bundled_dataset_path(split).read_text(encoding="utf-8").splitlines()[:size]
+        paths[split] = directory / f"{split}.jsonl"
+        paths[split].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return paths

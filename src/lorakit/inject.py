@@ -166,11 +166,12 @@ def _wrap(module: nn.Module, name: str, config: LoraConfig) -> LoraLayer:
         return LoraEmbedding(module, name)
     if is_conv1d(module):
         if not config.fan_in_fan_out:
-            warnings.warn(f"{name}: Conv1D stores its weight as (in, out); using fan_in_fan_out=True", stacklevel=4)
+            # One message for all such layers (the text carries no module name, so Python shows it once).
+            warnings.warn("Conv1D layers store weights as (in, out); using fan_in_fan_out=True for them", stacklevel=4)
         return LoraLinear(module, name, fan_in_fan_out=True)
     if isinstance(module, nn.Linear):
         if config.fan_in_fan_out:
-            warnings.warn(f"{name}: nn.Linear stores its weight as (out, in); using fan_in_fan_out=False", stacklevel=4)
+            warnings.warn("nn.Linear layers store weights as (out, in); using fan_in_fan_out=False for them", stacklevel=4)
         return LoraLinear(module, name, fan_in_fan_out=False)
     raise ValueError(
         f"{name}: cannot adapt a {type(module).__name__}; LoRA supports nn.Linear, Conv1D and nn.Embedding "
