@@ -1,0 +1,287 @@
+"""Local safetensors checkpoints, read and written one tensor at a time.
+
+Reading goes through safetensors' memory-mapped `safe_open`: a tensor read from it is a view of the
+mapped file, so nothing is copied until it is used. The mapping keeps every page it has touched resident
+until it is closed, so `TensorReader` closes and reopens a file once `MAPPED_BYTES_LIMIT` bytes have
+been read through it; resident memory then stays bounded however large the shards are.
+
+Writing (`ShardedWriter`) needs no more than the tensor in hand: the output layout (names, dtypes,
+shapes, hence every byte offset) is known before the first tensor is computed, so each shard's header is
+written first and tensors are appended as they come. safetensors' own `save_file` would need a whole
+shard in memory. The format is its documented one: an 8-byte little-endian header length, a JSON header
+(padded with spaces to a multiple of 8) and the raw little-endian tensor bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor
+
+from lorakit.errors import AdapterFileError
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+# Enough to amortise reopening (a header parse), small next to any real checkpoint.
+MAPPED_BYTES_LIMIT = 32 * 2**20
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor of a checkpoint lives, and its dtype and shape."""
+
+    name: str
+    file: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint directory's tensors, in storage order (file by file, by offset within a file)."""
+
+    directory: Path
+    tensors: dict[str, TensorInfo]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(info.nbytes for info in self.tensors.values())
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from "2GB", "500MB", "1GiB" or a plain number (transformers' max_shard_size units)."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    text = str(size).strip()
+    try:
+        value = int(text) if text.isdigit() else convert_file_size_to_int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ValueError(f"max shard size {size!r}: expected a positive size such as 2GB, 500MB or 1GiB")
+    return value
+
+
+def open_checkpoint(directory: str | Path) -> Checkpoint:
+    """List the tensors of a single-file or sharded safetensors checkpoint, validating every file.
+
+    Raises AdapterFileError naming the missing or unreadable file (a shard named by the index included).
+    """
+    directory = Path(directory)
+    index_file = directory / SAFE_WEIGHTS_INDEX_NAME
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise AdapterFileError(f"{index_file}: not a safetensors index (expected a JSON object with a weight_map; {err})") from None
+        files = sorted(set(weight_map.values()))
+    elif (directory / SAFE_WEIGHTS_NAME).is_file():
+        weight_map, files = None, [SAFE_WEIGHTS_NAME]
+    elif any((directory / name).is_file() for name in PICKLE_WEIGHTS):
+        raise AdapterFileError(f"{directory}: only pickled pytorch_model.bin weights; re-save the model with safetensors "
+                               "(model.save_pretrained) before merging")
+    else:
+        raise AdapterFileError(f"{directory}: no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} found")
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        path = directory / file
+        if not path.is_file():
+            raise AdapterFileError(f"{path}: shard named in {SAFE_WEIGHTS_INDEX_NAME} is missing")
+        for info in file_tensors(path):
+            if weight_map is not None and weight_map.get(info.name) != file:
+                raise AdapterFileError(f"{path}: holds tensor {info.name!r}, which {SAFE_WEIGHTS_INDEX_NAME} does not place there")
+            tensors[info.name] = info
+    missing = sorted(set(weight_map or ()) - set(tensors))
+    if missing:
+        raise AdapterFileError(f"{directory / weight_map[missing[0]]}: lacks tensor {missing[0]!r} named in {SAFE_WEIGHTS_INDEX_NAME}")
+    return Checkpoint(directory, tensors)
+
+
+def file_tensors(path: Path) -> list[TensorInfo]:
+    """The tensors of one safetensors file, by offset; safetensors checks that the data covers the header."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            infos = []
+            for name in handle.offset_keys():
+                view = handle.get_slice(name)
+                dtype = DTYPES.get(view.get_dtype())
+                if dtype is None:
+                    raise AdapterFileError(f"{path}: tensor {name!r} has dtype {view.get_dtype()}, which lorakit cannot merge")
+                infos.append(TensorInfo(name, path.name, dtype, tuple(view.get_shape())))
+            return infos
+    except SafetensorError as err:
+        raise AdapterFileError(f"{path}: not a readable safetensors file (truncated or corrupt? {err})") from None
+
+
+class TensorReader:
+    """Reads tensors from the safetensors files of one directory, with one file mapped at a time.
+
+    Returned tensors are views of the mapping: use them, then drop them. Use as a context manager.
+    """
+
+    def __init__(self, directory: str | Path, mapped_limit: int = MAPPED_BYTES_LIMIT) -> None:
+        self.directory = Path(directory)
+        self.mapped_limit = mapped_limit
+        self._file: str | None = None
+        self._handle: Any = None
+        self._read = 0
+
+    def get(self, file: str, name: str) -> Tensor:
+        if file != self._file or self._read >= self.mapped_limit:
+            self.close()
+            path = self.directory / file
+            try:
+                self._handle = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError) as err:
+                raise AdapterFileError(f"{path}: not a readable safetensors file ({err})") from None
+            self._file, self._read = file, 0
+        try:
+            tensor = self._handle.get_tensor(name)
+        except SafetensorError as err:
+            raise AdapterFileError(f"{self.directory / file}: cannot read tensor {name!r} ({err})") from None
+        self._read += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.__exit__(None, None, None)
+        self._handle, self._file = None, None
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def shard_layout(tensors: Iterable[OutputTensor], max_shard_size: int) -> list[list[OutputTensor]]:
+    """Split tensors, in order, into shards of at most `max_shard_size` bytes (a larger tensor gets its own)."""
+    shards: list[list[OutputTensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        if shards[-1] and size + tensor.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += tensor.nbytes
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    """transformers' file names: model.safetensors, or model-00001-of-0000N.safetensors."""
+    if count == 1:
+        return [SAFE_WEIGHTS_NAME]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+class ShardedWriter:
+    """Writes the planned shards tensor by tensor, in the planned order; `close` writes the index.
+
+    Every shard is written and fsynced as it fills, so memory holds at most the tensor being written.
+    """
+
+    def __init__(self, directory: str | Path, layout: list[list[OutputTensor]]) -> None:
+        self.directory = Path(directory)
+        self.layout = [shard for shard in layout if shard]
+        self.files = shard_names(len(self.layout))
+        self._pending = [(i, tensor) for i, shard in enumerate(self.layout) for tensor in shard]
+        self._next = 0
+        self._shard = -1
+        self._fh: BinaryIO | None = None
+
+    def write(self, name: str, tensor: Tensor | Iterable[Tensor]) -> None:
+        """Append the next planned tensor, given whole or as consecutive blocks of rows (dim 0)."""
+        if self._next >= len(self._pending):
+            raise RuntimeError(f"ShardedWriter: tensor {name!r} is not in the planned layout")
+        shard, planned = self._pending[self._next]
+        if name != planned.name:
+            raise RuntimeError(f"ShardedWriter: expected tensor {planned.name!r} next, got {name!r}")
+        if shard != self._shard:
+            self._finish_shard()
+            self._start_shard(shard)
+        assert self._fh is not None
+        rows = 0
+        for block in [tensor] if isinstance(tensor, Tensor) else tensor:
+            shape = tuple(block.shape)
+            if block.dtype != planned.dtype or (shape[1:] if planned.shape else shape) != planned.shape[1:]:
+                raise RuntimeError(f"ShardedWriter: {name}: got {block.dtype} {shape}, planned {planned.dtype} {planned.shape}")
+            self._fh.write(memoryview(block.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+            rows += shape[0] if shape else 1
+        if rows != (planned.shape[0] if planned.shape else 1):
+            raise RuntimeError(f"ShardedWriter: {name}: wrote {rows} rows of the planned {planned.shape}")
+        self._next += 1
+
+    def _start_shard(self, shard: int) -> None:
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for tensor in self.layout[shard]:
+            header[tensor.name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                                   "data_offsets": [offset, offset + tensor.nbytes]}
+            offset += tensor.nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        encoded += b" " * (-len(encoded) % 8)
+        self._fh = open(self.directory / self.files[shard], "wb")  # closed in _finish_shard or abort
+        self._fh.write(len(encoded).to_bytes(8, "little"))
+        self._fh.write(encoded)
+        self._shard = shard
+
+    def _finish_shard(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._fh = None
+
+    def close(self) -> list[str]:
+        """Finish the last shard and write the index (when sharded); returns the file names written."""
+        self._finish_shard()
+        if self._next != len(self._pending):
+            raise RuntimeError(f"ShardedWriter: {len(self._pending) - self._next} planned tensor(s) were never written")
+        if len(self.files) == 1:
+            return list(self.files)
+        weight_map = {tensor.name: self.files[i] for i, tensor in self._pending}
+        index = {
+            "metadata": {"total_size": sum(t.nbytes for _, t in self._pending),
+                         "total_parameters": sum(math.prod(t.shape) for _, t in self._pending)},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        (self.directory / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        return [*self.files, SAFE_WEIGHTS_INDEX_NAME]
+
+    def abort(self) -> None:
+        """Close an unfinished shard (the caller discards the directory)."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
