@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tiny_models import tiny_gpt2, tiny_llama
 
 import lorakit
 from lorakit.errors import LorakitError
@@ -19,7 +20,6 @@ from lorakit.train import loop as loop_module
 from lorakit.train.config import TrainConfig
 from lorakit.train.loss import CausalLMLoss
 from lorakit.train.sft import train
-from tiny_models import tiny_gpt2, tiny_llama
 
 
 def _config(output: Path, model_dir: Path, data: dict[str, Path], **overrides) -> TrainConfig:
