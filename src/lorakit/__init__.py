@@ -31,10 +31,10 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
 
 def __getattr__(name: str):
     # Heavier entry points import transformers' auto classes / the model cache only when used.
-    if name == "AutoPeftModelForCausalLM":
-        from lorakit.auto import AutoPeftModelForCausalLM
+    if name in ("AutoPeftModelForCausalLM", "AutoModelForCausalLM"):
+        from lorakit import auto
 
-        return AutoPeftModelForCausalLM
+        return getattr(auto, name)
     if name == "default_model_path":
         from lorakit.models.default import default_model_path
 
@@ -43,6 +43,6 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "AdapterFileError", "AutoPeftModelForCausalLM", "BASE_ROW", "DataError", "LoraConfig", "LorakitError",
+    "AdapterFileError", "AutoModelForCausalLM", "AutoPeftModelForCausalLM", "BASE_ROW", "DataError", "LoraConfig", "LorakitError",
     "MissingDependencyError", "PeftModel", "PeftModelForCausalLM", "TaskType", "default_model_path", "get_peft_model",
 ]

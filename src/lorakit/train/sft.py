@@ -167,6 +167,8 @@ def train(config: TrainConfig) -> TrainResult:
         save_best=save_best, describe=f"{config.method} r={config.r}" if config.method == "lora" else "full fine-tune",
     )
     progress = loop.resume() if config.resume else None
+    # Before any update the adapter is the identity (OLoRA/PiSSA too), so this is the base model's loss.
+    base_val_loss = evaluate() if progress is None else None
     result = loop.run(progress)
     accelerator.wait_for_everyone()
     if not val_examples:
@@ -183,6 +185,7 @@ def train(config: TrainConfig) -> TrainResult:
         "steps": result.progress.step,
         "stopped_early": result.stopped_early,
         "final_train_loss": result.final_train_loss,
+        "base_val_loss": base_val_loss,
         "final_val_loss": result.final_val_loss,
         "best_val_loss": result.progress.best_val_loss,
         "tokens_per_second": result.progress.tokens_seen / max(result.progress.elapsed, 1e-9),
