@@ -12,8 +12,8 @@ from lorakit.cli.app import app
 
 @app.command()
 def compare(
-    model: Annotated[str | None, typer.Option(help="Base model [default: embedded SmolLM2].")] = None,
-    data: Annotated[str | None, typer.Option(help="Training data [default: bundled demo].")] = None,
+    model: Annotated[str | None, typer.Option(help="Base model (default: embedded SmolLM2).")] = None,
+    data: Annotated[str | None, typer.Option(help="Training data (default: bundled demo).")] = None,
     validation_data: Annotated[str | None, typer.Option(help="Validation file.")] = None,
     test_data: Annotated[str | None, typer.Option(help="Test file with answers for exact match.")] = None,
     output: Annotated[Path, typer.Option(help="Directory for every run, compare.json and compare.png.")] = Path("runs/compare"),

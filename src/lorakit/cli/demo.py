@@ -15,7 +15,7 @@ from lorakit.cli.app import app
 @app.command()
 def demo(
     output: Annotated[Path, typer.Option(help="Where the run, the adapter and the merged model go.")] = Path("runs/demo"),
-    max_steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps [default: one epoch].")] = None,
+    max_steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps (default: one epoch).")] = None,
 ) -> None:
     """Train LoRA on the bundled date-normalisation task, merge it, and score base / LoRA / merged."""
     from rich.console import Console

@@ -14,8 +14,8 @@ from lorakit.cli.app import app
 
 @app.command("eval")
 def eval_command(
-    data: Annotated[str | None, typer.Option(help="Data file [default: bundled demo test split].")] = None,
-    model: Annotated[str | None, typer.Option(help="Base model [default: embedded SmolLM2].")] = None,
+    data: Annotated[str | None, typer.Option(help="Data file (default: bundled demo test split).")] = None,
+    model: Annotated[str | None, typer.Option(help="Base model (default: embedded SmolLM2).")] = None,
     adapter: Annotated[list[str] | None, typer.Option(help="Adapter NAME=DIR or DIR; repeat to compare several.")] = None,
     max_seq_len: Annotated[int, typer.Option(min=1)] = 512,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,

@@ -9,9 +9,9 @@ import typer
 
 from lorakit.cli.app import app
 
-ModelOption = Annotated[str | None, typer.Option(help="Base model dir, .gguf or hub id [default: embedded SmolLM2].")]
+ModelOption = Annotated[str | None, typer.Option(help="Base model dir, .gguf or hub id (default: embedded SmolLM2).")]
 AdapterOption = Annotated[list[str] | None, typer.Option(help="Adapter as NAME=DIR or DIR; repeat for several.")]
-UseOption = Annotated[str | None, typer.Option(help="Adapter to use (by name), or 'base' [default: the first].")]
+UseOption = Annotated[str | None, typer.Option(help="Adapter to use (by name), or 'base' (default: the first).")]
 TokensOption = Annotated[int, typer.Option(min=1, help="Maximum new tokens.")]
 TemperatureOption = Annotated[float, typer.Option(min=0.0, help="0 = greedy.")]
 

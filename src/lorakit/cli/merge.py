@@ -27,7 +27,7 @@ def merge_command(
     adapter: Annotated[list[Path], typer.Option("--adapter", help="Adapter directory; repeat to merge several.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the merged model.")],
     model: Annotated[str, typer.Option("--model", help="Base model: local directory, .gguf file or 'default' (embedded SmolLM2-135M-Instruct).")] = "default",
-    weights: Annotated[Optional[list[str]], typer.Option("--weights", help="Weight per adapter, comma-separated (e.g. 0.7,0.3) [default: 1 each].")] = None,  # noqa: UP045 - Typer reads the annotation at runtime
+    weights: Annotated[Optional[list[str]], typer.Option("--weights", help="Weight per adapter, comma-separated (e.g. 0.7,0.3) (default: 1 each).")] = None,  # noqa: UP045 - Typer reads the annotation at runtime
     dtype: Annotated[Dtype, typer.Option("--dtype", help="Output dtype; auto keeps the base's.")] = Dtype.auto,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 2GB, 500MB.")] = "2GB",
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Re-read the output and check every tensor.")] = True,

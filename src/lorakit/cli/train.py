@@ -9,11 +9,11 @@ from lorakit.cli.options import dataclass_parameters, split_commas, with_signatu
 from lorakit.train.config import TrainConfig
 
 HELP = {
-    "model": "Base model: a local transformers dir, a .gguf file or a hub id [default: embedded SmolLM2-135M-Instruct].",
-    "data": "Training data (JSONL/JSON/Parquet/CSV; messages, prompt/completion or text) [default: bundled dates demo].",
-    "validation_data": "Validation file [default: bundled demo validation when --data is not given].",
+    "model": "Base model: a local transformers dir, a .gguf file or a hub id (default: embedded SmolLM2-135M-Instruct).",
+    "data": "Training data (JSONL/JSON/Parquet/CSV; messages, prompt/completion or text) (default: bundled dates demo).",
+    "validation_data": "Validation file (default: bundled demo validation when --data is not given).",
     "validation_fraction": "Hold out this fraction of --data for validation (seeded) when no --validation-data.",
-    "test_data": "Test file with reference answers for the exact-match report [default: bundled demo test].",
+    "test_data": "Test file with reference answers for the exact-match report (default: bundled demo test).",
     "output": "Run directory: adapter/, checkpoint/, metrics.jsonl, loss_curve.png, report.json.",
     "method": "lora, or full (full fine-tuning baseline).",
     "r": "LoRA rank.",
@@ -34,7 +34,7 @@ HELP = {
     "max_grad_norm": "Clip the gradient norm (0 disables).",
     "weight_decay": "AdamW weight decay (not applied to biases and vectors).",
     "eval_every": "Validation loss every N steps; the best adapter is kept.",
-    "save_every": "Checkpoint every N steps [default: --eval-every].",
+    "save_every": "Checkpoint every N steps (default: --eval-every).",
     "early_stopping_patience": "Stop after N evaluations without validation improvement.",
     "seed": "Seed for data order, initialisation and dropout.",
     "packing": "Pack rows into full-length blocks.",
