@@ -32,6 +32,13 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as err:
         if debug:
             raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(1)
+
+
+def one_line(err: BaseException) -> str:
+    """The message of an error as one line; OS errors name their file ("x.json: Permission denied")."""
+    if isinstance(err, OSError) and not isinstance(err, LorakitError) and err.strerror:
+        return f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

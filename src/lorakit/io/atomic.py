@@ -6,6 +6,7 @@ rename is atomic on POSIX file systems.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import tempfile
@@ -52,8 +53,9 @@ def _umask() -> int:
 def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes `path` only when the block finishes without error.
 
-    With `overwrite`, an existing `path` is replaced (moved aside first, removed after the rename), so a
-    crash leaves either the old or the new directory, never a mix.
+    With `overwrite`, an existing `path` is replaced by atomically exchanging the two directories (Linux
+    renameat2), so a crash at any moment leaves either the old or the new directory at `path`, never a
+    mix and never nothing. Where the exchange is unavailable the old one is moved aside first.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -64,15 +66,25 @@ def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
-        old = None
-        if path.exists():
-            if not overwrite:
-                raise FileExistsError(f"{path}: already exists")
+        if not path.exists():
+            os.replace(tmp, path)
+        elif not overwrite:
+            raise FileExistsError(f"{path}: already exists")
+        elif not _exchange(tmp, path):
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
+            os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0

@@ -172,6 +172,10 @@ def load_adapter_tensors(
                 "is the adapter for another model architecture?"
             )
         target = expected[key]
+        if target.dtype.is_floating_point and not value.dtype.is_floating_point:
+            raise AdapterFileError(f"{source}: {key}: saved dtype {value.dtype} is not a floating-point type")
+        if value.dtype.is_floating_point and not torch.isfinite(value).all():
+            raise AdapterFileError(f"{source}: {key}: holds NaN or infinite values; the adapter is broken")
         if tuple(value.shape) != tuple(target.shape):
             raise AdapterFileError(
                 f"{source}: {key}: saved shape {tuple(value.shape)} does not fit the model's {tuple(target.shape)}; "
