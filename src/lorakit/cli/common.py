@@ -7,6 +7,7 @@ from pathlib import Path
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.model import check_adapter_name
 
 
 def parse_adapter_specs(specs: list[str] | None) -> list[tuple[str, Path]]:
@@ -19,6 +20,7 @@ def parse_adapter_specs(specs: list[str] | None) -> list[tuple[str, Path]]:
             name = Path(path).resolve().name if Path(path).name in ("", ".") else Path(path).name
         if not name or not path:
             raise LorakitError(f"--adapter {spec!r}: expected NAME=DIR or DIR")
+        check_adapter_name(name)
         if name in {n for n, _ in parsed}:
             raise LorakitError(f"--adapter {spec!r}: the name {name!r} is used twice; give NAME=DIR")
         parsed.append((name, Path(path)))

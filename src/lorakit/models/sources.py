@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import urllib.parse
@@ -123,6 +124,7 @@ def load_causal_lm(source: str | os.PathLike | None = None, *, dtype: torch.dtyp
     # PEFT-era callers (and AutoPeftModelForCausalLM users) still spell it torch_dtype.
     dtype = kwargs.pop("torch_dtype", dtype)
     directory = resolve_model_source(source)
+    refuse_remote_code(directory, trust_remote_code)
     return AutoModelForCausalLM.from_pretrained(
         directory, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
     )
@@ -138,6 +140,7 @@ def load_tokenizer(source: str | os.PathLike | None = None, *,
     from transformers import AutoTokenizer
 
     directory = resolve_model_source(source)
+    refuse_remote_code(directory, trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         candidates = (tokenizer.eos_token, tokenizer.unk_token, tokenizer.bos_token)
@@ -145,3 +148,18 @@ def load_tokenizer(source: str | os.PathLike | None = None, *,
         if fallback is not None:
             tokenizer.pad_token = fallback
     return tokenizer
+
+
+def refuse_remote_code(directory: Path, trust_remote_code: bool) -> None:
+    """A model that ships its own Python code (an `auto_map` in its configs) loads only when the user
+    opted in; say so clearly instead of letting transformers fail somewhere later."""
+    if trust_remote_code:
+        return
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            mapping = json.loads((directory / name).read_text(encoding="utf-8")).get("auto_map")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if mapping:
+            raise LorakitError(f"{directory / name}: this model runs its own Python code (auto_map); "
+                               "pass --trust-remote-code (trust_remote_code=True) only if you trust its source")
