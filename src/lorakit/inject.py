@@ -24,6 +24,7 @@ from lorakit.layers import (
     ModulesToSaveWrapper,
     is_conv1d,
 )
+from lorakit.quant import weights as quant
 
 # PEFT's defaults when target_modules is None: attention query and value projections.
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
@@ -153,7 +154,11 @@ def adapter_spec(config: LoraConfig, name: str, base: nn.Module, autocast_adapte
     r, alpha = config.rank_for(name), config.alpha_for(name)
     weight = getattr(base, "weight", None)
     dtype = torch.float32
-    if not autocast_adapter_dtype and weight is not None and weight.dtype.is_floating_point:
+    if not autocast_adapter_dtype and quant.is_quantized(base):
+        # The stored dtype of a bitsandbytes weight is its codes' (int8, uint8 or a packing float):
+        # the base's own float dtype is the one a 4-bit layer computes in (8-bit layers name none).
+        dtype = quant.compute_dtype(base) or torch.float32
+    elif not autocast_adapter_dtype and weight is not None and weight.dtype.is_floating_point:
         dtype = weight.dtype
     return AdapterSpec(
         r=r, alpha=alpha, scaling=config.scaling(r, alpha), dropout=config.lora_dropout,

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit import quant
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError
 from lorakit.inject import adapter_modules, inject_adapter, remove_adapter_modules
@@ -74,7 +75,7 @@ class PeftModel(nn.Module):
     # ---- the transformers model, explicitly forwarded ---------------------------------------------
 
     def get_base_model(self) -> nn.Module:
-        """The adapted transformers model itself."""
+        """The adapted transformers model itself; hand this to transformers' Trainer or TRL (docs/trl.md)."""
         return self.base_model.model
 
     @property
@@ -404,9 +405,18 @@ class PeftModel(nn.Module):
             layer.unmerge()
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: Sequence[str] | None = None) -> nn.Module:
-        """Merge the adapters into the base weights and return the plain transformers model."""
-        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+                         adapter_names: Sequence[str] | None = None, requantize: bool = False) -> nn.Module:
+        """Merge the adapters into the base weights and return the plain transformers model.
+
+        On a bitsandbytes-quantized base the updates are added in float32 to the dequantized weights and the
+        model comes back as a float model (with a warning), or with `requantize=True` still quantized, its
+        merged weights rounded to the quantized format (see `lorakit.quant.dequant`).
+        """
+        if requantize or not quant.has_quantized_layers(self.get_base_model()):
+            self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        else:
+            with quant.dequantized_for_merge(self.get_base_model()):
+                self.merge_adapter(adapter_names, safe_merge=safe_merge)
         return self._unload(keep_saved_copy=True)
 
     def unload(self) -> nn.Module:

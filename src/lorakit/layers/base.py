@@ -11,6 +11,7 @@ adapter each batch row uses; layers read it instead of receiving an extra forwar
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 
 from lorakit.init import Initialiser, LoraInit, init_zeros, moves_base_weight
 from lorakit.merge.delta import add_delta, dora_merge, dora_norm, dora_unmerge
+from lorakit.quant import weights as quant
 
 BASE_ROW = "__base__"
 """Name that selects no adapter for a row of a mixed-adapter batch (PEFT's convention)."""
@@ -122,8 +124,15 @@ class LoraLayer(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        """The stored base weight (a Parameter of `base_layer`)."""
+        """The stored base weight (a Parameter of `base_layer`; bitsandbytes codes for a quantized layer)."""
         return self.base_layer.weight
+
+    def base_weight(self) -> Tensor:
+        """The base weight as float numbers, in the stored layout: the Parameter itself, or for a
+        bitsandbytes-quantized base a new float32 tensor with its dequantized values (`lorakit.quant`)."""
+        if quant.is_quantized(self.base_layer):
+            return quant.dequantize_weight(self.base_layer)
+        return self.weight
 
     def _create(self, name: str, spec: AdapterSpec, init: LoraInit) -> None:
         raise NotImplementedError
@@ -200,7 +209,7 @@ class LoraLayer(nn.Module):
 
     def _create_magnitude(self, name: str) -> None:
         delta = self.delta_weight(name)
-        norm = dora_norm(add_delta(self.weight, delta), self.feature_axis)
+        norm = dora_norm(add_delta(self.base_weight(), delta), self.feature_axis)
         module = nn.Module()
         module.weight = nn.Parameter(norm.to(device=delta.device, dtype=self._adapter_dtype(name)))
         self.lora_magnitude_vector[name] = module
@@ -267,7 +276,8 @@ class LoraLayer(nn.Module):
         if not names:
             return
         self._check_in_memory("merge")
-        merged = self.weight.detach().float()
+        self._warn_if_requantized("merge")
+        merged = self.base_weight().detach().float()
         bias = self._bias_after(names, sign=1.0)
         for name in names:
             delta = self.delta_weight(name)
@@ -289,7 +299,8 @@ class LoraLayer(nn.Module):
         if not self.merged_adapters:
             return
         self._check_in_memory("unmerge")
-        weight = self.weight.detach().float()
+        self._warn_if_requantized("unmerge")
+        weight = self.base_weight().detach().float()
         bias = self._bias_after(self.merged_adapters, sign=-1.0)
         for name in reversed(self.merged_adapters):
             delta = self.delta_weight(name)
@@ -320,9 +331,18 @@ class LoraLayer(nn.Module):
         raise NotImplementedError
 
     def _write_weight(self, weight: Tensor) -> None:
+        if quant.is_quantized(self.base_layer):
+            quant.requantize_weight_(self.base_layer, weight)
+            return
         # copy_ keeps the storage, so weights tied to this one (embeddings ↔ lm_head) stay tied.
         with torch.no_grad():
             self.weight.copy_(weight)
+
+    def _warn_if_requantized(self, action: str) -> None:
+        if quant.is_quantized(self.base_layer):
+            # The same text from the same line: Python shows it once per process, however many layers merge.
+            warnings.warn(f"{action}: the base weights are quantized (bitsandbytes): the merged weights are quantized "
+                          "again, which rounds them (unmerging does not restore the original exactly)", stacklevel=2)
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={r}" for n, r in self.r.items())

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorakit.init import LoraInit
-from lorakit.layers import dora
+from lorakit.layers import dora, mixed
 from lorakit.layers.base import AdapterSpec, LoraLayer, row_groups, rows_for_batch
 from lorakit.layers.linear import _device_of
 from lorakit.merge.delta import lora_delta
@@ -57,6 +57,9 @@ class LoraEmbedding(LoraLayer):
         if rows is not None:
             if self.merged_adapters:
                 raise ValueError(f"{self.module_name}: adapter_names cannot be used while adapters are merged")
+            # Plain LoRA rows all at once in batched matmuls (layers/mixed.py); the rows it leaves (DoRA; in
+            # training, dropout or gradients) take the per-adapter path below.
+            result, rows = mixed.add_embedding_rows(self, x, result, rows)
             for name, index in row_groups(rows, x.device):
                 if name in self.r:
                     sub = self._adapted(name, x.index_select(0, index), result.index_select(0, index))

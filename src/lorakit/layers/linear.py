@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorakit.init import LoraInit
-from lorakit.layers import dora
+from lorakit.layers import dora, mixed
 from lorakit.layers.base import AdapterSpec, LoraLayer, row_groups, rows_for_batch
 from lorakit.merge.delta import lora_delta
 
@@ -64,7 +64,7 @@ class LoraLinear(LoraLayer):
         return self.lora_B[name].bias.detach()
 
     def _init_weight(self) -> Tensor:
-        weight = self.weight.detach().float()
+        weight = self.base_weight().detach().float()
         return weight.T if self.fan_in_fan_out else weight
 
     def _store_init_weight(self, residual: Tensor) -> None:
@@ -80,6 +80,9 @@ class LoraLinear(LoraLayer):
         if rows is not None:
             if self.merged_adapters:
                 raise ValueError(f"{self.module_name}: adapter_names cannot be used while adapters are merged")
+            # Plain LoRA rows all at once in batched matmuls (layers/mixed.py); the rows it leaves (DoRA; in
+            # training, dropout or gradients) take the per-adapter path below.
+            result, rows = mixed.add_linear_rows(self, x, result, rows)
             for name, index in row_groups(rows, x.device):
                 if name in self.r:
                     base_rows = result.index_select(0, index)
@@ -88,10 +91,29 @@ class LoraLinear(LoraLayer):
             return result
         adapted = result
         for name in self._live_adapters():
-            adapted = adapted + self._adapter_out(name, x, result)
+            if name in self.lora_magnitude_vector:
+                adapted = adapted + self._adapter_out(name, x, result)
+            else:
+                adapted = self._add_lora(name, x, adapted)
         # The sum is formed in the adapters' dtype (float32 by default) and rounded once to the base dtype,
         # as PEFT does: rounding the update to float16/bfloat16 before adding would round twice.
         return adapted.to(result.dtype)
+
+    def _add_lora(self, name: str, x: Tensor, result: Tensor) -> Tensor:
+        """result + s · B A dropout(x) as one addmm over the flattened rows.
+
+        The scaling is applied to the rank-r activations (tiny) and the add is fused into B's matmul, so no
+        full-size (tokens × out) temporary is made for the update, its scaling or the sum — they are one
+        read of `result` and one write, in the forward and the backward pass alike.
+        """
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        x = x.to(lora_a.weight.dtype)
+        hidden = lora_a(self.lora_dropout[name](x)) * self.scaling[name]
+        out = torch.addmm(result.reshape(-1, result.shape[-1]).to(hidden.dtype), hidden.reshape(-1, hidden.shape[-1]),
+                          lora_b.weight.t())
+        if lora_b.bias is not None:
+            out = out + self.scaling[name] * lora_b.bias
+        return out.view(*result.shape[:-1], out.shape[-1])
 
     def _adapter_out(self, name: str, x: Tensor, result: Tensor) -> Tensor:
         """This adapter's addition to the base layer output `result` for input x, in the adapter's dtype."""
@@ -101,7 +123,7 @@ class LoraLinear(LoraLayer):
         if name not in self.lora_magnitude_vector:
             return lora_b(lora_a(dropout(x))) * scaling
         lora_weight = lora_b.weight @ lora_a.weight
-        weight = self.weight
+        weight = self.base_weight()
         if self.fan_in_fan_out:
             lora_weight = lora_weight.T
         magnitude = self.lora_magnitude_vector[name].weight

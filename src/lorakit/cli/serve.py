@@ -1,0 +1,45 @@
+"""`lorakit serve`: an OpenAI-compatible server for many adapters on one base model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lorakit.cli.app import ConfigOption, app
+
+
+@app.command()
+def serve(
+    model: Annotated[str | None, typer.Option(help="Base model dir, .gguf or hub id (default: embedded SmolLM2).")] = None,
+    adapter: Annotated[list[str] | None, typer.Option(help="Adapter as NAME=DIR or DIR; repeat for several.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+    max_adapters: Annotated[int | None, typer.Option(min=0, help="Most adapters held at once; loading more evicts the least recently used idle one.")] = None,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Most requests generated together in one batch.")] = 16,
+    max_model_len: Annotated[int | None, typer.Option(min=2, help="Prompt + completion token limit (default: the model's context length).")] = None,
+    batch_window_ms: Annotated[float, typer.Option(min=0.0, help="How long the scheduler waits for concurrent requests to join a batch.")] = 5.0,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    config: Annotated[Optional[Path], ConfigOption] = None,  # noqa: UP045 - as in the other commands
+) -> None:
+    """Serve the base model and its adapters over HTTP (OpenAI API: /v1/models, /v1/completions,
+    /v1/chat/completions). A request's "model" picks the adapter; the base model's name, or "base", none."""
+    from lorakit.cli.common import parse_adapter_specs
+    from lorakit.errors import LorakitError, MissingDependencyError
+
+    try:
+        import uvicorn
+
+        from lorakit.serve.app import create_app
+        from lorakit.serve.server import Server, ServeSettings
+    except ImportError as err:
+        raise MissingDependencyError(f"lorakit serve needs {err.name}: pip install 'lorakit[serve]'") from None
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise LorakitError(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
+    settings = ServeSettings(max_batch_size=max_batch_size, max_adapters=max_adapters, max_model_len=max_model_len,
+                             batch_window_ms=batch_window_ms)
+    server = Server.load(model, parse_adapter_specs(adapter), settings, dtype=dtype)
+    typer.echo(f"serving {server.base_name} with adapters: {', '.join(server.pool.names()) or 'none'} "
+               f"on http://{host}:{port}/v1")
+    uvicorn.run(create_app(server), host=host, port=port, log_level="info")

@@ -1,0 +1,177 @@
+"""Mixed-adapter batches through the batched (stacked-factor) path of `lorakit.layers.mixed`: every row
+equals a run with its adapter alone and PEFT's `adapter_names` output, for mixes of ranks, layer kinds,
+base rows and generate's row expansion (beams); the stacks are cached and rebuilt when factors change."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import input_ids, logits, make_model, max_diff, perturb_adapter, quiet, seeded
+
+from lorakit import BASE_ROW, LoraConfig, get_peft_model
+from lorakit.layers import LoraEmbedding, LoraLinear, mixed
+
+GPT2 = {"fan_in_fan_out": True}
+
+# (model kind, one LoraConfig per adapter): ranks differ within each mix, targets overlap only partly.
+MIXES = {
+    "llama-ranks-1-4-8-embed": ("llama", [
+        dict(r=1, target_modules=["q_proj", "v_proj", "embed_tokens"]),
+        dict(r=4, lora_alpha=16, target_modules=["v_proj", "o_proj", "embed_tokens"]),
+        dict(r=8, target_modules=["q_proj", "down_proj"], use_rslora=True),
+    ]),
+    "gpt2-conv1d-ranks-2-16-bias": ("gpt2", [
+        dict(r=2, target_modules=["c_attn", "c_proj"], **GPT2),
+        dict(r=16, lora_alpha=4, target_modules=["c_attn"], lora_bias=True, **GPT2),
+        dict(r=5, target_modules=["c_fc", "wte"], **GPT2),
+    ]),
+    "mistral-all-linear-4x": ("mistral", [dict(r=r, lora_alpha=2 * r, target_modules="all-linear") for r in (8, 3, 8, 5)]),
+}
+ROWS = {
+    "llama-ranks-1-4-8-embed": ["a0", BASE_ROW, "a2", "a1", "a0", "a2"],
+    "gpt2-conv1d-ranks-2-16-bias": ["a1", "a2", BASE_ROW, "a0", "a1"],
+    "mistral-all-linear-4x": ["a3", "a2", "a1", "a0", BASE_ROW, "a2"],
+}
+
+
+def _adapters(kind: str, configs: list[dict]):
+    """Our PeftModel with adapters a0, a1, ... (perturbed so that each differs from the base)."""
+    with seeded(0):
+        model = get_peft_model(make_model(kind), LoraConfig(**configs[0]), adapter_name="a0")
+        for i, config in enumerate(configs[1:], start=1):
+            model.add_adapter(f"a{i}", LoraConfig(**config))
+    for i in range(len(configs)):
+        model.set_adapter(f"a{i}")
+        perturb_adapter(model, seed=10 + i)
+    return model.eval()
+
+
+def _peft_copy(kind: str, configs: list[dict], ours):
+    peft = pytest.importorskip("peft")
+    with seeded(0), quiet():
+        theirs = peft.get_peft_model(make_model(kind), peft.LoraConfig(**configs[0]), adapter_name="a0")
+        for i, config in enumerate(configs[1:], start=1):
+            theirs.add_adapter(f"a{i}", peft.LoraConfig(**config))
+    theirs.load_state_dict(ours.state_dict())
+    return theirs.eval()
+
+
+def _single_runs(model, names: set[str], fn):
+    out = {}
+    for name in names - {BASE_ROW}:
+        model.set_adapter(name)
+        out[name] = fn()
+    with model.disable_adapter():
+        out[BASE_ROW] = fn()
+    return out
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("per-adapter path used for a plain LoRA row of a mixed batch")
+
+
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_mixed_rows_equal_single_adapter_runs(mix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    kind, configs = MIXES[mix]
+    rows = ROWS[mix]
+    model = _adapters(kind, configs)
+    ids = input_ids(len(rows), 7)
+    single = _single_runs(model, set(rows), lambda: logits(model, ids))
+    with monkeypatch.context() as patch:  # plain LoRA rows must all take the stacked path
+        patch.setattr(LoraLinear, "_adapter_out", _refuse)
+        patch.setattr(LoraEmbedding, "_adapted", _refuse)
+        mixed_out = logits(model, ids, adapter_names=rows)
+    for i, name in enumerate(rows):
+        assert max_diff(single[name][i], single[BASE_ROW][i]) > 1e-3 or name == BASE_ROW, (i, name)
+        assert max_diff(mixed_out[i], single[name][i]) <= 1e-4, (i, name)
+
+
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_mixed_rows_match_peft(mix: str) -> None:
+    kind, configs = MIXES[mix]
+    rows = ROWS[mix]
+    ours = _adapters(kind, configs)
+    theirs = _peft_copy(kind, configs, ours)
+    ids = input_ids(len(rows), 7)
+    assert max_diff(logits(ours, ids, adapter_names=rows), logits(theirs, ids, adapter_names=rows)) <= 1e-4
+
+
+@pytest.mark.parametrize("mix", ["llama-ranks-1-4-8-embed", "gpt2-conv1d-ranks-2-16-bias"])
+def test_generate_with_beams_expands_rows(mix: str) -> None:
+    """num_beams/num_return_sequences repeat each row; each copy keeps its row's adapter."""
+    kind, configs = MIXES[mix]
+    rows = ROWS[mix][:4]
+    ours = _adapters(kind, configs)
+    ids = input_ids(len(rows), 5)
+    settings = dict(max_new_tokens=4, do_sample=False, num_beams=3, num_return_sequences=2, pad_token_id=0)
+    with torch.no_grad():
+        mixed_out = ours.generate(input_ids=ids, adapter_names=rows, **settings)
+        single = _single_runs(ours, set(rows), lambda: ours.generate(input_ids=ids, **settings))
+    assert mixed_out.shape[0] == 2 * len(rows)
+    for i, name in enumerate(rows):
+        assert torch.equal(mixed_out[2 * i:2 * i + 2], single[name][2 * i:2 * i + 2]), (i, name)
+    theirs = _peft_copy(kind, configs, ours)
+    with torch.no_grad(), quiet():
+        assert torch.equal(mixed_out, theirs.generate(input_ids=ids, adapter_names=rows, **settings))
+
+
+def test_dora_rows_keep_the_per_adapter_path_in_a_mixed_batch() -> None:
+    configs = [dict(r=4, target_modules=["q_proj", "v_proj"]),
+               dict(r=2, target_modules=["v_proj", "embed_tokens"], use_dora=True),
+               dict(r=6, target_modules=["q_proj", "v_proj", "embed_tokens"])]
+    model = _adapters("llama", configs)
+    rows = ["a1", "a0", BASE_ROW, "a2", "a1"]
+    ids = input_ids(len(rows), 6)
+    single = _single_runs(model, set(rows), lambda: logits(model, ids))
+    mixed_out = logits(model, ids, adapter_names=rows)
+    for i, name in enumerate(rows):
+        assert max_diff(mixed_out[i], single[name][i]) <= 1e-4, (i, name)
+    # (PEFT 0.21 refuses adapter_names with DoRA, so per-adapter runs are the only reference here.)
+
+
+def test_stacks_are_cached_and_rebuilt_when_adapters_change(tmp_path: Path) -> None:
+    kind, configs = MIXES["llama-ranks-1-4-8-embed"]
+    model = _adapters(kind, configs)
+    rows = ROWS["llama-ranks-1-4-8-embed"]
+    ids = input_ids(len(rows), 5)
+    layer = model.base_model.model.model.layers[0].self_attn.v_proj
+    logits(model, ids, adapter_names=rows)
+    first = mixed._STACKS[layer]
+    logits(model, ids, adapter_names=rows)
+    assert mixed._STACKS[layer] is first, "the same adapters should reuse the stacked factors"
+
+    def check() -> None:
+        single = _single_runs(model, set(rows), lambda: logits(model, ids))
+        out = logits(model, ids, adapter_names=rows)
+        for i, name in enumerate(rows):
+            assert max_diff(out[i], single[name][i]) <= 1e-4, (i, name)
+
+    model.set_adapter("a1")
+    perturb_adapter(model, seed=99)  # in-place change of a1's factors (as an optimizer step would)
+    check()
+    assert mixed._STACKS[layer] is not first
+
+    # Delete a0 and load a different adapter under the same name: the stale stack must not be used.
+    other = _adapters(kind, configs)
+    other.set_adapter("a2")
+    perturb_adapter(other, seed=123)
+    other.save_pretrained(tmp_path, selected_adapters=["a2"])
+    model.delete_adapter("a0")
+    model.load_adapter(tmp_path / "a2", adapter_name="a0")
+    model.eval()
+    check()
+
+
+def test_training_with_gradients_falls_back_and_trains_each_row_adapter() -> None:
+    configs = [dict(r=4, target_modules=["q_proj", "v_proj"]), dict(r=2, target_modules=["v_proj"])]
+    model = _adapters("llama", configs)
+    model.train()
+    model.set_requires_grad(["a0", "a1"], True)
+    rows = ["a0", "a1", BASE_ROW]
+    out = model(input_ids=input_ids(3, 5), adapter_names=rows).logits
+    out.float().pow(2).mean().backward()
+    for name in ("a0", "a1"):
+        grads = [p.grad for n, p in model.named_parameters() if f".{name}." in n]
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), name
