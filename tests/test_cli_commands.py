@@ -97,3 +97,10 @@ def test_demo_fine_tunes_the_embedded_model_to_80_percent(tmp_path, default_mode
     assert merged and int(merged.group(1)) >= 80, done.stdout[-1500:]
     merge_report = json.loads((tmp_path / "demo" / "merged" / "merge_report.json").read_text())
     assert merge_report["verification"]["passed"]
+
+
+def test_cli_reference_is_up_to_date() -> None:
+    """docs/cli.md is generated from the commands' help; a changed option without regenerating fails here."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gen_cli_docs.py"
+    done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

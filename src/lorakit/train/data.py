@@ -168,9 +168,9 @@ def _columnar_record(row: dict[str, Any], location: str) -> Record:
             fields["messages"] = json.loads(fields["messages"])
         except json.JSONDecodeError as error:
             raise DataError(f'{location}: column "messages" is not valid JSON ({error.msg} at column {error.colno})') from None
-    for key in ("prompt", "completion"):
+    for key in ("prompt", "completion", "chosen", "rejected"):  # the last two: preference data (DPO)
         # A string that parses as a list of {"role": ...} objects is a message list; any other string
-        # (including one that merely starts with "[") is the prompt or completion text itself.
+        # (including one that merely starts with "[") is the prompt or answer text itself.
         value = fields.get(key)
         if isinstance(value, str) and value.lstrip().startswith("["):
             try:

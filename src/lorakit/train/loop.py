@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.train.batching import epoch_batches, windows
+from lorakit.train.batching import batches_per_epoch, epoch_batches, windows
 from lorakit.train.checkpoint import Progress, load_checkpoint, save_checkpoint
 from lorakit.train.report import MetricsLog, truncate_metrics
 
@@ -72,8 +72,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, settings: LoopSettings, to
 
 def total_optimizer_steps(n_examples: int, settings: LoopSettings, world_size: int) -> tuple[int, int]:
     """(total steps, steps per epoch) for this run."""
-    batches = math.ceil(n_examples / settings.batch_size)
-    per_epoch = max(1, math.ceil((batches // world_size or 1) / settings.grad_accum))
+    batches = batches_per_epoch(n_examples, settings.batch_size, world_size)
+    if batches == 0:
+        # No process could take a step: the loop would go round empty epochs forever.
+        raise LorakitError(f"{n_examples} training rows: too few to give each of {world_size} processes a batch")
+    per_epoch = math.ceil(batches / settings.grad_accum)
     total = settings.max_steps or max(1, math.ceil(settings.epochs * per_epoch))
     return total, per_epoch
 
@@ -82,14 +85,17 @@ class TrainingLoop:
     """Runs optimizer steps over `train_examples`; see the module docstring for the contract.
 
     loss_fn(**batch) → (summed loss, token count); `collate(examples) → batch dict`; `lengths` drive
-    length-grouped batching; `evaluate()` → validation loss (or None); `save_best()` stores the best
-    model; `model` is what the checkpoint saves (the PeftModel, or the full model).
+    length-grouped batching; `evaluate()` → validation loss (or None); `eval_metrics()` → more values from
+    that evaluation for its metrics record (preference tuning's reward accuracy); `save_best()` stores the
+    best model; `model` is what the checkpoint saves (the PeftModel, or the full model). A batch without
+    `labels` is normalised by its rows (preference pairs) instead of its supervised tokens.
     """
 
     def __init__(self, *, accelerator, model: nn.Module, loss_fn: nn.Module, train_examples: list[dict[str, Any]],
                  collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]], settings: LoopSettings,
                  output_dir: Path, evaluate: Callable[[], float | None], save_best: Callable[[], None],
                  extra_metrics: Callable[[dict[str, torch.Tensor]], dict[str, float]] | None = None,
+                 eval_metrics: Callable[[], dict[str, float]] | None = None,
                  describe: str = "train") -> None:
         self.accelerator = accelerator
         self.model = model
@@ -100,6 +106,7 @@ class TrainingLoop:
         self.evaluate = evaluate
         self.save_best = save_best
         self.extra_metrics = extra_metrics
+        self.eval_metrics = eval_metrics
         self.describe = describe
         self.lengths = [len(e["input_ids"]) if "input_ids" in e else e["length"] for e in train_examples]
         self.total_steps, self.steps_per_epoch = total_optimizer_steps(len(train_examples), settings, accelerator.num_processes)
@@ -151,8 +158,10 @@ class TrainingLoop:
                     val_loss = self.evaluate()
                     stopped_early = self._track_best(progress, val_loss)
                     if val_loss is not None:
-                        self.log.write(kind="eval", step=progress.step, val_loss=val_loss)
-                        bar.write(f"step {progress.step}: validation loss {val_loss:.4f}")
+                        extras = self.eval_metrics() if self.eval_metrics is not None else {}
+                        self.log.write(kind="eval", step=progress.step, val_loss=val_loss, **extras)
+                        if acc.is_main_process:  # tqdm.write prints even for a disabled bar
+                            bar.write(f"step {progress.step}: validation loss {val_loss:.4f}")
                 save_every = settings.save_every or settings.eval_every
                 if progress.step % save_every == 0 and not at_end:
                     self.save_checkpoint(progress)

@@ -5,7 +5,8 @@ floats: 49k-wide for SmolLM2) and then throws most of them away — in answer-on
 tokens carry labels. Here the decoder's hidden states are gathered at the supervised positions only
 and the head + cross-entropy run over them in chunks; each chunk is recomputed in the backward pass
 (activation checkpointing), so at most one chunk of logits is alive at a time. The result equals
-`model(..., labels=labels).loss` (tested).
+`model(..., labels=labels).loss` (tested). Preference tuning reuses the per-token values
+(`supervised_token_nll`) to sum log-probabilities per sequence.
 """
 
 from __future__ import annotations
@@ -30,8 +31,35 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _head_loss(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+def _head_nll(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
+def supervised_token_nll(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                         position_ids: Tensor | None = None, chunk_size: int = 1024) -> Tensor:
+    """−log p(labels[:, t] | tokens < t) for every supervised position, in row-major order (float32).
+
+    `labels` are aligned with `input_ids` (the shift happens here); IGNORE_INDEX marks positions that are
+    not scored. The i-th value belongs to the i-th True of `labels[:, 1:] != IGNORE_INDEX`, so
+    `mask.nonzero()` maps the values back to their rows (sequence log-probs for preference tuning).
+    """
+    base = _unwrap(model)
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    extra = {"position_ids": position_ids} if position_ids is not None else {}
+    if getattr(base.config, "model_type", None) not in HEAD_ON_HIDDEN or not hasattr(base, "get_decoder"):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits
+        return F.cross_entropy(logits[:, :-1][mask].float(), targets[mask], reduction="none")
+    hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+    hidden = hidden.last_hidden_state[:, :-1][mask]
+    targets = targets[mask]
+    head = base.get_output_embeddings()
+    if hidden.shape[0] <= chunk_size:
+        return _head_nll(head, hidden, targets)
+    parts = [checkpoint(_head_nll, head, hidden[start:start + chunk_size], targets[start:start + chunk_size],
+                        use_reentrant=False)
+             for start in range(0, hidden.shape[0], chunk_size)]
+    return torch.cat(parts)
 
 
 class CausalLMLoss(nn.Module):
@@ -52,23 +80,5 @@ class CausalLMLoss(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
                 position_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        base = _unwrap(self.model)
-        targets = labels[:, 1:]
-        mask = targets != IGNORE_INDEX
-        count = mask.sum()
-        extra = {"position_ids": position_ids} if position_ids is not None else {}
-        if getattr(base.config, "model_type", None) not in HEAD_ON_HIDDEN or not hasattr(base, "get_decoder"):
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits
-            loss = F.cross_entropy(logits[:, :-1][mask].float(), targets[mask], reduction="sum")
-            return loss, count
-        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
-        hidden = hidden.last_hidden_state[:, :-1][mask]
-        targets = targets[mask]
-        head = base.get_output_embeddings()
-        if hidden.shape[0] <= self.chunk_size:
-            return _head_loss(head, hidden, targets), count
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, hidden.shape[0], self.chunk_size):
-            part = slice(start, start + self.chunk_size)
-            total = total + checkpoint(_head_loss, head, hidden[part], targets[part], use_reentrant=False)
-        return total, count
+        nll = supervised_token_nll(self.model, input_ids, attention_mask, labels, position_ids, self.chunk_size)
+        return nll.sum(), (labels[:, 1:] != IGNORE_INDEX).sum()

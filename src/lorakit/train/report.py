@@ -45,7 +45,8 @@ def peak_memory_mb(device: torch.device) -> float:
     return kilobytes / 1024 if sys.platform != "darwin" else kilobytes / 2**20
 
 
-def plot_loss_curve(records: list[dict[str, Any]], path: Path, title: str = "Training") -> None:
+def plot_loss_curve(records: list[dict[str, Any]], path: Path, title: str = "Training",
+                    ylabel: str = "loss (nats / token)") -> None:
     """Train loss per step (light) with a moving average, and validation loss points."""
     import matplotlib
 
@@ -65,7 +66,7 @@ def plot_loss_curve(records: list[dict[str, Any]], path: Path, title: str = "Tra
         steps, losses = zip(*val)
         ax.plot(steps, losses, "o-", color="tab:orange", linewidth=2, label="validation loss")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats / token)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -11,11 +11,12 @@ data has reference answers.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -23,7 +24,7 @@ import yaml
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.model import PeftModel
-from lorakit.train.config import TrainConfig
+from lorakit.train.config import TrainConfig, TuningConfig
 from lorakit.train.data import (
     build_datasets,
     bundled_dataset_path,
@@ -37,14 +38,25 @@ from lorakit.train.loss import CausalLMLoss
 from lorakit.train.report import peak_memory_mb, plot_loss_curve, print_report, write_report
 from lorakit.train.tokenize import collate
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
 CONFIG_FILE = "train_config.yaml"
 
 
 @dataclass
 class TrainResult:
+    """Where a run's outputs went, its report, and the trained model itself.
+
+    `model` is the model in memory as the last optimizer step left it (the PeftModel, or the transformers
+    model with --method full), identical on every process of a distributed run; the adapter kept in
+    `adapter_dir` is the best one by validation loss, which may be an earlier step's.
+    """
+
     output_dir: Path
     adapter_dir: Path
     report: dict[str, Any]
+    model: torch.nn.Module
 
 
 def resolve_data_paths(config: TrainConfig) -> tuple[str, str | None, str | None]:
@@ -55,7 +67,7 @@ def resolve_data_paths(config: TrainConfig) -> tuple[str, str | None, str | None
     return config.data, config.validation_data, config.test_data
 
 
-def prepare_output(config: TrainConfig) -> None:
+def prepare_output(config: TuningConfig) -> None:
     """Refuse to mix runs: an output dir holding another run needs --overwrite or --resume."""
     out = config.output_dir
     if out.exists() and not out.is_dir():
@@ -72,7 +84,7 @@ def prepare_output(config: TrainConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def lora_config_for(config: TrainConfig, model_name: str | None) -> LoraConfig:
+def lora_config_for(config: TuningConfig, model_name: str | None) -> LoraConfig:
     targets: list[str] | str = config.target_modules
     if targets == ["all-linear"]:
         targets = "all-linear"
@@ -83,7 +95,7 @@ def lora_config_for(config: TrainConfig, model_name: str | None) -> LoraConfig:
     )
 
 
-def load_model_for_training(config: TrainConfig, device: torch.device):
+def load_model_for_training(config: TuningConfig, device: torch.device):
     """The base model (quantized if asked), prepared for training."""
     from lorakit.models.sources import load_causal_lm, resolve_model_source
 
@@ -103,14 +115,54 @@ def load_model_for_training(config: TrainConfig, device: torch.device):
     return model, str(resolve_model_source(config.model))
 
 
-def train(config: TrainConfig) -> TrainResult:
-    """Run one fine-tuning job as described by `config`; returns where its outputs went and the report."""
+def make_accelerator() -> Accelerator:
+    """The run's Accelerator: one process, or all the processes of an `accelerate launch`/`torchrun` launch.
+
+    accelerate makes a multi-process launch distributed on the CPU (gloo) only when told to use the CPU
+    (`Accelerator(cpu=True)` or ACCELERATE_USE_CPU); under `torchrun` on a machine without a GPU each
+    process would instead train alone and all of them would write the same output directory. So a launch
+    of several processes with no device to spread over asks for the CPU, and one that still does not come
+    up with all its processes is refused.
+
+    Only data parallelism (DDP) is supported: the adapter, the best adapter and the checkpoints are saved
+    from the main process's own copy of the weights and optimizer state, which FSDP and DeepSpeed shard
+    across processes, so an accelerate config that asks for those is refused rather than saving a part.
+    """
     from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = Accelerator(cpu=world_size > 1 and not _device_for_data_parallel())
+    # (WORLD_SIZE unset with several processes is accelerate's own MPI launch of CPU processes: fine.)
+    if world_size > 1 and accelerator.num_processes != world_size:
+        raise LorakitError(f"launched as {world_size} processes, but accelerate set up {accelerator.num_processes}; "
+                           "start lorakit train with `accelerate launch` or `torchrun`")
+    sharded = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+    if accelerator.distributed_type in sharded:
+        raise LorakitError(f"accelerate is configured for {accelerator.distributed_type.value}, which lorakit train does "
+                           "not support yet; use plain data parallelism (see docs/distributed.md)")
+    return accelerator
+
+
+def _device_for_data_parallel() -> bool:
+    """Whether this machine has a device that accelerate spreads processes over (CUDA, XPU, ...)."""
+    api = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if api is None:
+        return torch.cuda.is_available()
+    device = api.current_accelerator() if api.is_available() else None
+    # Apple's MPS has no multi-process backend in accelerate: several processes there train on the CPU.
+    return device is not None and device.type != "mps"
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run one fine-tuning job as described by `config`; returns where its outputs went, the report and
+    the trained model. Launched by `accelerate launch` or `torchrun`, every process calls this (see
+    docs/distributed.md)."""
     from accelerate.utils import set_seed
 
     from lorakit.models.sources import load_tokenizer
 
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     main = accelerator.is_main_process
     train_path, val_path, test_path = resolve_data_paths(config)
     tokenizer = load_tokenizer(config.model)
@@ -203,7 +255,7 @@ def train(config: TrainConfig) -> TrainResult:
         plot_loss_curve(records, out / "loss_curve.png", title=f"lorakit {config.method}: {Path(train_path).name}")
         print_report(report, title=f"lorakit train → {out}")
     accelerator.wait_for_everyone()
-    return TrainResult(out, best_dir, report)
+    return TrainResult(out, best_dir, report, trained)
 
 
 def _save_trained(model: torch.nn.Module, tokenizer, directory: Path) -> None:
@@ -230,10 +282,19 @@ def _exact_match_report(model: PeftModel, best_dir: Path, tokenizer, records: li
     if not pairs:
         return {}
     conversations, references = [p for p, _ in pairs], [a for _, a in pairs]
+    trained_adapter, was_training = model.active_adapter, model.training
     if best_dir.is_dir():
         model.load_adapter(best_dir, adapter_name="best")
         model.set_adapter("best", inference_mode=True)
-    adapter_em, _ = score_exact_match(model, tokenizer, conversations, references, config.eval_max_new_tokens)
-    with model.disable_adapter():
-        base_em, _ = score_exact_match(model, tokenizer, conversations, references, config.eval_max_new_tokens)
+    try:
+        adapter_em, _ = score_exact_match(model, tokenizer, conversations, references, config.eval_max_new_tokens)
+        with model.disable_adapter():
+            base_em, _ = score_exact_match(model, tokenizer, conversations, references, config.eval_max_new_tokens)
+    finally:
+        # Only the main process scores: hand the model back as training left it, so that TrainResult.model
+        # is the same on every process.
+        if "best" in model.peft_config:
+            model.delete_adapter("best")
+        model.set_adapter(trained_adapter)
+        model.train(was_training)
     return {"test_rows": len(pairs), "exact_match_base": base_em, "exact_match_adapter": adapter_em}
