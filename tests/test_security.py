@@ -8,6 +8,7 @@ tests/test_layers.py::test_malicious_pickle_is_never_unpickled.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import warnings
@@ -21,9 +22,10 @@ from hypothesis import strategies as st
 import lorakit
 from lorakit.errors import DataError
 
+# transformers runs a copy of the module from its own cache, so the marker path is written in absolutely.
 REMOTE_CODE = '''
 from pathlib import Path
-Path(__file__).with_name("REMOTE_CODE_RAN").write_text("pwned")
+Path({marker!r}).write_text("pwned")
 from transformers import LlamaConfig
 
 
@@ -40,7 +42,7 @@ def remote_code_model(tmp_path: Path, tiny_chat_model_dir: Path) -> Path:
     config = json.loads((tiny_chat_model_dir / "config.json").read_text())
     config.update(model_type="evil", auto_map={"AutoConfig": "configuration_evil.EvilConfig"})
     (directory / "config.json").write_text(json.dumps(config))
-    (directory / "configuration_evil.py").write_text(REMOTE_CODE)
+    (directory / "configuration_evil.py").write_text(REMOTE_CODE.format(marker=str(directory / "REMOTE_CODE_RAN")))
     return directory
 
 
@@ -55,6 +57,20 @@ def test_remote_code_never_runs_without_the_flag(remote_code_model: Path) -> Non
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "runs its own Python code (auto_map); pass --trust-remote-code" in done.stderr.strip().splitlines()[-1]
     assert not (remote_code_model / "REMOTE_CODE_RAN").exists()
+
+
+@pytest.mark.parametrize("command", [["generate", "hi"], ["eval", "--limit", "1"], ["train", "--max-steps", "1"],
+                                     ["dpo", "--max-steps", "1"]])
+def test_trust_remote_code_flag_lets_the_code_run(remote_code_model: Path, tiny_chat_model_dir: Path, tmp_path: Path,
+                                                  command: list[str]) -> None:
+    """The opt-in reaches transformers: with the flag the model's own code runs (here it only leaves its
+    marker; the made-up architecture then fails to build, which is fine)."""
+    for tokenizer_file in tiny_chat_model_dir.glob("tokenizer*"):
+        shutil.copy(tokenizer_file, remote_code_model)
+    output = ["--output", str(tmp_path / "run")] if command[0] in ("train", "dpo") else []
+    subprocess.run([sys.executable, "-m", "lorakit", *command, "--model", str(remote_code_model), *output,
+                    "--trust-remote-code"], capture_output=True, text=True, timeout=300)
+    assert (remote_code_model / "REMOTE_CODE_RAN").read_text() == "pwned"
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", "..", "", "x\\y", "/abs", "a b"])

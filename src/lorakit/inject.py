@@ -22,6 +22,7 @@ from lorakit.layers import (
     LoraLayer,
     LoraLinear,
     ModulesToSaveWrapper,
+    is_adapter_module,
     is_conv1d,
 )
 from lorakit.quant import weights as quant
@@ -62,7 +63,7 @@ def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     while stack:
         name, module = stack.pop()
         yield name, module
-        if isinstance(module, AdapterModule):
+        if is_adapter_module(module):
             continue
         children = [(f"{name}.{n}" if name else n, m) for n, m in module.named_children()]
         stack.extend(reversed(children))
@@ -228,7 +229,7 @@ def _add_modules_to_save(model: nn.Module, target: str, adapter_name: str) -> No
         if name and (name == target or name.endswith(f".{target}")):
             matched = True
             if not isinstance(module, ModulesToSaveWrapper):
-                if isinstance(module, AdapterModule):
+                if is_adapter_module(module):
                     raise ValueError(f"modules_to_save: {name} already carries LoRA adapters")
                 module = ModulesToSaveWrapper(module, name)
                 _set_submodule(model, name, module)
@@ -240,7 +241,7 @@ def _add_modules_to_save(model: nn.Module, target: str, adapter_name: str) -> No
 def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:
     """(name, module) of every adapter-carrying module in the model."""
     for name, module in base_modules(model):
-        if isinstance(module, AdapterModule):
+        if is_adapter_module(module):
             yield name, module
 
 

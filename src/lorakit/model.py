@@ -181,9 +181,13 @@ class PeftModel(nn.Module):
         if adapter_name not in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} not found; loaded: {sorted(self.peft_config)}")
         self.active_adapters = [adapter_name]
-        self._apply_active()
-        for name in self.peft_config:
-            self.set_requires_grad(name, requires_grad=name == adapter_name and not inference_mode)
+        trainable = None if inference_mode else adapter_name
+        # One pass over the adapter modules: switching is meant to be cheap with many adapters loaded.
+        for _, module in self._adapter_modules():
+            module.set_active(self.active_adapters)
+            for name in module.adapter_names():
+                for param in module.adapter_parameters(name):
+                    param.requires_grad_(name == trainable)
         # Base biases trained by an adapter (bias="all"/"lora_only") train while that adapter is the active,
         # trainable one. (PEFT instead decides once, when the first adapter is injected.)
         for name, config in self.peft_config.items():

@@ -56,3 +56,8 @@ ConfigOption = typer.Option(
     callback=_load_config, is_eager=True,
 )
 """Use as `config: Annotated[Optional[Path], ConfigOption] = None` in a command's signature."""
+
+TrustRemoteCodeOption = typer.Option(
+    help="Allow a model that ships its own Python code (auto_map) to run it; only for sources you trust.",
+)
+"""Use as `trust_remote_code: Annotated[bool, TrustRemoteCodeOption] = False` where a command loads a model."""

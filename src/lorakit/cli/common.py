@@ -27,10 +27,12 @@ def parse_adapter_specs(specs: list[str] | None) -> list[tuple[str, Path]]:
     return parsed
 
 
-def load_model_with_adapters(model: str | None, adapters: list[str] | None, *, active: str | None = None):
+def load_model_with_adapters(model: str | None, adapters: list[str] | None, *, active: str | None = None,
+                             trust_remote_code: bool = False):
     """(model, tokenizer, adapter names): the base with every adapter loaded, `active` (or the first) on.
 
-    With no adapters the plain transformers model is returned.
+    With no adapters the plain transformers model is returned. A model that ships its own code loads
+    only with `trust_remote_code`.
     """
     from lorakit.model import PeftModel
     from lorakit.models.sources import load_causal_lm, load_tokenizer
@@ -38,8 +40,8 @@ def load_model_with_adapters(model: str | None, adapters: list[str] | None, *, a
     specs = parse_adapter_specs(adapters)
     if active is not None and active not in {n for n, _ in specs} | {"base"}:
         raise LorakitError(f"--use {active!r}: no adapter of that name; loaded: {', '.join(n for n, _ in specs) or 'none'}")
-    tokenizer = load_tokenizer(model)
-    base = load_causal_lm(model)
+    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+    base = load_causal_lm(model, trust_remote_code=trust_remote_code)
     base.eval()
     if not specs:
         return base, tokenizer, []

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from lorakit.cli.app import app
+from lorakit.cli.app import TrustRemoteCodeOption, app
 
 
 @app.command("eval")
@@ -22,6 +22,7 @@ def eval_command(
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per row for exact match.")] = 24,
     limit: Annotated[int | None, typer.Option(min=1, help="Evaluate at most N rows.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    trust_remote_code: Annotated[bool, TrustRemoteCodeOption] = False,
 ) -> None:
     """Evaluate the base model and each adapter on the same data."""
     from lorakit.cli.common import load_model_with_adapters
@@ -32,7 +33,7 @@ def eval_command(
 
     path = data or str(bundled_dataset_path("test"))
     records = load_records(path)[:limit]
-    loaded, tokenizer, names = load_model_with_adapters(model, adapter)
+    loaded, tokenizer, names = load_model_with_adapters(model, adapter, trust_remote_code=trust_remote_code)
     examples = [e for e in (encode_example(r, tokenizer, max_seq_len) for r in records) if any(t != -100 for t in e["labels"])]
     pairs = [(prompt_messages(r), reference_answer(r)) for r in records]
     pairs = [(p, a) for p, a in pairs if a is not None]

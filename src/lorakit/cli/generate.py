@@ -7,13 +7,14 @@ from typing import Annotated
 
 import typer
 
-from lorakit.cli.app import app
+from lorakit.cli.app import TrustRemoteCodeOption, app
 
 ModelOption = Annotated[str | None, typer.Option(help="Base model dir, .gguf or hub id (default: embedded SmolLM2).")]
 AdapterOption = Annotated[list[str] | None, typer.Option(help="Adapter as NAME=DIR or DIR; repeat for several.")]
 UseOption = Annotated[str | None, typer.Option(help="Adapter to use (by name), or 'base' (default: the first).")]
 TokensOption = Annotated[int, typer.Option(min=1, help="Maximum new tokens.")]
 TemperatureOption = Annotated[float, typer.Option(min=0.0, help="0 = greedy.")]
+TrustOption = Annotated[bool, TrustRemoteCodeOption]
 
 
 def _reply(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int, temperature: float, use_base: bool) -> str:
@@ -36,11 +37,12 @@ def generate(
     system: Annotated[str | None, typer.Option(help="System message.")] = None,
     max_new_tokens: TokensOption = 128,
     temperature: TemperatureOption = 0.0,
+    trust_remote_code: TrustOption = False,
 ) -> None:
     """Answer one prompt (chat template applied) and print the reply."""
     from lorakit.cli.common import load_model_with_adapters
 
-    loaded, tokenizer, _ = load_model_with_adapters(model, adapter, active=use)
+    loaded, tokenizer, _ = load_model_with_adapters(model, adapter, active=use, trust_remote_code=trust_remote_code)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     typer.echo(_reply(loaded, tokenizer, messages, max_new_tokens, temperature, use_base=use == "base"))
 
@@ -53,11 +55,12 @@ def chat(
     system: Annotated[str | None, typer.Option(help="System message.")] = None,
     max_new_tokens: TokensOption = 256,
     temperature: TemperatureOption = 0.0,
+    trust_remote_code: TrustOption = False,
 ) -> None:
     """Interactive chat. Commands: /use NAME (or /use base) switches adapter, /reset, /quit."""
     from lorakit.cli.common import load_model_with_adapters
 
-    loaded, tokenizer, names = load_model_with_adapters(model, adapter, active=use)
+    loaded, tokenizer, names = load_model_with_adapters(model, adapter, active=use, trust_remote_code=trust_remote_code)
     current = use or (names[0] if names else "base")
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     typer.echo(f"chatting with {current} (adapters: {', '.join(names) or 'none'}); /use NAME, /reset, /quit")

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from lorakit.cli.app import ConfigOption, app
+from lorakit.cli.app import ConfigOption, TrustRemoteCodeOption, app
 
 
 @app.command()
@@ -21,6 +21,7 @@ def serve(
     max_model_len: Annotated[int | None, typer.Option(min=2, help="Prompt + completion token limit (default: the model's context length).")] = None,
     batch_window_ms: Annotated[float, typer.Option(min=0.0, help="How long the scheduler waits for concurrent requests to join a batch.")] = 5.0,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    trust_remote_code: Annotated[bool, TrustRemoteCodeOption] = False,
     config: Annotated[Optional[Path], ConfigOption] = None,  # noqa: UP045 - as in the other commands
 ) -> None:
     """Serve the base model and its adapters over HTTP (OpenAI API: /v1/models, /v1/completions,
@@ -39,7 +40,8 @@ def serve(
         raise LorakitError(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
     settings = ServeSettings(max_batch_size=max_batch_size, max_adapters=max_adapters, max_model_len=max_model_len,
                              batch_window_ms=batch_window_ms)
-    server = Server.load(model, parse_adapter_specs(adapter), settings, dtype=dtype)
+    server = Server.load(model, parse_adapter_specs(adapter), settings, dtype=dtype,
+                         trust_remote_code=trust_remote_code)
     typer.echo(f"serving {server.base_name} with adapters: {', '.join(server.pool.names()) or 'none'} "
                f"on http://{host}:{port}/v1")
     uvicorn.run(create_app(server), host=host, port=port, log_level="info")

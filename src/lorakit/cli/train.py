@@ -45,6 +45,7 @@ HELP = {
     "eval_max_new_tokens": "Tokens generated per test row for exact match.",
     "eval_limit": "Score at most N test rows.",
     "resume": "Continue the run in --output from its last checkpoint.",
+    "trust_remote_code": "Allow a model that ships its own Python code (auto_map) to run it; only for sources you trust.",
     "overwrite": "Replace an existing run in --output.",
 }
 

@@ -1,11 +1,18 @@
 """Adapter-carrying layers, one layer type per file."""
 
-from lorakit.layers.base import BASE_ROW, AdapterModule, AdapterSpec, LoraLayer, row_adapters
+from lorakit.layers.base import (
+    BASE_ROW,
+    AdapterModule,
+    AdapterSpec,
+    LoraLayer,
+    is_adapter_module,
+    row_adapters,
+)
 from lorakit.layers.embedding import LoraEmbedding
 from lorakit.layers.linear import LoraLinear, is_conv1d, linear_features
 from lorakit.layers.modules_to_save import ModulesToSaveWrapper
 
 __all__ = [
-    "BASE_ROW", "AdapterModule", "AdapterSpec", "LoraEmbedding", "LoraLayer", "LoraLinear",
+    "BASE_ROW", "AdapterModule", "AdapterSpec", "is_adapter_module", "LoraEmbedding", "LoraLayer", "LoraLinear",
     "ModulesToSaveWrapper", "is_conv1d", "linear_features", "row_adapters",
 ]

@@ -78,6 +78,23 @@ class AdapterModule(Protocol):
         ...
 
 
+_ADAPTER_CLASSES: dict[type, bool] = {}
+
+
+def is_adapter_module(module: object) -> bool:
+    """`isinstance(module, AdapterModule)`, remembered per class.
+
+    A runtime Protocol check walks the protocol's members on every call; done for every module of a model
+    several times per `set_adapter`, it made a switch take ~150 ms with 10 adapters on a 30-layer model.
+    The answer depends only on the class (the members are methods), so it is computed once per class.
+    """
+    cls = type(module)
+    answer = _ADAPTER_CLASSES.get(cls)
+    if answer is None:
+        answer = _ADAPTER_CLASSES[cls] = isinstance(module, AdapterModule)
+    return answer
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
     """One adapter's settings for one module, resolved from LoraConfig (rank/alpha patterns applied)."""

@@ -95,15 +95,16 @@ class Server:
 
     @classmethod
     def load(cls, model: str | None, adapters: Iterable[tuple[str, Path]], settings: ServeSettings,
-             dtype: str = "float32", device: str | None = None) -> Server:
-        """Load the base model and tokenizer from a model source, then the named adapters."""
+             dtype: str = "float32", device: str | None = None, trust_remote_code: bool = False) -> Server:
+        """Load the base model and tokenizer from a model source, then the named adapters. A model that
+        ships its own code loads only with `trust_remote_code`."""
         import torch
 
         from lorakit.models.sources import load_causal_lm, load_tokenizer, resolve_model_source
 
         directory = resolve_model_source(model)
-        tokenizer = load_tokenizer(directory)
-        base = load_causal_lm(directory, dtype=getattr(torch, dtype))
+        tokenizer = load_tokenizer(directory, trust_remote_code=trust_remote_code)
+        base = load_causal_lm(directory, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
         base.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
         names = [directory.name, "base", *([model] if model else [])]
         server = cls(base, tokenizer, names, settings)

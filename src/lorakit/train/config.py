@@ -55,6 +55,7 @@ class TuningConfig:
     gradient_checkpointing: bool = False
     load_in_8bit: bool = False
     load_in_4bit: bool = False
+    trust_remote_code: bool = False
     resume: bool = False
     overwrite: bool = False
 

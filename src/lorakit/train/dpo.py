@@ -109,7 +109,7 @@ def train_dpo(config: DPOConfig) -> TrainResult:
     accelerator = make_accelerator()
     main, device = accelerator.is_main_process, accelerator.device
     train_path, val_path = resolve_preference_paths(config)
-    tokenizer = load_tokenizer(config.model)
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     train_pairs, val_pairs, stats = build_preference_datasets(
         train_path, tokenizer, validation_path=val_path, validation_fraction=config.validation_fraction,
         seed=config.seed, max_seq_len=config.max_seq_len, max_prompt_len=config.max_prompt_len,

@@ -104,7 +104,7 @@ def load_model_for_training(config: TuningConfig, device: torch.device):
         from lorakit.quant import quantization_config
 
         kwargs["quantization_config"] = quantization_config(load_in_8bit=config.load_in_8bit, load_in_4bit=config.load_in_4bit)
-    model = load_causal_lm(config.model, **kwargs)
+    model = load_causal_lm(config.model, trust_remote_code=config.trust_remote_code, **kwargs)
     if not kwargs:
         model.to(device)
     else:
@@ -165,7 +165,7 @@ def train(config: TrainConfig) -> TrainResult:
     accelerator = make_accelerator()
     main = accelerator.is_main_process
     train_path, val_path, test_path = resolve_data_paths(config)
-    tokenizer = load_tokenizer(config.model)
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     train_examples, val_examples, data_stats = build_datasets(
         train_path, tokenizer, validation_path=val_path, validation_fraction=config.validation_fraction, seed=config.seed,
         max_seq_len=config.max_seq_len, train_on_prompt=config.train_on_prompt, packing=config.packing,

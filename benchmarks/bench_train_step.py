@@ -1,0 +1,126 @@
+"""Training step (forward + backward + AdamW) of lorakit vs PEFT 0.21.2, side by side, and the distance to
+the machine's matmul limit.
+
+    .venv/bin/python benchmarks/bench_train_step.py [--rounds 7]
+
+Cases on the embedded SmolLM2-135M-Instruct (fp32, CPU), LoRA r=8, alpha 16, no dropout: targets
+q_proj,v_proj and all-linear, batches of 2 × 128 and 8 × 64 tokens. Batches are SFT-shaped: random
+tokens, loss on the last quarter of each row (the "answer"), as in answer-only fine-tuning.
+lorakit's step is what `lorakit train` runs (`CausalLMLoss`: head + cross-entropy on supervised
+positions only); PEFT's is the usual `model(..., labels=...).loss`. Both start from identical weights.
+
+FLOPs are the useful work of a step with a frozen base: per token, forward and input-gradient matmuls of
+every linear layer (2·params each way), attention (4·layers·seq·hidden each way), the LoRA factors and
+their weight gradients, and the LM head on the supervised positions (forward and input gradient).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+from harness import alternate, compare, machine, markdown_table, matmul_peak_flops, save_results
+
+CASES = [("q,v", ["q_proj", "v_proj"], 2, 128), ("q,v", ["q_proj", "v_proj"], 8, 64),
+         ("all-linear", "all-linear", 2, 128), ("all-linear", "all-linear", 8, 64)]
+
+
+def make_batch(vocab: int, batch: int, length: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, length), generator=generator)
+    labels = ids.clone()
+    labels[:, : length - length // 4] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def step_flops(model, batch: dict[str, torch.Tensor], r: int) -> float:
+    """Useful FLOPs of one training step (see the module docstring)."""
+    from lorakit.layers import LoraLinear
+
+    config = model.config
+    tokens = batch["input_ids"].numel()
+    seq = batch["input_ids"].shape[1]
+    supervised = int((batch["labels"][:, 1:] != -100).sum())
+    base = model.get_base_model()
+    head = base.get_output_embeddings()
+    linear_params, lora_params = 0, 0
+    for module in base.modules():
+        if isinstance(module, LoraLinear):
+            linear_params += module.in_features * module.out_features
+            lora_params += r * (module.in_features + module.out_features)
+        elif isinstance(module, torch.nn.Linear) and module is not head:
+            linear_params += module.in_features * module.out_features
+    attention = 4 * config.num_hidden_layers * seq * config.hidden_size
+    per_token = 2 * (2 * linear_params + attention) + 3 * 2 * lora_params
+    return tokens * per_token + supervised * 2 * 2 * head.in_features * head.out_features
+
+
+def build(targets, r: int = 8):
+    """(lorakit model, PEFT model) with identical base and adapter weights."""
+    import peft
+
+    import lorakit
+    from lorakit.models.sources import load_causal_lm
+
+    base = load_causal_lm(None)
+    torch.manual_seed(0)
+    ours = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(r=r, lora_alpha=16, target_modules=targets))
+    theirs = peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=16, target_modules=targets))
+    theirs.load_state_dict(ours.state_dict(), strict=False)
+    # B = 0 at init; give it values so that both compute a real LoRA update.
+    with torch.no_grad():
+        for (n1, p1), (_, p2) in zip(ours.named_parameters(), theirs.named_parameters()):
+            if "lora_B" in n1:
+                p1.normal_(0, 0.01)
+                p2.copy_(p1)
+    return ours, theirs
+
+
+def run_case(targets, batch_size: int, length: int, rounds: int) -> tuple[dict[str, float], float]:
+    """(timing summary, useful FLOPs per step) of one case."""
+    from lorakit.train.loss import CausalLMLoss
+
+    ours, theirs = build(targets)
+    batch = make_batch(ours.config.vocab_size, batch_size, length)
+    loss_fn = CausalLMLoss(ours)
+    opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
+    opt_theirs = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-4)
+
+    def lorakit_step() -> None:
+        total, count = loss_fn(**batch)
+        (total / count).backward()
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+
+    def peft_step() -> None:
+        theirs(**batch).loss.backward()
+        opt_theirs.step()
+        opt_theirs.zero_grad(set_to_none=True)
+
+    times = alternate({"lorakit": lorakit_step, "peft": peft_step}, rounds=rounds, warmup=2)
+    return compare(times), step_flops(ours, batch, 8)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    peak = matmul_peak_flops()
+    rows = []
+    for name, targets, batch_size, length in CASES:
+        summary, flops = run_case(targets, batch_size, length, args.rounds)
+        rows.append({"targets": name, "batch": f"{batch_size}×{length}", **summary,
+                     "gflop_per_step": flops / 1e9, "lorakit_gflops": flops / summary["lorakit_median_s"] / 1e9,
+                     "peft_gflops": flops / summary["peft_median_s"] / 1e9, "peak_gflops": peak / 1e9,
+                     "lorakit_of_peak": flops / summary["lorakit_median_s"] / peak})
+        print(rows[-1], flush=True)
+    save_results("train_step", {"machine": machine(), "rows": rows})
+    print(markdown_table(rows, [("targets", "targets"), ("batch", "batch"), ("lorakit_median_s", "lorakit s/step"),
+                                ("peft_median_s", "PEFT s/step"), ("ratio_median", "ratio (median)"),
+                                ("gflop_per_step", "GFLOP/step"), ("lorakit_gflops", "lorakit GFLOP/s"),
+                                ("peak_gflops", "torch.mm peak GFLOP/s"), ("lorakit_of_peak", "of peak")]))
+
+
+if __name__ == "__main__":
+    main()
