@@ -1,0 +1,101 @@
+"""Shared pieces of the side-by-side benchmarks: alternating timing, medians and per-pair ratios, tables.
+
+Timings alternate between the contenders (A B A B ...) so that drifts of the machine (other load,
+thermal state, caches) hit both alike; the reported ratio is the median of the per-pair ratios.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def alternate(contenders: dict[str, Callable[[], None]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Run each contender once per round, in turn; return seconds per call for each."""
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for index in range(warmup + rounds):
+        for name, run in contenders.items():
+            gc.collect()
+            start = time.perf_counter()
+            run()
+            elapsed = time.perf_counter() - start
+            if index >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def compare(times: dict[str, list[float]], ours: str = "lorakit", theirs: str = "peft") -> dict[str, float]:
+    """Medians of both and the median of per-round ratios ours/theirs (lower is faster for ours)."""
+    pairs = [a / b for a, b in zip(times[ours], times[theirs])]
+    return {
+        f"{ours}_median_s": statistics.median(times[ours]),
+        f"{theirs}_median_s": statistics.median(times[theirs]),
+        "ratio_median": statistics.median(pairs),
+        "ratio_min": min(pairs),
+        "ratio_max": max(pairs),
+        "rounds": len(pairs),
+    }
+
+
+def matmul_peak_flops(n: int = 1536, repeats: int = 8) -> float:
+    """The machine's achieved float32 matmul rate (FLOP/s) on a square torch.mm: the practical limit."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def run_child(argv: Sequence[str]) -> dict[str, Any]:
+    """Run `python argv...` in a fresh process (so peak RSS is its own) and parse the JSON line it prints last."""
+    done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def own_peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    """A GitHub table; columns are (key, header); floats get 3 significant decimals."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+        return "–" if value is None else str(value)
+
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(k)) for k, _ in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def save_results(name: str, payload: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def machine() -> dict[str, Any]:
+    import platform
+
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+            "python": platform.python_version()}
