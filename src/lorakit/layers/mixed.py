@@ -7,9 +7,16 @@ per layer per decoding step. Here the factors of the adapters in the batch are s
 
     down[k] = A_kᵀ zero-padded to the largest rank R,   up[k] = s_k · B_kᵀ zero-padded,   slot 0 = zeros,
 
-and row i uses slot k(i) (0 for "__base__" rows and for adapters this layer does not carry), so the
-whole LoRA term is `bmm(bmm(x, down[slot]), up[slot])`: two batched matmuls for any mix of adapters and
-ranks. The zero padding adds exact zeros, so each row equals its per-adapter result up to float rounding.
+and row i uses slot k(i) (0 for "__base__" rows and for adapters this layer does not carry). For linear
+layers the slots are laid side by side instead of gathered per row: with D = [down[1] … down[K]] (in, K·R)
+and U = [up[1]; …; up[K]] (K·R, out),
+
+    LoRA term = ((x · D) ⊙ M) · U,     M[i] = 1 on row i's own R columns, 0 elsewhere (all 0 for base rows)
+
+two plain matmuls for any mix of adapters and ranks, and no per-row copy of the factors (gathering
+A/B per row would copy rows × (in + out) × R floats per layer and decoding step). Embeddings gather
+down[slot] at their token ids and use `bmm`. The padding and the mask add exact zeros, so each row
+equals its per-adapter result up to float rounding.
 
 Stacking costs a copy of every factor, so it is cached per layer, keyed by the adapter set of the batch
 and by a version of each factor: the tensor itself (held by weak reference, so a deleted adapter reloaded
@@ -27,7 +34,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +53,32 @@ class _Stack:
     up: Tensor  # (slots, R, out): s · Bᵀ per slot
     bias: Tensor | None  # (slots, out): s · lora_B.bias per slot, None when no adapter in the set has one
     slots: dict[str, int]
+    masks: dict[tuple[str, ...], tuple[Tensor, Tensor]] = field(default_factory=dict)  # rows → (slot, M)
+    cat: tuple[Tensor, Tensor] | None = None  # (D, U), made on first use
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[2]
+
+    def side_by_side(self) -> tuple[Tensor, Tensor]:
+        """(D, U) of the module docstring: slots 1..K of down and up, laid side by side."""
+        if self.cat is None:
+            k = self.down.shape[0] - 1
+            self.cat = (self.down[1:].permute(1, 0, 2).reshape(self.down.shape[1], k * self.rank),
+                        self.up[1:].reshape(k * self.rank, self.up.shape[2]))
+        return self.cat
+
+    def row_slots(self, rows: tuple[str, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+        """(slot per row, the mask M) for a batch's rows; the same rows reuse them in every layer call."""
+        found = self.masks.get(rows)
+        if found is None:
+            if len(self.masks) >= 64:  # generate() keeps one row list per call; bound the rare churn
+                self.masks.clear()
+            slot = torch.tensor([self.slots.get(n, 0) for n in rows], device=device)
+            column_slot = torch.arange(len(self.names) * self.rank, device=device) // self.rank + 1
+            mask = (column_slot.unsqueeze(0) == slot.unsqueeze(1)).to(self.down.dtype)
+            found = self.masks[rows] = (slot, mask)
+        return found
 
     def fresh(self, names: tuple[str, ...], tensors: Sequence[tuple[Tensor, ...]], scalings: Sequence[float]) -> bool:
         if names != self.names:
@@ -76,26 +109,34 @@ def _factor_tensors(layer: LoraLayer, name: str) -> tuple[Tensor, ...]:
     return (a, b) if bias is None else (a, b, bias)
 
 
-def _stackable(layer: LoraLayer, name: str) -> bool:
-    if name not in layer.r or name in layer.lora_magnitude_vector:
+def _stackable(layer: LoraLayer, name: str, tensors: tuple[Tensor, ...], grad: bool) -> bool:
+    if name in layer.lora_magnitude_vector:
         return False
     if layer.training and not isinstance(layer.lora_dropout[name], nn.Identity):
         return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in _factor_tensors(layer, name)))
+    return not (grad and any(t.requires_grad for t in tensors))
 
 
 def _stack(layer: LoraLayer, rows: Sequence[str]) -> _Stack | None:
     """The cached stack for the stackable adapters among `rows`, rebuilt if any of them changed."""
+    grad = torch.is_grad_enabled()
+    names: list[str] = []
+    tensors: list[tuple[Tensor, ...]] = []
     # Sorted: the same adapter set in another row order reuses the stack.
-    names = tuple(sorted(n for n in set(rows) if n != BASE_ROW and _stackable(layer, n)))
+    for name in sorted(set(rows)):
+        if name == BASE_ROW or name not in layer.r:
+            continue
+        group = _factor_tensors(layer, name)
+        if _stackable(layer, name, group, grad):
+            names.append(name)
+            tensors.append(group)
     if not names:
         return None
-    tensors = [_factor_tensors(layer, n) for n in names]
     scalings = [float(layer.scaling[n]) for n in names]
     cached = _STACKS.get(layer)
-    if cached is not None and cached.fresh(names, tensors, scalings):
+    if cached is not None and cached.fresh(tuple(names), tensors, scalings):
         return cached
-    stack = _build(names, tensors, scalings)
+    stack = _build(tuple(names), tensors, scalings)
     _STACKS[layer] = stack
     return stack
 
@@ -128,10 +169,6 @@ def _build(names: tuple[str, ...], tensors: list[tuple[Tensor, ...]], scalings: 
                   down=down, up=up, bias=bias, slots={n: i for i, n in enumerate(names, start=1)})
 
 
-def _slots(stack: _Stack, rows: Sequence[str], device: torch.device) -> Tensor:
-    return torch.tensor([stack.slots.get(n, 0) for n in rows], device=device)
-
-
 def _left_over(stack: _Stack, rows: Sequence[str]) -> tuple[str, ...]:
     """`rows` with the rows handled here turned into base rows, for the caller's per-adapter path."""
     return tuple(BASE_ROW if n in stack.slots else n for n in rows)
@@ -146,12 +183,16 @@ def add_linear_rows(layer: LoraLayer, x: Tensor, result: Tensor, rows: Sequence[
     stack = _stack(layer, rows)
     if stack is None:
         return result, tuple(rows)
-    slot = _slots(stack, rows, x.device)
-    flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(stack.down.dtype)
-    out = torch.bmm(torch.bmm(flat, stack.down.index_select(0, slot)), stack.up.index_select(0, slot))
+    slot, mask = stack.row_slots(tuple(rows), x.device)
+    down, up = stack.side_by_side()
+    flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(down.dtype)
+    hidden = torch.matmul(flat, down) * mask.unsqueeze(1)  # (batch, tokens, K·R): each row's own slot only
+    # The add into the base output is fused into U's matmul, as in the single-adapter path.
+    out = torch.addmm(result.reshape(-1, result.shape[-1]).to(down.dtype), hidden.reshape(-1, hidden.shape[-1]), up)
+    out = out.view(flat.shape[0], flat.shape[1], -1)
     if stack.bias is not None:
         out = out + stack.bias.index_select(0, slot).unsqueeze(1)
-    return (result + out.reshape(result.shape)).to(result.dtype), _left_over(stack, rows)
+    return out.view(result.shape).to(result.dtype), _left_over(stack, rows)
 
 
 def add_embedding_rows(layer: LoraLayer, ids: Tensor, result: Tensor, rows: Sequence[str]) -> tuple[Tensor, tuple[str, ...]]:
@@ -161,7 +202,7 @@ def add_embedding_rows(layer: LoraLayer, ids: Tensor, result: Tensor, rows: Sequ
     stack = _stack(layer, rows) if base.max_norm is None else None
     if stack is None:
         return result, tuple(rows)
-    slot = _slots(stack, rows, ids.device)
+    slot, _ = stack.row_slots(tuple(rows), ids.device)
     flat = ids.reshape(ids.shape[0], -1)
     gathered = stack.down[slot.unsqueeze(1), flat]  # (batch, tokens, R): row i's Aᵀ at its own tokens
     out = torch.bmm(gathered, stack.up.index_select(0, slot)).reshape(result.shape)
