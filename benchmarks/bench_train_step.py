@@ -34,9 +34,8 @@ def make_batch(vocab: int, batch: int, length: int, seed: int = 0) -> dict[str, 
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def step_flops(model, batch: dict[str, torch.Tensor], r: int) -> float:
+def step_flops(model, batch: dict[str, torch.Tensor]) -> float:
     """Useful FLOPs of one training step (see the module docstring)."""
-    from lorakit.layers import LoraLinear
 
     config = model.config
     tokens = batch["input_ids"].numel()
@@ -44,13 +43,10 @@ def step_flops(model, batch: dict[str, torch.Tensor], r: int) -> float:
     supervised = int((batch["labels"][:, 1:] != -100).sum())
     base = model.get_base_model()
     head = base.get_output_embeddings()
-    linear_params, lora_params = 0, 0
-    for module in base.modules():
-        if isinstance(module, LoraLinear):
-            linear_params += module.in_features * module.out_features
-            lora_params += r * (module.in_features + module.out_features)
-        elif isinstance(module, torch.nn.Linear) and module is not head:
-            linear_params += module.in_features * module.out_features
+    # Frozen linear layers (LoRA layers' base layers included), and the LoRA factors (the trainable nn.Linear).
+    linear_params = sum(m.weight.numel() for m in base.modules()
+                        if isinstance(m, torch.nn.Linear) and m is not head and not m.weight.requires_grad)
+    lora_params = sum(p.numel() for p in base.parameters() if p.requires_grad)
     attention = 4 * config.num_hidden_layers * seq * config.hidden_size
     per_token = 2 * (2 * linear_params + attention) + 3 * 2 * lora_params
     return tokens * per_token + supervised * 2 * 2 * head.in_features * head.out_features
@@ -99,7 +95,7 @@ def run_case(targets, batch_size: int, length: int, rounds: int) -> tuple[dict[s
         opt_theirs.zero_grad(set_to_none=True)
 
     times = alternate({"lorakit": lorakit_step, "peft": peft_step}, rounds=rounds, warmup=2)
-    return compare(times), step_flops(ours, batch, 8)
+    return compare(times), step_flops(ours, batch)
 
 
 def main() -> None:

@@ -396,6 +396,16 @@ def test_prepare_for_kbit_training(base_dir: Path) -> None:
     assert b.grad is not None and b.grad.abs().sum() > 0
 
 
+def test_peft_named_prepare_turns_checkpointing_on_by_default(base_dir: Path) -> None:
+    """`from lorakit import prepare_model_for_kbit_training` is PEFT's function: same name, same default."""
+    from transformers import AutoModelForCausalLM
+
+    with quiet():
+        model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quant.quantization_config(load_in_8bit=True))
+    assert lorakit.prepare_model_for_kbit_training(model) is model
+    assert model.is_gradient_checkpointing and not any(p.requires_grad for p in model.parameters())
+
+
 def test_missing_bitsandbytes_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
     with pytest.raises(MissingDependencyError) as error:

@@ -35,6 +35,10 @@ def __getattr__(name: str):
         from lorakit import auto
 
         return getattr(auto, name)
+    if name in ("prepare_model_for_kbit_training", "prepare_for_kbit_training"):
+        from lorakit import quant
+
+        return getattr(quant, name)
     if name == "default_model_path":
         from lorakit.models.default import default_model_path
 
@@ -45,4 +49,5 @@ def __getattr__(name: str):
 __all__ = [
     "AdapterFileError", "AutoModelForCausalLM", "AutoPeftModelForCausalLM", "BASE_ROW", "DataError", "LoraConfig", "LorakitError",
     "MissingDependencyError", "PeftModel", "PeftModelForCausalLM", "TaskType", "default_model_path", "get_peft_model",
+    "prepare_for_kbit_training", "prepare_model_for_kbit_training",
 ]

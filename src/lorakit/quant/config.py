@@ -123,6 +123,14 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = F
     return model
 
 
+def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
+                                    gradient_checkpointing_kwargs: dict | None = None) -> nn.Module:
+    """`prepare_for_kbit_training` under PEFT's name and defaults (gradient checkpointing on), so PEFT code
+    runs unchanged."""
+    return prepare_for_kbit_training(model, gradient_checkpointing=use_gradient_checkpointing,
+                                     gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+
 def _quantized_storage(param: Tensor) -> bool:
     # A 4-bit weight may be packed into a float16/bfloat16 tensor (bnb_4bit_quant_storage): casting it
     # would destroy the codes.
