@@ -151,12 +151,7 @@ def train_dpo(config: DPOConfig) -> TrainResult:
                                               reduce=lambda t: accelerator.reduce(t, reduction="sum")))
         return last_eval["loss"]
 
-    settings = LoopSettings(
-        learning_rate=config.learning_rate, weight_decay=config.weight_decay, warmup_steps=config.warmup_steps,
-        lr_scheduler=config.lr_scheduler, max_grad_norm=config.max_grad_norm, batch_size=config.batch_size,
-        grad_accum=config.grad_accum, epochs=config.epochs, max_steps=config.max_steps, eval_every=config.eval_every,
-        save_every=config.save_every, early_stopping_patience=config.early_stopping_patience, seed=config.seed,
-    )
+    settings = LoopSettings.from_config(config)
     loop = TrainingLoop(
         accelerator=accelerator, model=policy, loss_fn=loss_fn, train_examples=train_pairs,
         collate=lambda batch: collate_pairs(batch, pad_id), settings=settings, output_dir=out, evaluate=evaluate,

@@ -13,7 +13,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from torch import nn
 from lorakit.errors import LorakitError
 from lorakit.train.batching import batches_per_epoch, epoch_batches, windows
 from lorakit.train.checkpoint import Progress, load_checkpoint, save_checkpoint
+from lorakit.train.config import TuningConfig
 from lorakit.train.report import MetricsLog, truncate_metrics
 
 
@@ -41,6 +42,11 @@ class LoopSettings:
     save_every: int | None
     early_stopping_patience: int | None
     seed: int
+
+    @classmethod
+    def from_config(cls, config: TuningConfig) -> LoopSettings:
+        """The loop's settings from a trainer's options: the fields of the same names."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
 
 
 @dataclass

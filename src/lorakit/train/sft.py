@@ -207,12 +207,7 @@ def train(config: TrainConfig) -> TrainResult:
         return validation_loss(loss_fn, shard, config.batch_size, pad_id, accelerator.device,
                                reduce=lambda t: accelerator.reduce(t, reduction="sum"))
 
-    settings = LoopSettings(
-        learning_rate=config.learning_rate, weight_decay=config.weight_decay, warmup_steps=config.warmup_steps,
-        lr_scheduler=config.lr_scheduler, max_grad_norm=config.max_grad_norm, batch_size=config.batch_size,
-        grad_accum=config.grad_accum, epochs=config.epochs, max_steps=config.max_steps, eval_every=config.eval_every,
-        save_every=config.save_every, early_stopping_patience=config.early_stopping_patience, seed=config.seed,
-    )
+    settings = LoopSettings.from_config(config)
     loop = TrainingLoop(
         accelerator=accelerator, model=trained, loss_fn=loss_fn, train_examples=train_examples,
         collate=lambda batch: collate(batch, pad_id), settings=settings, output_dir=out, evaluate=evaluate,
