@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from lorakit.model import PeftModel
 from lorakit.train.config import TuningConfig, finite
@@ -115,8 +114,7 @@ def train_dpo(config: DPOConfig) -> TrainResult:
         seed=config.seed, max_seq_len=config.max_seq_len, max_prompt_len=config.max_prompt_len,
     )
     if main:
-        prepare_output(config)
-        (config.output_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        prepare_output(config, CONFIG_FILE)
     accelerator.wait_for_everyone()
     set_seed(config.seed)
     started = time.perf_counter()

@@ -67,8 +67,11 @@ def resolve_data_paths(config: TrainConfig) -> tuple[str, str | None, str | None
     return config.data, config.validation_data, config.test_data
 
 
-def prepare_output(config: TuningConfig) -> None:
-    """Refuse to mix runs: an output dir holding another run needs --overwrite or --resume."""
+def prepare_output(config: TuningConfig, config_file: str) -> None:
+    """Make the run directory and save the resolved options in it as `config_file` (YAML).
+
+    Refuses to mix runs: an output dir holding another run needs --overwrite or --resume.
+    """
     out = config.output_dir
     if out.exists() and not out.is_dir():
         raise LorakitError(f"--output {out}: exists and is not a directory")
@@ -76,12 +79,12 @@ def prepare_output(config: TuningConfig) -> None:
     if config.resume:
         if not (out / "checkpoint").is_dir():
             raise LorakitError(f"--resume: {out} holds no checkpoint to resume from")
-        return
-    if occupied:
+    elif occupied:
         if not config.overwrite:
             raise LorakitError(f"--output {out}: holds another run; pass --overwrite to replace it or --resume to continue it")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / config_file).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def lora_config_for(config: TuningConfig, model_name: str | None) -> LoraConfig:
@@ -172,8 +175,7 @@ def train(config: TrainConfig) -> TrainResult:
     )
     test_records = load_records(test_path) if test_path else []
     if main:
-        prepare_output(config)
-        (config.output_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        prepare_output(config, CONFIG_FILE)
     accelerator.wait_for_everyone()
     set_seed(config.seed)
     started = time.perf_counter()
