@@ -2,7 +2,7 @@
 config and data parsers only ever fail with their documented errors (fuzzed with hypothesis).
 
 The pickle case (an `adapter_model.bin` whose unpickling would create a file) is in
-tests/test_layers.py::test_malicious_pickle_is_never_unpickled.
+tests/test_layers.py::test_pickled_bin_is_never_unpickled_unsafely.
 """
 
 from __future__ import annotations
