@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tiny_models import training_crashes_after
 
 import lorakit
 from lorakit.errors import DataError
-from lorakit.train import loop as loop_module
 from lorakit.train.dpo import DPOConfig, train_dpo
 from lorakit.train.dpo_loss import PreferenceLoss, dpo_loss
 from lorakit.train.preference_data import (
@@ -269,21 +269,10 @@ def test_continuing_an_sft_adapter_uses_it_as_the_reference(tmp_path, tiny_chat_
     assert ("reference" in result.model.peft_config) is not precompute_ref
 
 
-def test_resume_with_precomputed_reference_matches_an_uninterrupted_live_run(tmp_path, tiny_chat_model_dir, pairs,
-                                                                            monkeypatch) -> None:
+def test_resume_with_precomputed_reference_matches_an_uninterrupted_live_run(tmp_path, tiny_chat_model_dir, pairs) -> None:
     live = train_dpo(_config(tmp_path / "a", tiny_chat_model_dir, pairs))
-    real_step, calls = loop_module.TrainingLoop._step, {"n": 0}
-
-    def crash_after_three(self, window, device):
-        calls["n"] += 1
-        if calls["n"] > 3:
-            raise RuntimeError("simulated crash")
-        return real_step(self, window, device)
-
-    monkeypatch.setattr(loop_module.TrainingLoop, "_step", crash_after_three)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with training_crashes_after(3), pytest.raises(RuntimeError, match="simulated crash"):
         train_dpo(_config(tmp_path / "b", tiny_chat_model_dir, pairs, precompute_ref=True))
-    monkeypatch.setattr(loop_module.TrainingLoop, "_step", real_step)
     resumed = train_dpo(_config(tmp_path / "b", tiny_chat_model_dir, pairs, precompute_ref=True, resume=True))
     assert resumed.report["reference"] == "base model (adapter disabled), precomputed"
     # Precomputing changes where π_ref's log-probs come from, not their values: the runs agree step by step.

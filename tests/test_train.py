@@ -12,11 +12,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny_models import tiny_gpt2, tiny_llama
+from tiny_models import tiny_gpt2, tiny_llama, training_crashes_after
 
 import lorakit
 from lorakit.errors import LorakitError
-from lorakit.train import loop as loop_module
 from lorakit.train.config import TrainConfig
 from lorakit.train.loss import CausalLMLoss
 from lorakit.train.sft import train
@@ -115,24 +114,12 @@ def test_lora_run_writes_adapter_metrics_curve_and_report(tmp_path, tiny_chat_mo
     assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)
 
 
-def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, tiny_chat_model_dir, demo_subset, monkeypatch) -> None:
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, tiny_chat_model_dir, demo_subset) -> None:
     uninterrupted = train(_config(tmp_path / "a", tiny_chat_model_dir, demo_subset))
-
-    real_step = loop_module.TrainingLoop._step
-    calls = {"n": 0}
-
-    def crash_after_three(self, window, device):
-        calls["n"] += 1
-        if calls["n"] > 3:
-            raise RuntimeError("simulated crash")
-        return real_step(self, window, device)
-
-    monkeypatch.setattr(loop_module.TrainingLoop, "_step", crash_after_three)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with training_crashes_after(3), pytest.raises(RuntimeError, match="simulated crash"):
         train(_config(tmp_path / "b", tiny_chat_model_dir, demo_subset))
     state = json.loads((tmp_path / "b" / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 2
-    monkeypatch.setattr(loop_module.TrainingLoop, "_step", real_step)
     resumed = train(_config(tmp_path / "b", tiny_chat_model_dir, demo_subset, resume=True))
 
     expected = load_file(str(uninterrupted.adapter_dir / "adapter_model.safetensors"))

@@ -19,6 +19,29 @@ VOCAB = 96
 HIDDEN = 32
 
 
+@contextlib.contextmanager
+def training_crashes_after(steps: int) -> Iterator[None]:
+    """Inside the block, lorakit's training loop raises RuntimeError("simulated crash") instead of taking
+    optimizer step `steps` + 1 (the checkpoints written before it stay, as after a real crash)."""
+    from lorakit.train.loop import TrainingLoop
+
+    real_step = TrainingLoop._step
+    calls = 0
+
+    def crashing_step(self, window, device):
+        nonlocal calls
+        calls += 1
+        if calls > steps:
+            raise RuntimeError("simulated crash")
+        return real_step(self, window, device)
+
+    TrainingLoop._step = crashing_step
+    try:
+        yield
+    finally:
+        TrainingLoop._step = real_step
+
+
 def tiny_llama(seed: int = 0, hidden: int = HIDDEN, dtype: torch.dtype = torch.float32) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
