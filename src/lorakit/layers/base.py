@@ -52,6 +52,11 @@ def rows_for_batch(batch_size: int) -> tuple[str, ...] | None:
     return tuple(n for n in names for _ in range(repeat)) if repeat > 1 else names
 
 
+def mixed_rows_active() -> bool:
+    """Whether a mixed-adapter batch is being computed (rows may use different adapters)."""
+    return _ROW_ADAPTERS.get() is not None
+
+
 def row_groups(names: Sequence[str], device: torch.device) -> Iterator[tuple[str, Tensor]]:
     """(adapter name, row indices) for each adapter used in a mixed batch, base rows skipped."""
     for name in dict.fromkeys(names):

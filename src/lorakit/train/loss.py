@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lorakit.train.shared_prefix import decoder_hidden_states
+
 IGNORE_INDEX = -100
 
 # Architectures whose CausalLM forward is exactly `logits = head(decoder(...).last_hidden_state)`
@@ -36,12 +38,13 @@ def _head_nll(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
 
 
 def supervised_token_nll(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                         position_ids: Tensor | None = None, chunk_size: int = 1024) -> Tensor:
+                         position_ids: Tensor | None = None, chunk_size: int = 1024, share_prefix: bool = True) -> Tensor:
     """−log p(labels[:, t] | tokens < t) for every supervised position, in row-major order (float32).
 
     `labels` are aligned with `input_ids` (the shift happens here); IGNORE_INDEX marks positions that are
     not scored. The i-th value belongs to the i-th True of `labels[:, 1:] != IGNORE_INDEX`, so
     `mask.nonzero()` maps the values back to their rows (sequence log-probs for preference tuning).
+    A prompt prefix common to all rows runs once (`shared_prefix`) unless `share_prefix` is False.
     """
     base = _unwrap(model)
     targets = labels[:, 1:]
@@ -52,8 +55,12 @@ def supervised_token_nll(model: nn.Module, input_ids: Tensor, attention_mask: Te
     if getattr(base.config, "model_type", None) not in HEAD_ON_HIDDEN or not hasattr(base, "get_decoder"):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits
         return F.cross_entropy(logits[:, :-1][mask].float(), targets[mask], reduction="none")
-    hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
-    hidden = hidden.last_hidden_state[:, :-1][mask]
+    decoder = base.get_decoder()
+    if attention_mask is None and position_ids is None and share_prefix:
+        hidden = decoder_hidden_states(base, decoder, input_ids)
+    else:
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).last_hidden_state
+    hidden = hidden[:, :-1][mask]
     targets = targets[mask]
     head = base.get_output_embeddings()
     if hidden.shape[0] <= chunk_size:
