@@ -5,7 +5,11 @@ the machine's matmul limit.
 
 Cases on the embedded SmolLM2-135M-Instruct (fp32, CPU), LoRA r=8, alpha 16, no dropout: targets
 q_proj,v_proj and all-linear, batches of 2 × 128 and 8 × 64 tokens. Batches are SFT-shaped: random
-tokens, loss on the last quarter of each row (the "answer"), as in answer-only fine-tuning.
+tokens, loss on the last quarter of each row (the "answer"), as in answer-only fine-tuning. A fifth
+case takes 8 real rows of the bundled chat data instead (59–67 tokens, loss on the answer; their first
+36 tokens — system prompt and instruction — are the same in every row, which lorakit computes once:
+`lorakit/train/shared_prefix.py`). Random tokens share no prefix, so the first four cases measure the
+step without that saving.
 lorakit's step is what `lorakit train` runs (`CausalLMLoss`: head + cross-entropy on supervised
 positions only); PEFT's is the usual `model(..., labels=...).loss`. Both start from identical weights.
 
@@ -23,15 +27,29 @@ import torch
 from harness import alternate, compare, machine, markdown_table, matmul_peak_flops, save_results
 
 CASES = [("q,v", ["q_proj", "v_proj"], 2, 128), ("q,v", ["q_proj", "v_proj"], 8, 64),
-         ("all-linear", "all-linear", 2, 128), ("all-linear", "all-linear", 8, 64)]
+         ("all-linear", "all-linear", 2, 128), ("all-linear", "all-linear", 8, 64),
+         ("all-linear", "all-linear", 8, "chat")]
 
 
-def make_batch(vocab: int, batch: int, length: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def make_batch(vocab: int, batch: int, length: int | str, seed: int = 0) -> dict[str, torch.Tensor]:
+    if length == "chat":
+        return chat_batch(batch)
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (batch, length), generator=generator)
     labels = ids.clone()
     labels[:, : length - length // 4] = -100
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def chat_batch(batch: int) -> dict[str, torch.Tensor]:
+    """The first `batch` rows of the bundled train split, tokenized and padded as `lorakit train` does."""
+    from lorakit.models.sources import load_tokenizer
+    from lorakit.train.data import bundled_dataset_path, load_records
+    from lorakit.train.tokenize import collate, encode_example
+
+    tokenizer = load_tokenizer(None)
+    rows = load_records(bundled_dataset_path("train"))[:batch]
+    return collate([encode_example(row, tokenizer, 256) for row in rows], tokenizer.pad_token_id)
 
 
 def step_flops(model, batch: dict[str, torch.Tensor]) -> float:
@@ -106,7 +124,8 @@ def main() -> None:
     rows = []
     for name, targets, batch_size, length in CASES:
         summary, flops = run_case(targets, batch_size, length, args.rounds)
-        rows.append({"targets": name, "batch": f"{batch_size}×{length}", **summary,
+        shape = f"{batch_size} chat rows" if length == "chat" else f"{batch_size}×{length}"
+        rows.append({"targets": name, "batch": shape, **summary,
                      "gflop_per_step": flops / 1e9, "lorakit_gflops": flops / summary["lorakit_median_s"] / 1e9,
                      "peft_gflops": flops / summary["peft_median_s"] / 1e9, "peak_gflops": peak / 1e9,
                      "lorakit_of_peak": flops / summary["lorakit_median_s"] / peak})
