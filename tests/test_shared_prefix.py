@@ -48,6 +48,12 @@ def _batch(prefix: int = 20, rows: int = 3, length: int = 30) -> tuple[torch.Ten
     return ids, mask, labels
 
 
+@pytest.fixture
+def tiny_costs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiny batches never pay for an extra pass on a real CPU; here every saved position counts."""
+    monkeypatch.setattr(shared_prefix, "EFFICIENT_TOKENS", 1)
+
+
 def _spy(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Record what `can_share_prefix` decided for each forward."""
     decisions: list[int] = []
@@ -62,7 +68,7 @@ def _spy(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
-def test_shared_prefix_equals_the_straightforward_loss_and_gradients(model_type: str, monkeypatch) -> None:
+def test_shared_prefix_equals_the_straightforward_loss_and_gradients(model_type: str, monkeypatch, tiny_costs) -> None:
     model = _model(model_type)
     ids, mask, labels = _batch()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -79,7 +85,7 @@ def test_shared_prefix_equals_the_straightforward_loss_and_gradients(model_type:
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_shared_prefix_loss_equals_hf_loss_and_saves_work(monkeypatch) -> None:
+def test_shared_prefix_loss_equals_hf_loss_and_saves_work(monkeypatch, tiny_costs) -> None:
     """Against transformers' own `labels=` loss, and the decoder sees the prefix once plus the rest of each row."""
     model = _model("llama")
     ids, mask, labels = _batch(prefix=20, rows=4)
@@ -104,14 +110,30 @@ def test_shared_prefix_length(ids: torch.Tensor, expected: int) -> None:
     assert shared_prefix_length(ids) == expected
 
 
-def test_not_shared_when_it_would_change_the_result_or_not_pay() -> None:
+@pytest.mark.parametrize(("rows", "length", "prefix", "pays"), [
+    (8, 64, 4, False),    # measured step ratio 1.18
+    (8, 64, 16, False),   # 1.01: break-even
+    (8, 64, 32, True),    # 0.79
+    (2, 128, 96, False),  # 1.00: two rows split into two small passes
+    (16, 64, 24, True),   # 0.70
+    (8, 67, 36, True),    # the bundled chat rows
+    (3, 30, 20, False),   # a tiny batch: the extra pass costs more than it saves
+])
+def test_sharing_only_where_the_measured_cost_model_predicts_a_gain(rows: int, length: int, prefix: int,
+                                                                    pays: bool) -> None:
+    ids = torch.randint(3, 96, (rows, length))
+    ids[:, :prefix] = 1
+    ids[:, prefix] = torch.arange(rows) + 2  # the rows differ right after the prefix
+    model = tiny_llama().train()
+    assert can_share_prefix(model, model.get_decoder(), ids) == (prefix if pays else 0)
+
+
+def test_not_shared_when_it_would_change_the_result(tiny_costs) -> None:
     ids, _, _ = _batch(prefix=20)
     model = _model("llama")
     decoder = model.get_base_model().get_decoder()
     assert can_share_prefix(model.get_base_model(), decoder, ids) == 20
     assert can_share_prefix(model.get_base_model(), decoder, ids[:1]) == 0, "one row: nothing to share"
-    short, _, _ = _batch(prefix=7, rows=3)
-    assert can_share_prefix(model.get_base_model(), decoder, short) == 0, "2 × 7 shared tokens do not pay"
 
     dropped = _model("llama", dropout=0.1)
     assert can_share_prefix(dropped.get_base_model(), dropped.get_base_model().get_decoder(), ids) == 0
@@ -125,7 +147,7 @@ def test_not_shared_when_it_would_change_the_result_or_not_pay() -> None:
     assert can_share_prefix(checkpointed, checkpointed.get_decoder(), ids) == 0
 
 
-def test_masked_or_left_padded_batches_are_not_shared(monkeypatch) -> None:
+def test_masked_or_left_padded_batches_are_not_shared(monkeypatch, tiny_costs) -> None:
     model = _model("llama")
     ids, mask, labels = _batch()
     left = torch.ones_like(mask)
@@ -137,7 +159,7 @@ def test_masked_or_left_padded_batches_are_not_shared(monkeypatch) -> None:
     assert torch.allclose(total / count, expected, atol=1e-5, rtol=0)
 
 
-def test_mixed_adapter_rows_are_not_shared(monkeypatch) -> None:
+def test_mixed_adapter_rows_are_not_shared(monkeypatch, tiny_costs) -> None:
     """Rows on different adapters have different prefix hidden states (DPO's one-pass reference is such a batch)."""
     from lorakit.layers.base import BASE_ROW, row_adapters
 
