@@ -22,8 +22,8 @@ CONFIGS = {
 }
 
 
-def _model(model_type: str, dropout: float = 0.0) -> torch.nn.Module:
-    config = AutoConfig.for_model(model_type, **CONFIGS.get(model_type, SIZES))
+def _model(model_type: str, dropout: float = 0.0, **config_overrides) -> torch.nn.Module:
+    config = AutoConfig.for_model(model_type, **{**CONFIGS.get(model_type, SIZES), **config_overrides})
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # random norms and biases, so that every position's computation matters
@@ -83,6 +83,21 @@ def test_shared_prefix_equals_the_straightforward_loss_and_gradients(model_type:
     assert torch.allclose(got, expected, atol=1e-5, rtol=0)
     for a, b in zip(got_grads, expected_grads, strict=True):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("model_type", "window"), [
+    ("mistral", {"sliding_window": 8}),
+    ("qwen2", {"sliding_window": 8, "use_sliding_window": True, "max_window_layers": 0}),
+])
+def test_sliding_window_shorter_than_the_prefix(model_type: str, window: dict, monkeypatch, tiny_costs) -> None:
+    """The cache keeps only the window of the prefix; the rest of each row must still see the same keys."""
+    model = _model(model_type, **window)
+    ids, mask, labels = _batch()
+    expected = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    decisions = _spy(monkeypatch)
+    total, count = CausalLMLoss(model)(ids, mask, labels)
+    assert decisions == [20]
+    assert torch.allclose(total / count, expected, atol=1e-5, rtol=0)
 
 
 def test_shared_prefix_loss_equals_hf_loss_and_saves_work(monkeypatch, tiny_costs) -> None:
