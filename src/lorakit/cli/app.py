@@ -57,7 +57,6 @@ ConfigOption = typer.Option(
 )
 """Use as `config: Annotated[Optional[Path], ConfigOption] = None` in a command's signature."""
 
-TrustRemoteCodeOption = typer.Option(
-    help="Allow a model that ships its own Python code (auto_map) to run it; only for sources you trust.",
-)
+TRUST_REMOTE_CODE_HELP = "Allow a model that ships its own Python code (auto_map) to run it; only for sources you trust."
+TrustRemoteCodeOption = typer.Option(help=TRUST_REMOTE_CODE_HELP)
 """Use as `trust_remote_code: Annotated[bool, TrustRemoteCodeOption] = False` where a command loads a model."""

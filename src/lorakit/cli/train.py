@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lorakit.cli.app import app
+from lorakit.cli.app import TRUST_REMOTE_CODE_HELP, app
 from lorakit.cli.options import dataclass_parameters, split_commas, with_signature
 from lorakit.train.config import TrainConfig
 
@@ -45,7 +45,7 @@ HELP = {
     "eval_max_new_tokens": "Tokens generated per test row for exact match.",
     "eval_limit": "Score at most N test rows.",
     "resume": "Continue the run in --output from its last checkpoint.",
-    "trust_remote_code": "Allow a model that ships its own Python code (auto_map) to run it; only for sources you trust.",
+    "trust_remote_code": TRUST_REMOTE_CODE_HELP,
     "overwrite": "Replace an existing run in --output.",
 }
 
