@@ -212,6 +212,7 @@ class LoraLayer(nn.Module):
                 self.initial_factors[name] = (init.lora_A.detach().cpu().clone(), init.lora_B.detach().cpu().clone())
             if spec.use_dora:
                 self._create_magnitude(name)
+        self._state_changed()
 
     def _check_offloaded(self, spec: AdapterSpec) -> None:
         """The base weight is offloaded (accelerate keeps it on the meta device and loads it only for the base
@@ -248,6 +249,7 @@ class LoraLayer(nn.Module):
         for table in (self.r, self.lora_alpha, self.scaling, self.lora_bias, self.initial_factors, self._dora_norms):
             table.pop(name, None)
         self.active_adapters = [n for n in self.active_adapters if n != name]
+        self._state_changed()
 
     def _containers(self) -> list[nn.ModuleDict | nn.ParameterDict]:
         return [self.lora_dropout, self.lora_magnitude_vector]
@@ -272,9 +274,15 @@ class LoraLayer(nn.Module):
 
     def set_active(self, names: Sequence[str]) -> None:
         self.active_adapters = [n for n in names if n in self.r]
+        self._state_changed()
 
     def set_disabled(self, disabled: bool) -> None:
         self.disabled = disabled
+        self._state_changed()
+
+    def _state_changed(self) -> None:
+        """Called after adapters are added, deleted, activated, disabled, merged or unmerged, for subclasses that
+        keep state derived from those (LoraLinear's inference plan)."""
 
     def _live_adapters(self) -> list[str]:
         """Active adapters whose update is not already merged into the base weight."""
@@ -315,6 +323,7 @@ class LoraLayer(nn.Module):
             with torch.no_grad():
                 self.base_layer.bias.copy_(bias)
         self.merged_adapters.extend(names)
+        self._state_changed()
 
     def unmerge(self) -> None:
         """Subtract every merged update again (in reverse order), restoring the base weight."""
@@ -336,6 +345,7 @@ class LoraLayer(nn.Module):
             with torch.no_grad():
                 self.base_layer.bias.copy_(bias)
         self.merged_adapters = []
+        self._state_changed()
 
     def _bias_after(self, names: Sequence[str], sign: float) -> Tensor | None:
         """Base bias with ± s · lora_B.bias of the adapters that have one (None if none do)."""
