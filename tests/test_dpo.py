@@ -323,3 +323,16 @@ def test_cli_runs_and_bad_input_gives_one_line_without_traceback(tmp_path, tiny_
     assert code == 1 and err.strip() == "error: --beta: expected a positive number, got -1.0"
     with pytest.raises(DataError, match="bad.jsonl line 3"):  # --debug: the exception itself, for the traceback
         _lorakit(capsys, *common, "--data", str(bad), "--output", str(tmp_path / "bad"), "--debug")
+
+
+def test_compiled_run_gives_the_eager_losses(tmp_path, tiny_chat_model_dir, pairs) -> None:
+    # The reference pass (adapters off, no grad) runs inside the compiled decoder layers too.
+    runs = {name: _config(tmp_path / name, tiny_chat_model_dir, pairs, max_steps=3, eval_every=3, compile=name == "compiled")
+            for name in ("eager", "compiled")}
+    for config in runs.values():
+        train_dpo(config)
+    eager, compiled = (_metrics(tmp_path / name, "train") for name in runs)
+    assert len(compiled) == 3
+    for a, b in zip(eager, compiled):
+        assert abs(a["loss"] - b["loss"]) < 1e-5
+    assert abs(_metrics(tmp_path / "compiled", "eval")[-1]["val_loss"] - _metrics(tmp_path / "eager", "eval")[-1]["val_loss"]) < 1e-5

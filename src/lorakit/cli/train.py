@@ -40,6 +40,7 @@ HELP = {
     "packing": "Pack rows into full-length blocks.",
     "train_on_prompt": "Train on every token, not only the assistant's answer.",
     "gradient_checkpointing": "Recompute activations in backward to save memory.",
+    "compile": "torch.compile the decoder layers for training (a one-off compile, then faster steps).",
     "load_in_8bit": "Load the base in 8-bit (bitsandbytes).",
     "load_in_4bit": "Load the base in 4-bit NF4 (bitsandbytes, QLoRA).",
     "eval_max_new_tokens": "Tokens generated per test row for exact match.",

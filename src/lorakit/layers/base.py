@@ -29,21 +29,32 @@ BASE_ROW = "__base__"
 """Name that selects no adapter for a row of a mixed-adapter batch (PEFT's convention)."""
 
 _ROW_ADAPTERS: ContextVar[tuple[str, ...] | None] = ContextVar("lorakit_row_adapters", default=None)
+# The same value as a module global, read while torch.compile traces: dynamo cannot trace ContextVar.get (it
+# would break the graph at every LoRA layer) but guards on a global. Under compile the innermost
+# row_adapters() of the whole process applies; in eager code each thread and task sees its own.
+_COMPILE_ROWS: tuple[str, ...] | None = None
 
 
 @contextmanager
 def row_adapters(names: Sequence[str]) -> Iterator[None]:
     """Within the block, batch row i uses adapter `names[i]` in every adapter layer."""
+    global _COMPILE_ROWS
     token = _ROW_ADAPTERS.set(tuple(names))
+    previous, _COMPILE_ROWS = _COMPILE_ROWS, tuple(names)
     try:
         yield
     finally:
         _ROW_ADAPTERS.reset(token)
+        _COMPILE_ROWS = previous
+
+
+def _current_rows() -> tuple[str, ...] | None:
+    return _COMPILE_ROWS if torch.compiler.is_compiling() else _ROW_ADAPTERS.get()
 
 
 def rows_for_batch(batch_size: int) -> tuple[str, ...] | None:
     """The per-row adapter names for a batch, expanded when generate() repeats rows (beams, samples)."""
-    names = _ROW_ADAPTERS.get()
+    names = _current_rows()
     if names is None:
         return None
     if batch_size % len(names):
@@ -54,7 +65,7 @@ def rows_for_batch(batch_size: int) -> tuple[str, ...] | None:
 
 def mixed_rows_active() -> bool:
     """Whether a mixed-adapter batch is being computed (rows may use different adapters)."""
-    return _ROW_ADAPTERS.get() is not None
+    return _current_rows() is not None
 
 
 def row_groups(names: Sequence[str], device: torch.device) -> Iterator[tuple[str, Tensor]]:

@@ -53,6 +53,7 @@ class TuningConfig:
     early_stopping_patience: int | None = None
     seed: int = 0
     gradient_checkpointing: bool = False
+    compile: bool = False
     load_in_8bit: bool = False
     load_in_4bit: bool = False
     trust_remote_code: bool = False

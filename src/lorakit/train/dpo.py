@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from lorakit.model import PeftModel
+from lorakit.train.compile import compiled_decoder_layers
 from lorakit.train.config import TuningConfig, finite
 from lorakit.train.dpo_loss import LOSS_TYPES, PreferenceLoss, evaluate_preferences, precompute_reference
 from lorakit.train.loop import LoopSettings, TrainingLoop
@@ -145,8 +146,9 @@ def train_dpo(config: DPOConfig) -> TrainResult:
             return None
         shard = val_pairs[accelerator.process_index::accelerator.num_processes]
         last_eval.clear()
-        last_eval.update(evaluate_preferences(loss_fn, shard, config.batch_size, pad_id, device,
-                                              reduce=lambda t: accelerator.reduce(t, reduction="sum")))
+        with torch.compiler.set_stance("force_eager"):  # no-grad passes would compile graphs of their own
+            last_eval.update(evaluate_preferences(loss_fn, shard, config.batch_size, pad_id, device,
+                                                  reduce=lambda t: accelerator.reduce(t, reduction="sum")))
         return last_eval["loss"]
 
     settings = LoopSettings.from_config(config)
@@ -157,7 +159,8 @@ def train_dpo(config: DPOConfig) -> TrainResult:
         eval_metrics=lambda: {f"val_{k}": v for k, v in last_eval.items() if k != "loss"},
         describe=f"dpo {config.loss_type} β={config.beta}",
     )
-    result = loop.run(loop.resume() if config.resume else None)
+    with compiled_decoder_layers(policy, config.compile):
+        result = loop.run(loop.resume() if config.resume else None)
     accelerator.wait_for_everyone()
     if not val_pairs:
         save_best()

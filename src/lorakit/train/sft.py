@@ -24,6 +24,7 @@ import yaml
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.model import PeftModel
+from lorakit.train.compile import compiled_decoder_layers
 from lorakit.train.config import TrainConfig, TuningConfig
 from lorakit.train.data import (
     build_datasets,
@@ -206,8 +207,9 @@ def train(config: TrainConfig) -> TrainResult:
         if not val_examples:
             return None
         shard = val_examples[accelerator.process_index::accelerator.num_processes]
-        return validation_loss(loss_fn, shard, config.batch_size, pad_id, accelerator.device,
-                               reduce=lambda t: accelerator.reduce(t, reduction="sum"))
+        with torch.compiler.set_stance("force_eager"):  # no-grad passes would compile graphs of their own
+            return validation_loss(loss_fn, shard, config.batch_size, pad_id, accelerator.device,
+                                   reduce=lambda t: accelerator.reduce(t, reduction="sum"))
 
     settings = LoopSettings.from_config(config)
     loop = TrainingLoop(
@@ -218,7 +220,8 @@ def train(config: TrainConfig) -> TrainResult:
     progress = loop.resume() if config.resume else None
     # Before any update the adapter is the identity (OLoRA/PiSSA too), so this is the base model's loss.
     base_val_loss = evaluate() if progress is None else None
-    result = loop.run(progress)
+    with compiled_decoder_layers(trained, config.compile):
+        result = loop.run(progress)
     accelerator.wait_for_everyone()
     if not val_examples:
         save_best()
