@@ -12,6 +12,8 @@ case takes 8 real rows of the bundled chat data instead (59–67 tokens, loss on
 step without that saving.
 lorakit's step is what `lorakit train` runs (`CausalLMLoss`: head + cross-entropy on supervised
 positions only); PEFT's is the usual `model(..., labels=...).loss`. Both start from identical weights.
+A third contender is lorakit with `lorakit train --compile` (decoder layers under torch.compile,
+`lorakit/train/compile.py`; compiled during the warm-up rounds, so the medians are steady-state steps).
 
 FLOPs are the useful work of a step with a frozen base: per token, forward and input-gradient matmuls of
 every linear layer (2·params each way), attention (4·layers·seq·hidden each way), the LoRA factors and
@@ -91,29 +93,39 @@ def build(targets, r: int = 8):
     return ours, theirs
 
 
-def run_case(targets, batch_size: int, length: int, rounds: int) -> tuple[dict[str, float], float]:
-    """(timing summary, useful FLOPs per step) of one case."""
+def lorakit_stepper(model, batch: dict[str, torch.Tensor]):
     from lorakit.train.loss import CausalLMLoss
 
-    ours, theirs = build(targets)
-    batch = make_batch(ours.config.vocab_size, batch_size, length)
-    loss_fn = CausalLMLoss(ours)
-    opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
-    opt_theirs = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-4)
+    loss_fn = CausalLMLoss(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
-    def lorakit_step() -> None:
+    def step() -> None:
         total, count = loss_fn(**batch)
         (total / count).backward()
-        opt_ours.step()
-        opt_ours.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def run_case(targets, batch_size: int, length: int, rounds: int) -> tuple[dict[str, float], dict[str, float], float]:
+    """(timing summary lorakit vs PEFT, compiled lorakit vs PEFT, useful FLOPs per step) of one case."""
+    from lorakit.train.compile import compiled_decoder_layers
+
+    ours, theirs = build(targets)
+    compiled = copy.deepcopy(ours)
+    batch = make_batch(ours.config.vocab_size, batch_size, length)
+    opt_theirs = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-4)
 
     def peft_step() -> None:
         theirs(**batch).loss.backward()
         opt_theirs.step()
         opt_theirs.zero_grad(set_to_none=True)
 
-    times = alternate({"lorakit": lorakit_step, "peft": peft_step}, rounds=rounds, warmup=2)
-    return compare(times), step_flops(ours, batch)
+    torch._dynamo.reset()
+    with compiled_decoder_layers(compiled):
+        times = alternate({"lorakit": lorakit_stepper(ours, batch), "compiled": lorakit_stepper(compiled, batch),
+                           "peft": peft_step}, rounds=rounds, warmup=2)
+    return compare(times), compare(times, "compiled"), step_flops(ours, batch)
 
 
 def main() -> None:
@@ -123,9 +135,11 @@ def main() -> None:
     peak = matmul_peak_flops()
     rows = []
     for name, targets, batch_size, length in CASES:
-        summary, flops = run_case(targets, batch_size, length, args.rounds)
+        summary, compiled, flops = run_case(targets, batch_size, length, args.rounds)
         shape = f"{batch_size} chat rows" if length == "chat" else f"{batch_size}×{length}"
-        rows.append({"targets": name, "batch": shape, **summary,
+        rows.append({"targets": name, "batch": shape, **summary, "compiled_median_s": compiled["compiled_median_s"],
+                     "compiled_ratio_median": compiled["ratio_median"], "compiled_ratio_min": compiled["ratio_min"],
+                     "compiled_ratio_max": compiled["ratio_max"],
                      "gflop_per_step": flops / 1e9, "lorakit_gflops": flops / summary["lorakit_median_s"] / 1e9,
                      "peft_gflops": flops / summary["peft_median_s"] / 1e9, "peak_gflops": peak / 1e9,
                      "lorakit_of_peak": flops / summary["lorakit_median_s"] / peak})
@@ -133,6 +147,8 @@ def main() -> None:
     save_results("train_step", {"machine": machine(), "rows": rows})
     print(markdown_table(rows, [("targets", "targets"), ("batch", "batch"), ("lorakit_median_s", "lorakit s/step"),
                                 ("peft_median_s", "PEFT s/step"), ("ratio_median", "ratio (median)"),
+                                ("compiled_median_s", "lorakit --compile s/step"),
+                                ("compiled_ratio_median", "--compile ratio (median)"),
                                 ("gflop_per_step", "GFLOP/step"), ("lorakit_gflops", "lorakit GFLOP/s"),
                                 ("peak_gflops", "torch.mm peak GFLOP/s"), ("lorakit_of_peak", "of peak")]))
 
