@@ -135,7 +135,7 @@ def test_dropout_is_applied_in_train_mode_even_without_grad(monkeypatch: pytest.
 
 
 @pytest.mark.parametrize("config", [{"use_dora": True}, {"lora_bias": True}], ids=["dora", "lora_bias"])
-def test_dora_and_lora_bias_keep_the_general_path(config: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dora_and_lora_bias_keep_the_general_path(config: dict) -> None:
     model = _two_adapters(**config)
     assert all(layer._plan is None for layer in _layers(model))
     planned, general = _outputs(model)
