@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from tiny_models import input_ids, make_model, max_diff, perturb_adapter, seeded
+from torch._dynamo.utils import counters
 
 from lorakit import LoraConfig, get_peft_model
 from lorakit.train.compile import compiled_decoder_layers, decoder_layers
@@ -108,7 +109,9 @@ def test_train_with_compile_gives_the_eager_losses(tmp_path: Path, tiny_chat_mod
                    validation_data=str(demo_subset["validation"]), max_steps=4, eval_every=2, batch_size=4,
                    learning_rate=5e-3, warmup_steps=0, lora_dropout=0.0, seed=3)
     eager = train(TrainConfig(output=str(tmp_path / "eager"), **options))
+    counters.clear()
     compiled = train(TrainConfig(output=str(tmp_path / "compiled"), compile=True, **options))
+    assert counters["stats"]["unique_graphs"] >= 1, "the compiled run compiled something"
     eager_losses, compiled_losses = _train_losses(tmp_path / "eager"), _train_losses(tmp_path / "compiled")
     assert len(compiled_losses) == 4
     assert max(abs(a - b) for a, b in zip(eager_losses, compiled_losses)) < 1e-5
