@@ -12,6 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 from tiny_models import training_crashes_after
+from torch._dynamo.utils import counters
 
 import lorakit
 from lorakit.errors import DataError
@@ -329,8 +330,10 @@ def test_compiled_run_gives_the_eager_losses(tmp_path, tiny_chat_model_dir, pair
     # The reference pass (adapters off, no grad) runs inside the compiled decoder layers too.
     runs = {name: _config(tmp_path / name, tiny_chat_model_dir, pairs, max_steps=3, eval_every=3, compile=name == "compiled")
             for name in ("eager", "compiled")}
-    for config in runs.values():
+    for name, config in runs.items():
+        counters.clear()
         train_dpo(config)
+        assert (counters["stats"]["unique_graphs"] >= 1) == (name == "compiled"), name
     eager, compiled = (_metrics(tmp_path / name, "train") for name in runs)
     assert len(compiled) == 3
     for a, b in zip(eager, compiled):

@@ -49,4 +49,3 @@ def compiled_decoder_layers(model: nn.Module, enabled: bool = True) -> Iterator[
         for layer in layers:
             # What nn.Module.compile set; without it the layer's calls are eager again.
             layer._compiled_call_impl = None
-
