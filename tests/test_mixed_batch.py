@@ -11,7 +11,7 @@ import torch
 from tiny_models import input_ids, logits, make_model, max_diff, perturb_adapter, quiet, seeded
 
 from lorakit import BASE_ROW, LoraConfig, get_peft_model
-from lorakit.layers import LoraEmbedding, LoraLinear, mixed
+from lorakit.layers import LoraEmbedding, LoraLinear, mixed, row_adapters
 
 GPT2 = {"fan_in_fan_out": True}
 
@@ -162,6 +162,57 @@ def test_stacks_are_cached_and_rebuilt_when_adapters_change(tmp_path: Path) -> N
     model.load_adapter(tmp_path / "a2", adapter_name="a0")
     model.eval()
     check()
+
+
+def test_freshness_is_checked_once_per_call_not_at_every_decoding_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    kind, configs = MIXES["mistral-all-linear-4x"]
+    model = _adapters(kind, configs)
+    rows = ROWS["mistral-all-linear-4x"]
+    looked_up: list[str] = []
+    real = mixed._factor_tensors
+
+    def spy(layer, name):
+        looked_up.append(name)
+        return real(layer, name)
+
+    monkeypatch.setattr(mixed, "_factor_tensors", spy)
+    per_check = 4 * sum(isinstance(m, LoraLinear) for m in model.modules())  # every layer carries a0..a3
+    settings = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        first = model.generate(input_ids=input_ids(len(rows), 5), adapter_names=rows, **settings)
+        assert len(looked_up) == per_check, "six forward passes, one check per layer"
+        model.set_adapter("a2")
+        perturb_adapter(model, seed=7)
+        second = model.generate(input_ids=input_ids(len(rows), 5), adapter_names=rows, **settings)
+    assert len(looked_up) == 2 * per_check, "the next call checks again"
+    changed = [i for i, name in enumerate(rows) if not torch.equal(first[i], second[i])]
+    assert changed and all(rows[i] == "a2" for i in changed), "the next call sees the changed adapter"
+
+
+def test_grad_and_train_mode_changes_inside_one_call_are_checked() -> None:
+    configs = [dict(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.5), dict(r=2, target_modules=["v_proj"])]
+    model = _adapters("llama", configs)
+    model.set_requires_grad(["a0", "a1"], True)
+    ids = input_ids(3, 5)
+    with row_adapters(["a0", "a1", BASE_ROW]):
+        with torch.no_grad():
+            before = model(input_ids=ids).logits  # stacks the factors as detached copies
+            model.train()
+            dropped = [model(input_ids=ids).logits for _ in range(2)]
+        assert max_diff(dropped[0][0], dropped[1][0]) > 1e-4, "train mode: a0's dropout applies"
+        model.eval()
+        model(input_ids=ids).logits.pow(2).mean().backward()
+        for name in ("a0", "a1"):
+            grads = [p.grad for n, p in model.named_parameters() if f".{name}." in n]
+            assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), name
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.grad is not None:
+                    param.sub_(param.grad)  # an optimizer step between two no-grad passes of the block
+            stepped = model(input_ids=ids).logits
+    with torch.no_grad():
+        assert max_diff(stepped, model(input_ids=ids, adapter_names=["a0", "a1", BASE_ROW]).logits) < 1e-6
+        assert max_diff(stepped, before) > 1e-3, "the step changed the output"
 
 
 def test_training_with_gradients_falls_back_and_trains_each_row_adapter() -> None:

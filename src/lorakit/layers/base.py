@@ -28,7 +28,17 @@ from lorakit.quant import weights as quant
 BASE_ROW = "__base__"
 """Name that selects no adapter for a row of a mixed-adapter batch (PEFT's convention)."""
 
-_ROW_ADAPTERS: ContextVar[tuple[str, ...] | None] = ContextVar("lorakit_row_adapters", default=None)
+class RowBlock(tuple):
+    """The per-row adapter names of one `row_adapters()` entry, a new object per entry.
+
+    Its identity marks one forward or generate call, so per-layer caches (layers/mixed.py) can check once per
+    call, not at every decoding step, that what they hold is still current.
+    """
+
+    __slots__ = ()
+
+
+_ROW_ADAPTERS: ContextVar[RowBlock | None] = ContextVar("lorakit_row_adapters", default=None)
 # The same value as a module global, read while torch.compile traces: dynamo cannot trace ContextVar.get (it
 # would break the graph at every LoRA layer) but guards on a global. Under compile the innermost
 # row_adapters() of the whole process applies; in eager code each thread and task sees its own.
@@ -37,9 +47,14 @@ _COMPILE_ROWS: tuple[str, ...] | None = None
 
 @contextmanager
 def row_adapters(names: Sequence[str]) -> Iterator[None]:
-    """Within the block, batch row i uses adapter `names[i]` in every adapter layer."""
+    """Within the block, batch row i uses adapter `names[i]` in every adapter layer.
+
+    Layers check once per block (and when grad or train mode changes) that the adapter factors they stacked
+    are current (layers/mixed.py), so adapters edited inside one block without such a change are not seen
+    there. `PeftModel.forward`/`generate(adapter_names=...)` open one block per call.
+    """
     global _COMPILE_ROWS
-    token = _ROW_ADAPTERS.set(tuple(names))
+    token = _ROW_ADAPTERS.set(RowBlock(names))
     previous, _COMPILE_ROWS = _COMPILE_ROWS, tuple(names)
     try:
         yield
@@ -50,6 +65,12 @@ def row_adapters(names: Sequence[str]) -> Iterator[None]:
 
 def _current_rows() -> tuple[str, ...] | None:
     return _COMPILE_ROWS if torch.compiler.is_compiling() else _ROW_ADAPTERS.get()
+
+
+def current_block() -> RowBlock | None:
+    """The innermost `row_adapters()` entry of this thread or task; None outside one and while torch.compile
+    traces (compiled code reads the names from a global, so it has no block to cache against)."""
+    return None if torch.compiler.is_compiling() else _ROW_ADAPTERS.get()
 
 
 def rows_for_batch(batch_size: int) -> tuple[str, ...] | None:

@@ -22,7 +22,9 @@ Stacking costs a copy of every factor, so it is cached per layer, keyed by the a
 and by a version of each factor: the tensor itself (held by weak reference, so a deleted adapter reloaded
 under the same name never matches), its storage pointer and torch's in-place version counter (bumped by
 optimizer steps, `copy_` while loading, `merge`-style writes). Prefill and every decoding step of a
-generation hit the same entry. Writes through `param.data` bypass torch's version counter; code that edits
+generation hit the same entry. That check runs once per layer per forward or generate call (`RowBlock`):
+adapters do not change in the middle of a call, and checking at every decoding step cost ~10 % of a
+mixed-batch generation (benchmarks/bench_inference.py). Writes through `param.data` bypass torch's version counter; code that edits
 factors that way and then runs a mixed batch must call `clear_stacks()` first.
 
 Rows this path does not take are left to the caller's per-adapter path: DoRA adapters (their magnitude
@@ -39,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lorakit.layers.base import BASE_ROW, LoraLayer
+from lorakit.layers.base import BASE_ROW, LoraLayer, RowBlock, current_block
 
 
 @dataclass(eq=False)
@@ -53,8 +55,13 @@ class _Stack:
     up: Tensor  # (slots, R, out): s · Bᵀ per slot
     bias: Tensor | None  # (slots, out): s · lora_B.bias per slot, None when no adapter in the set has one
     slots: dict[str, int]
-    masks: dict[tuple[str, ...], tuple[Tensor, Tensor]] = field(default_factory=dict)  # rows → (slot, M)
+    masks: dict[tuple[str, ...], tuple[Tensor, Tensor, tuple[str, ...]]] = field(default_factory=dict)
+    """rows → (slot per row, the mask M, the rows left to the per-adapter path)"""
     cat: tuple[Tensor, Tensor] | None = None  # (D, U), made on first use
+    checked_in: RowBlock | None = None
+    """The call in which `fresh` last held (compared by identity: equal names are not the same call)..."""
+    checked_mode: tuple[bool, bool] = (False, False)
+    """...and its (grad mode, training): a change of either decides anew which adapters are stacked."""
 
     @property
     def rank(self) -> int:
@@ -68,8 +75,10 @@ class _Stack:
                         self.up[1:].reshape(k * self.rank, self.up.shape[2]))
         return self.cat
 
-    def row_slots(self, rows: tuple[str, ...], device: torch.device) -> tuple[Tensor, Tensor]:
-        """(slot per row, the mask M) for a batch's rows; the same rows reuse them in every layer call."""
+    def row_slots(self, rows: tuple[str, ...], device: torch.device) -> tuple[Tensor, Tensor, tuple[str, ...]]:
+        """(slot per row, the mask M, the rows left over) for a batch's rows; the same rows reuse them in every
+        layer call. Left over: `rows` with the rows handled here turned into base rows, for the caller's
+        per-adapter path."""
         found = self.masks.get(rows)
         if found is None:
             if len(self.masks) >= 64:  # generate() keeps one row list per call; bound the rare churn
@@ -77,7 +86,8 @@ class _Stack:
             slot = torch.tensor([self.slots.get(n, 0) for n in rows], device=device)
             column_slot = torch.arange(len(self.names) * self.rank, device=device) // self.rank + 1
             mask = (column_slot.unsqueeze(0) == slot.unsqueeze(1)).to(self.down.dtype)
-            found = self.masks[rows] = (slot, mask)
+            left_over = tuple(BASE_ROW if n in self.slots else n for n in rows)
+            found = self.masks[rows] = (slot, mask, left_over)
         return found
 
     def fresh(self, names: tuple[str, ...], tensors: Sequence[tuple[Tensor, ...]], scalings: Sequence[float]) -> bool:
@@ -120,6 +130,13 @@ def _stackable(layer: LoraLayer, name: str, tensors: tuple[Tensor, ...], grad: b
 def _stack(layer: LoraLayer, rows: Sequence[str]) -> _Stack | None:
     """The cached stack for the stackable adapters among `rows`, rebuilt if any of them changed."""
     grad = torch.is_grad_enabled()
+    block = current_block()
+    cached = _STACKS.get(layer)
+    mode = (grad, layer.training)
+    if cached is not None:
+        if block is not None and cached.checked_in is block and cached.checked_mode == mode:
+            return cached
+        cached.checked_in = None  # the check below may end early (no stackable adapter) and must not vouch
     names: list[str] = []
     tensors: list[tuple[Tensor, ...]] = []
     # Sorted: the same adapter set in another row order reuses the stack.
@@ -133,12 +150,10 @@ def _stack(layer: LoraLayer, rows: Sequence[str]) -> _Stack | None:
     if not names:
         return None
     scalings = [float(layer.scaling[n]) for n in names]
-    cached = _STACKS.get(layer)
-    if cached is not None and cached.fresh(tuple(names), tensors, scalings):
-        return cached
-    stack = _build(tuple(names), tensors, scalings)
-    _STACKS[layer] = stack
-    return stack
+    if cached is None or not cached.fresh(tuple(names), tensors, scalings):
+        cached = _STACKS[layer] = _build(tuple(names), tensors, scalings)
+    cached.checked_in, cached.checked_mode = block, mode
+    return cached
 
 
 @torch.inference_mode(False)  # normal tensors even when built under inference_mode, so later grad-mode uses work
@@ -169,11 +184,6 @@ def _build(names: tuple[str, ...], tensors: list[tuple[Tensor, ...]], scalings: 
                   down=down, up=up, bias=bias, slots={n: i for i, n in enumerate(names, start=1)})
 
 
-def _left_over(stack: _Stack, rows: Sequence[str]) -> tuple[str, ...]:
-    """`rows` with the rows handled here turned into base rows, for the caller's per-adapter path."""
-    return tuple(BASE_ROW if n in stack.slots else n for n in rows)
-
-
 def add_linear_rows(layer: LoraLayer, x: Tensor, result: Tensor, rows: Sequence[str]) -> tuple[Tensor, tuple[str, ...]]:
     """(result with the batched LoRA term of every stackable row added, the rows still to do per adapter).
 
@@ -183,7 +193,7 @@ def add_linear_rows(layer: LoraLayer, x: Tensor, result: Tensor, rows: Sequence[
     stack = _stack(layer, rows)
     if stack is None:
         return result, tuple(rows)
-    slot, mask = stack.row_slots(tuple(rows), x.device)
+    slot, mask, left_over = stack.row_slots(tuple(rows), x.device)
     down, up = stack.side_by_side()
     flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(down.dtype)
     hidden = torch.matmul(flat, down) * mask.unsqueeze(1)  # (batch, tokens, K·R): each row's own slot only
@@ -192,7 +202,7 @@ def add_linear_rows(layer: LoraLayer, x: Tensor, result: Tensor, rows: Sequence[
     out = out.view(flat.shape[0], flat.shape[1], -1)
     if stack.bias is not None:
         out = out + stack.bias.index_select(0, slot).unsqueeze(1)
-    return out.view(result.shape).to(result.dtype), _left_over(stack, rows)
+    return out.view(result.shape).to(result.dtype), left_over
 
 
 def add_embedding_rows(layer: LoraLayer, ids: Tensor, result: Tensor, rows: Sequence[str]) -> tuple[Tensor, tuple[str, ...]]:
@@ -202,7 +212,7 @@ def add_embedding_rows(layer: LoraLayer, ids: Tensor, result: Tensor, rows: Sequ
     stack = _stack(layer, rows) if base.max_norm is None else None
     if stack is None:
         return result, tuple(rows)
-    slot, _ = stack.row_slots(tuple(rows), ids.device)
+    slot, _, left_over = stack.row_slots(tuple(rows), ids.device)
     flat = ids.reshape(ids.shape[0], -1)
     gathered = stack.down[slot.unsqueeze(1), flat]  # (batch, tokens, R): row i's Aᵀ at its own tokens
     out = torch.bmm(gathered, stack.up.index_select(0, slot)).reshape(result.shape)
@@ -210,4 +220,4 @@ def add_embedding_rows(layer: LoraLayer, ids: Tensor, result: Tensor, rows: Sequ
     if embed_scale is not None:
         # e.g. Gemma multiplies embeddings by √dim inside the layer; the update must follow.
         out = out * embed_scale.to(out.dtype)
-    return (result + out).to(result.dtype), _left_over(stack, rows)
+    return (result + out).to(result.dtype), left_over
