@@ -28,11 +28,11 @@ openai = pytest.importorskip("openai")
 import uvicorn  # noqa: E402
 
 from lorakit import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from lorakit.layers import BASE_ROW  # noqa: E402
+from lorakit.layers import BASE_ROW, LoraLayer, mixed  # noqa: E402
 from lorakit.models.sources import load_causal_lm, load_tokenizer  # noqa: E402
 from lorakit.serve.adapters import AdapterPool  # noqa: E402
 from lorakit.serve.app import create_app  # noqa: E402
-from lorakit.serve.engine import Delta, Finished, Row, TextTracker  # noqa: E402
+from lorakit.serve.engine import Delta, Finished, Row, TextTracker, generate_batch  # noqa: E402
 from lorakit.serve.protocol import APIError  # noqa: E402
 from lorakit.serve.server import Server, ServeSettings  # noqa: E402
 
@@ -183,6 +183,28 @@ def test_streaming_returns_the_same_text(running: Running) -> None:
     whole = running.client.completions.create(model="beta", prompt="Once", max_tokens=15, temperature=0).choices[0].text
     streamed = running.client.completions.create(model="beta", prompt="Once", max_tokens=15, temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in streamed if c.choices) == whole
+
+
+def test_batch_checks_adapters_once_per_set_of_rows_not_per_token(offline: Offline,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine opens one row_adapters() block while the batch's rows stay the same."""
+    looked_up: list[str] = []
+    real = mixed._factor_tensors
+    monkeypatch.setattr(mixed, "_factor_tensors", lambda layer, name: looked_up.append(name) or real(layer, name))
+    ids = [offline.chat_ids(q) for q in QUESTIONS[:2]]
+    rows = [Row(prompt_ids=ids[0], adapter="alpha", max_tokens=2, emit=lambda event: None),
+            Row(prompt_ids=ids[1], adapter="beta", max_tokens=6, emit=lambda event: None)]
+    tokenizer = offline.tokenizer
+    with torch.no_grad():
+        generate_batch(offline.model, tokenizer, rows, tokenizer.pad_token_id, {tokenizer.eos_token_id})
+    layers = sum(isinstance(m, LoraLayer) for m in offline.model.modules())  # each carries every adapter
+    lengths = [len(row.tokens) for row in rows]
+    # Both rows while the shorter one runs, then the longer one alone: two blocks, however many tokens.
+    expected = 2 * layers + (layers if lengths[0] != lengths[1] else 0)
+    assert len(looked_up) == expected, (lengths, len(looked_up), layers)
+    for row, ids_ in zip(rows, ids):
+        text, _ = offline.answer(row.adapter, ids_, row.max_tokens)
+        assert tokenizer.decode(row.tokens, skip_special_tokens=True) == text, row.adapter
 
 
 def test_32_concurrent_requests_over_4_adapters_are_batched(running: Running) -> None:

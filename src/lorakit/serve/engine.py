@@ -3,7 +3,7 @@
 Why a decoding loop of our own rather than `model.generate`: `generate` returns (or hands a streamer)
 tokens only for a whole batch in lockstep, applies one set of sampling settings to every row and cannot
 drop finished rows. Here each step is one forward of the model over the batch's unfinished rows with the
-KV cache (`past_key_values`), per-row adapters (`adapter_names`, computed by the batched mixed-adapter
+KV cache (`past_key_values`), per-row adapters (`row_adapters`, computed by the batched mixed-adapter
 path of `lorakit.layers.mixed`) and per-row sampling; after each step every row's new text is handed to
 its request. Rows that finish (end-of-sequence token, stop string, max_tokens, client gone) are removed
 from the batch and the cache, so a long answer does not keep short ones' rows computing.
@@ -18,11 +18,13 @@ from __future__ import annotations
 import inspect
 import secrets
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from lorakit.layers import row_adapters
 from lorakit.model import PeftModel
 
 
@@ -150,8 +152,8 @@ def generate_batch(model: nn.Module, tokenizer, rows: Sequence[Row], pad_id: int
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     generators = [_generator(row, device) for row in rows]
     cache = DynamicCache(config=model.config)
-    # A PeftModel gets every row's adapter, BASE_ROW included (without adapter_names its active adapter
-    # would apply to all rows).
+    # A PeftModel gets every row's adapter, BASE_ROW included (without row_adapters its active adapter would
+    # apply to all rows).
     per_row = isinstance(model, PeftModel)
     accepts = inspect.signature((model.get_base_model() if per_row else model).forward).parameters
     # transformers 5 renames past_key_values to cache, model by model; only the last position's logits are
@@ -160,21 +162,29 @@ def generate_batch(model: nn.Module, tokenizer, rows: Sequence[Row], pad_id: int
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
     live = list(range(len(rows)))
     step_ids = ids
-    while True:
-        extra = {"adapter_names": [rows[i].adapter for i in live]} if per_row else {}
-        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                       **{cache_kwarg: cache}, **last_only, **extra).logits[:, -1, :]
-        tokens = _pick_tokens(logits, [rows[i] for i in live], [generators[i] for i in live])
-        for i, token in zip(live, tokens.tolist()):
-            tracker.push(rows[i], token)
-        keep = [j for j, i in enumerate(live) if not rows[i].done]
-        if not keep:
-            return
-        if len(keep) < len(live):
-            index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
-            mask, positions, tokens = mask[index], positions[index], tokens[index]
-            live = [live[j] for j in keep]
-        mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
-        positions = positions[:, -1:] + 1
-        step_ids = tokens.unsqueeze(1)
+    with ExitStack() as block:
+        block_rows = None
+        while True:
+            if per_row and block_rows != live:
+                # One row_adapters() block while the batch's rows stay the same, rather than adapter_names at
+                # every step: layers check their stacked factors once per block, not once per token
+                # (layers/mixed.py). Adapters change only between batches, on this same thread.
+                block.close()
+                block.enter_context(row_adapters([rows[i].adapter for i in live]))
+                block_rows = list(live)
+            logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                           **{cache_kwarg: cache}, **last_only).logits[:, -1, :]
+            tokens = _pick_tokens(logits, [rows[i] for i in live], [generators[i] for i in live])
+            for i, token in zip(live, tokens.tolist()):
+                tracker.push(rows[i], token)
+            keep = [j for j, i in enumerate(live) if not rows[i].done]
+            if not keep:
+                return
+            if len(keep) < len(live):
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                mask, positions, tokens = mask[index], positions[index], tokens[index]
+                live = [live[j] for j in keep]
+            mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
+            positions = positions[:, -1:] + 1
+            step_ids = tokens.unsqueeze(1)
