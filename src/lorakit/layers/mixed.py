@@ -24,8 +24,9 @@ under the same name never matches), its storage pointer and torch's in-place ver
 optimizer steps, `copy_` while loading, `merge`-style writes). Prefill and every decoding step of a
 generation hit the same entry. That check runs once per layer per forward or generate call (`RowBlock`):
 adapters do not change in the middle of a call, and checking at every decoding step cost ~10 % of a
-mixed-batch generation (benchmarks/bench_inference.py). Writes through `param.data` bypass torch's version counter; code that edits
-factors that way and then runs a mixed batch must call `clear_stacks()` first.
+mixed-batch generation (benchmarks/bench_inference.py). Writes through `param.data` bypass torch's
+version counter; code that edits factors that way and then runs a mixed batch must call `clear_stacks()`
+first.
 
 Rows this path does not take are left to the caller's per-adapter path: DoRA adapters (their magnitude
 rescaling depends on the whole adapted weight, not on a per-row low-rank term) and, while training,
