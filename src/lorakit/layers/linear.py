@@ -105,7 +105,7 @@ class LoraLinear(LoraLayer):
             # No-grad forward (generation, evaluation) with plain LoRA adapters. At decode time a LoRA layer
             # sees a handful of tokens, so its cost is per-op and per-line overhead, not arithmetic: three ops
             # per adapter, modules looked up once per state change, no casts (one dtype throughout, so this
-            # add is the single rounding of the general path). Unmerged generation went from 0.79 to 0.83–0.86
+            # add is the single rounding of the general path). Unmerged generation went from 0.79 to 0.83–0.87
             # of the base's tokens/s (benchmarks/bench_inference.py).
             for name, lora_a, lora_b in plan.factors:
                 result = torch.add(result, F.linear(F.linear(x, lora_a.weight), lora_b.weight), alpha=self.scaling[name])
