@@ -12,13 +12,14 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny_models import tiny_gpt2, tiny_llama, training_crashes_after
+from tiny_models import CrashAfter, tiny_gpt2, tiny_llama
 
 import lorakit
 from lorakit.errors import LorakitError
 from lorakit.train.config import TrainConfig
-from lorakit.train.loss import CausalLMLoss
-from lorakit.train.sft import train
+from lorakit.train.loss import causal_lm_loss
+from lorakit.train.sft import SFTObjective, train
+from lorakit.train.trainer import Trainer
 
 
 def _config(output: Path, model_dir: Path, data: dict[str, Path], **overrides) -> TrainConfig:
@@ -28,7 +29,7 @@ def _config(output: Path, model_dir: Path, data: dict[str, Path], **overrides) -
         learning_rate=5e-3, warmup_steps=0, lora_dropout=0.1, eval_limit=4, eval_max_new_tokens=4, seed=3,
     )
     options.update(overrides)
-    return TrainConfig(**options)
+    return TrainConfig.from_options(options)
 
 
 # ---- the loss ---------------------------------------------------------------------------------------
@@ -55,7 +56,7 @@ def test_chunked_loss_equals_the_straightforward_loss_and_gradients(make, chunk_
 
     expected = reference(input_ids=ids, attention_mask=mask, labels=labels).loss
     expected.backward()
-    total, count = CausalLMLoss(ours, chunk_size=chunk_size)(ids, mask, labels)
+    total, count = causal_lm_loss(ours, ids, mask, labels, chunk_size=chunk_size)
     (total / count).backward()
 
     assert count.item() == int((labels[:, 1:] != -100).sum())
@@ -74,13 +75,39 @@ def test_chunked_loss_equals_the_straightforward_loss_and_gradients(make, chunk_
     ({"batch_size": 0}, "--batch-size: expected a positive integer"),
     ({"lora_dropout": 1.0}, "--lora-dropout: expected a probability"),
     ({"method": "qlora"}, "--method: expected lora or full"),
-    ({"init": "xavier"}, "--init: expected default"),
+    ({"init_lora_weights": "xavier"}, "--init-lora-weights: expected True, False"),
+    ({"init_lora_weights": "pissa_niter_x"}, "--init-lora-weights: expected .* got 'pissa_niter_x'"),
+    ({"r": 0}, "--r: expected a positive integer, got 0"),
+    ({"seed": "x"}, "--seed: expected an integer, got 'x'"),
+    ({"max_steps": 2.5}, "--max-steps: expected an integer or null, got 2.5"),
+    ({"target_modules": 3}, "--target-modules: expected a list of strings or a string or null, got 3"),
     ({"load_in_8bit": True, "load_in_4bit": True}, "choose one"),
     ({"epochs": float("nan")}, "--epochs: expected a positive number"),
+    ({"lr": 1e-3}, "unknown key 'lr'"),
 ])
 def test_impossible_options_are_refused_naming_the_option(overrides: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        TrainConfig(**overrides)
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_options(overrides)
+
+
+def test_yaml_options_are_checked_like_flags_and_name_the_file(tmp_path) -> None:
+    (tmp_path / "run.yaml").write_text("seed: x\n")
+    with pytest.raises(ValueError, match=r"run.yaml: key 'seed': expected an integer, got 'x'"):
+        TrainConfig.from_yaml(tmp_path / "run.yaml")
+    (tmp_path / "ok.yaml").write_text("r: 4\nlora-alpha: 8\ntarget_modules: [q_proj]\nseed: 2\n")
+    config = TrainConfig.from_yaml(tmp_path / "ok.yaml", max_steps=3)
+    assert (config.lora.r, config.lora.lora_alpha, config.lora.target_modules) == (4, 8.0, ["q_proj"])
+    assert (config.seed, config.max_steps) == (2, 3)
+    # Options not given keep the trainer's LoRA defaults (all linear layers, alpha 16), not LoraConfig's.
+    assert TrainConfig.from_options({}).lora == lorakit.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                                   task_type="CAUSAL_LM")
+
+
+def test_saved_options_read_back_into_the_same_config(tmp_path) -> None:
+    config = TrainConfig.from_options({"r": 4, "use_dora": True, "rank_pattern": {"q_proj": 2}, "seed": 5,
+                                       "init_lora_weights": "olora", "max_steps": 7})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config.to_options()))
+    assert TrainConfig.from_yaml(tmp_path / "c.yaml") == config
 
 
 # ---- a whole run on a tiny model ---------------------------------------------------------------------
@@ -116,8 +143,8 @@ def test_lora_run_writes_adapter_metrics_curve_and_report(tmp_path, tiny_chat_mo
 
 def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, tiny_chat_model_dir, demo_subset) -> None:
     uninterrupted = train(_config(tmp_path / "a", tiny_chat_model_dir, demo_subset))
-    with training_crashes_after(3), pytest.raises(RuntimeError, match="simulated crash"):
-        train(_config(tmp_path / "b", tiny_chat_model_dir, demo_subset))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(_config(tmp_path / "b", tiny_chat_model_dir, demo_subset), callbacks=[CrashAfter(2)])
     state = json.loads((tmp_path / "b" / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 2
     resumed = train(_config(tmp_path / "b", tiny_chat_model_dir, demo_subset, resume=True))
@@ -132,21 +159,24 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, tiny_chat_m
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, tiny_chat_model_dir, demo_subset, monkeypatch) -> None:
-    real_forward = CausalLMLoss.forward
-    calls = {"n": 0}
+class NaNOnThirdStep(SFTObjective):
+    """The SFT objective, but the third training step's loss is NaN (what a diverging run produces)."""
 
-    def nan_on_third_step(self, *args, **kwargs):
-        total, count = real_forward(self, *args, **kwargs)
-        if self.training:
-            calls["n"] += 1
-            if calls["n"] == 3:
+    steps = 0
+
+    def loss(self, batch):
+        total, figures = super().loss(batch)
+        if self.model.training:
+            self.steps += 1
+            if self.steps == 3:
                 total = total * math.nan
-        return total, count
+        return total, figures
 
-    monkeypatch.setattr(CausalLMLoss, "forward", nan_on_third_step)
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, tiny_chat_model_dir, demo_subset) -> None:
+    config = _config(tmp_path / "run", tiny_chat_model_dir, demo_subset)
     with pytest.raises(LorakitError, match=r"loss became nan at step 3.*checkpoint"):
-        train(_config(tmp_path / "run", tiny_chat_model_dir, demo_subset))
+        Trainer(config, NaNOnThirdStep(config)).run()
     assert json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
 
 

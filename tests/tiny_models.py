@@ -19,27 +19,19 @@ VOCAB = 96
 HIDDEN = 32
 
 
-@contextlib.contextmanager
-def training_crashes_after(steps: int) -> Iterator[None]:
-    """Inside the block, lorakit's training loop raises RuntimeError("simulated crash") instead of taking
-    optimizer step `steps` + 1 (the checkpoints written before it stay, as after a real crash)."""
-    from lorakit.train.loop import TrainingLoop
+class CrashAfter:
+    """A training callback (`train(config, callbacks=[CrashAfter(k)])`) that raises RuntimeError("simulated
+    crash") as step k + 1 ends: that step's checkpoint is never written, as after a real crash in it."""
 
-    real_step = TrainingLoop._step
-    calls = 0
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
 
-    def crashing_step(self, window, device):
-        nonlocal calls
-        calls += 1
-        if calls > steps:
+    def on_record(self, record: dict) -> None:
+        if record["kind"] == "train" and record["step"] > self.steps:
             raise RuntimeError("simulated crash")
-        return real_step(self, window, device)
 
-    TrainingLoop._step = crashing_step
-    try:
-        yield
-    finally:
-        TrainingLoop._step = real_step
+    def on_end(self, report: dict) -> None:
+        """Nothing to do."""
 
 
 def tiny_llama(seed: int = 0, hidden: int = HIDDEN, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -11,11 +11,12 @@ import json
 import math
 import re
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from lorakit.errors import AdapterFileError
+from lorakit.options import OptionError, option
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -60,22 +61,26 @@ class LoraConfig:
     Conv1D except the output head; None uses the architecture's default (e.g. q_proj, v_proj for Llama).
     """
 
-    r: int = 8
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    lora_alpha: float = 8
-    lora_dropout: float = 0.0
+    r: int = option(8, help="LoRA rank.")
+    target_modules: list[str] | str | None = option(
+        None, help="Modules to adapt: names (comma-separated or repeated), a regex, or all-linear.")
+    exclude_modules: list[str] | str | None = option(None, help="Modules never to adapt (names or a regex).")
+    lora_alpha: float = option(8, help="LoRA alpha; scaling = alpha / r (alpha / sqrt(r) with --use-rslora).")
+    lora_dropout: float = option(0.0, help="Dropout on the LoRA input.")
     fan_in_fan_out: bool = False
-    bias: str = "none"
-    use_rslora: bool = False
-    modules_to_save: list[str] | None = None
-    init_lora_weights: bool | str = True
-    layers_to_transform: list[int] | int | None = None
+    bias: str = option("none", help="Train base biases too: none, all or lora_only.")
+    use_rslora: bool = option(False, help="Rank-stabilised scaling alpha / sqrt(r).")
+    modules_to_save: list[str] | None = option(
+        None, help="Modules trained and saved whole beside the adapter (e.g. lm_head).")
+    init_lora_weights: bool | str = option(
+        True, help="Adapter initialisation: true (default), false, gaussian, olora, pissa or pissa_niter_N.")
+    layers_to_transform: list[int] | int | None = option(None, help="Adapt only these layer indices.")
     layers_pattern: list[str] | str | None = None
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
-    use_dora: bool = False
-    lora_bias: bool = False
+    rank_pattern: dict[str, int] = option(
+        default_factory=dict, help="Rank per module-name pattern, e.g. q_proj=16,v_proj=8.")
+    alpha_pattern: dict[str, float] = option(default_factory=dict, help="Alpha per module-name pattern.")
+    use_dora: bool = option(False, help="DoRA: weight-decomposed LoRA.")
+    lora_bias: bool = option(False, help="Train a bias in lora_B.")
     task_type: str | None = None
     base_model_name_or_path: str | None = None
     inference_mode: bool = False
@@ -93,8 +98,8 @@ class LoraConfig:
     def validate(self) -> None:
         """Raise ValueError naming the first field whose value cannot work."""
 
-        def bad(name: str, expected: str) -> ValueError:
-            return ValueError(f"LoraConfig.{name}: expected {expected}, got {getattr(self, name)!r}")
+        def bad(name: str, expected: str) -> OptionError:
+            return OptionError(name, expected, getattr(self, name), owner="LoraConfig")
 
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise bad("r", "a positive integer")
@@ -134,9 +139,10 @@ class LoraConfig:
             for key, value in pattern.items():
                 positive = isinstance(value, int) and value > 0 if name == "rank_pattern" else isinstance(value, (int, float))
                 if isinstance(value, bool) or not positive:
-                    raise ValueError(f"LoraConfig.{name}[{key!r}]: expected a positive {'integer' if name == 'rank_pattern' else 'number'}, got {value!r}")
+                    kind = "integer" if name == "rank_pattern" else "number"
+                    raise OptionError(f"{name}[{key!r}]", f"a positive {kind}", value, owner="LoraConfig")
         if self.use_dora and self.lora_bias:
-            raise ValueError("LoraConfig.lora_bias: not supported together with use_dora")
+            raise OptionError("lora_bias", "false with use_dora (not supported together)", True, owner="LoraConfig")
 
     # ---- rank and scaling per module -------------------------------------------------------------
 

@@ -7,10 +7,8 @@ and flags given on the command line override them (Click's `default_map`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import typer
-import yaml
 
 app = typer.Typer(
     name="lorakit",
@@ -29,25 +27,20 @@ def _root() -> None:
 
 def _load_config(ctx: typer.Context, param: typer.CallbackParam, value: Path | None) -> Path | None:
     """Read a YAML config into the command's defaults, so explicit flags still win."""
+    from lorakit.options import read_yaml
+
     if value is None:
         return None
     try:
-        data = yaml.safe_load(Path(value).read_text(encoding="utf-8")) or {}
-    except OSError as err:
-        raise typer.BadParameter(f"{value}: cannot read ({err.strerror})", ctx, param) from None
-    except yaml.YAMLError as err:
-        raise typer.BadParameter(f"{value}: not valid YAML ({err})", ctx, param) from None
-    if not isinstance(data, dict):
-        raise typer.BadParameter(f"{value}: expected a mapping of option names to values", ctx, param)
+        data = read_yaml(value)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), ctx, param) from None
     known = {p.name for p in ctx.command.params if p.name not in ("config",)}
-    defaults: dict[str, Any] = {}
-    for key, item in data.items():
-        name = str(key).replace("-", "_")
-        if name not in known:
-            options = ", ".join(sorted(k.replace("_", "-") for k in known))
-            raise typer.BadParameter(f"{value}: unknown key {key!r}; valid keys: {options}", ctx, param)
-        defaults[name] = item
-    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    unknown = [key for key in data if key not in known]
+    if unknown:
+        options = ", ".join(sorted(k.replace("_", "-") for k in known))
+        raise typer.BadParameter(f"{value}: unknown key {unknown[0]!r}; valid keys: {options}", ctx, param)
+    ctx.default_map = {**(ctx.default_map or {}), **data}
     return value
 
 

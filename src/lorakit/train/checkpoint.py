@@ -28,6 +28,7 @@ STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 FULL_WEIGHTS_FILE = "trainable.safetensors"
+OBJECTIVE_FILE = "objective.pt"
 
 
 @dataclass
@@ -58,8 +59,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    progress: Progress) -> None:
-    """Write the full training state to `directory`, replacing any previous checkpoint atomically."""
+                    progress: Progress, objective_state: dict[str, Any] | None = None) -> None:
+    """Write the full training state to `directory`, replacing any previous checkpoint atomically.
+
+    `objective_state` is what the objective keeps across steps (`Objective.state_dict`)."""
     with atomic_directory(directory, overwrite=True) as tmp:
         if isinstance(model, PeftModel):
             model.save_pretrained(tmp / "adapter", portable=False)
@@ -68,11 +71,14 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
             save_file(trainable, str(tmp / FULL_WEIGHTS_FILE))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / OPTIMIZER_FILE)
         torch.save(_rng_state(), tmp / RNG_FILE)
+        torch.save(objective_state or {}, tmp / OBJECTIVE_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(asdict(progress), indent=2) + "\n")
 
 
-def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> Progress:
-    """Restore what `save_checkpoint` wrote into freshly built model/optimizer/scheduler objects."""
+def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any) -> tuple[Progress, dict[str, Any]]:
+    """Restore what `save_checkpoint` wrote into freshly built model/optimizer/scheduler objects; returns
+    the progress and the objective's saved state."""
     state_file = directory / STATE_FILE
     if not state_file.is_file():
         raise LorakitError(f"{directory}: no checkpoint to resume from (missing {STATE_FILE})")
@@ -93,6 +99,7 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
         optimizer.load_state_dict(states["optimizer"])
         scheduler.load_state_dict(states["scheduler"])
         _set_rng_state(torch.load(directory / RNG_FILE, map_location="cpu", weights_only=True))
+        objective_state = torch.load(directory / OBJECTIVE_FILE, map_location="cpu", weights_only=True)
     except (OSError, KeyError, ValueError, RuntimeError) as err:
         raise LorakitError(f"{directory}: checkpoint cannot be resumed ({type(err).__name__}: {err})") from None
-    return progress
+    return progress, objective_state

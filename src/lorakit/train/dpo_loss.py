@@ -101,55 +101,45 @@ def reference_mode(model: PeftModel, rows: int, adapter: str | None = None) -> I
         model.train(was_training)
 
 
-class PreferenceLoss(nn.Module):
-    """forward(input_ids, attention_mask, answer_labels[, ref_logps]) → (summed DPO loss, number of pairs).
+class PreferenceLoss:
+    """DPO/IPO losses of preference pairs for a policy (a PeftModel) and its reference.
 
     Takes the batches of `preference_data.collate_pairs`: (pairs, 2, length), side 0 chosen. Both sides go
     through the policy in one forward pass; the reference log-probs come from `ref_logps` when they were
-    precomputed, else from a no-grad pass in `reference_mode`. The summed loss lets the training loop
-    normalise over a whole accumulation window; `last_metrics` holds the reward metrics of the last batch.
-    An nn.Module so that accelerate/DDP can wrap it, like `CausalLMLoss`.
+    precomputed, else from a no-grad pass in `reference_mode` (`reference_adapter`: see there).
     """
 
     def __init__(self, model: PeftModel, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                  reference_adapter: str | None = None, chunk_size: int = 1024) -> None:
-        super().__init__()
         self.model = model
         self.beta = beta
         self.loss_type = loss_type
         self.label_smoothing = label_smoothing
         self.reference_adapter = reference_adapter
         self.chunk_size = chunk_size
-        self.last_metrics: dict[str, float] = {}
 
     def sequence_logps(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
         """log π(answer | prompt) per row of 2-D inputs (see the function `sequence_logps`)."""
         return sequence_logps(self.model, input_ids, attention_mask, labels, self.chunk_size)
 
-    def reference_logps(self, input_ids: Tensor, attention_mask: Tensor, answer_labels: Tensor) -> Tensor:
+    def reference_logps(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
         """log π_ref of both sides, (pairs, 2)."""
         pairs = input_ids.shape[0]
         with reference_mode(self.model, 2 * pairs, self.reference_adapter):
-            logps = self.sequence_logps(*(t.reshape(2 * pairs, -1) for t in (input_ids, attention_mask, answer_labels)))
+            logps = self.sequence_logps(*(t.reshape(2 * pairs, -1) for t in (input_ids, attention_mask, labels)))
         return logps.view(pairs, 2)
 
-    def pair_losses(self, input_ids: Tensor, attention_mask: Tensor, answer_labels: Tensor,
+    def pair_losses(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
                     ref_logps: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(losses, chosen rewards, rejected rewards), one value per pair."""
         pairs = input_ids.shape[0]
-        flat = [t.reshape(2 * pairs, -1) for t in (input_ids, attention_mask, answer_labels)]
+        flat = [t.reshape(2 * pairs, -1) for t in (input_ids, attention_mask, labels)]
         policy = self.sequence_logps(*flat).view(pairs, 2)
         if ref_logps is None:
-            ref_logps = self.reference_logps(input_ids, attention_mask, answer_labels)
+            ref_logps = self.reference_logps(input_ids, attention_mask, labels)
         ref_logps = ref_logps.to(policy.dtype)
         return dpo_loss(policy[:, 0], policy[:, 1], ref_logps[:, 0], ref_logps[:, 1], self.beta, self.loss_type,
                         self.label_smoothing)
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, answer_labels: Tensor,
-                ref_logps: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        losses, chosen, rejected = self.pair_losses(input_ids, attention_mask, answer_labels, ref_logps)
-        self.last_metrics = reward_metrics(chosen, rejected)
-        return losses.sum(), torch.tensor(input_ids.shape[0], device=losses.device)
 
 
 def _batches(examples: Sequence[dict[str, Any]], batch_size: int, pad_token_id: int | None,
@@ -178,8 +168,8 @@ def evaluate_preferences(loss: PreferenceLoss, examples: Sequence[dict[str, Any]
                          pad_token_id: int | None, device: torch.device,
                          reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
     """Mean DPO loss and reward metrics over `examples` (summed over processes by `reduce` if given)."""
-    was_training = loss.training
-    loss.eval()
+    was_training = loss.model.training
+    loss.model.eval()
     # loss, correct, margin, chosen reward, rejected reward, pairs
     sums = torch.zeros(6, device=device, dtype=torch.float64)
     for _, batch in _batches(examples, batch_size, pad_token_id, device):
@@ -188,7 +178,7 @@ def evaluate_preferences(loss: PreferenceLoss, examples: Sequence[dict[str, Any]
                              rejected.sum(), torch.tensor(float(len(losses)), device=device)]).double()
     if reduce is not None:
         sums = reduce(sums)
-    loss.train(was_training)
+    loss.model.train(was_training)
     pairs = sums[5].item()
     means = (sums[:5] / pairs).tolist() if pairs else [math.nan] * 5
     return dict(zip(("loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward"), means))

@@ -3,34 +3,38 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from lorakit.train.loss import CausalLMLoss
+from lorakit.train.loss import causal_lm_loss
 from lorakit.train.scoring import exact_match, normalise_answer
 from lorakit.train.tokenize import collate
 
 
 @torch.no_grad()
-def validation_loss(loss_fn: CausalLMLoss, examples: Sequence[dict[str, Any]], batch_size: int, pad_token_id: int,
-                    device: torch.device, reduce=None) -> float:
-    """Mean loss per supervised token over `examples` (summed over processes by `reduce` if given)."""
-    was_training = loss_fn.training
-    loss_fn.eval()
+def validation_loss(model: nn.Module, examples: Sequence[dict[str, Any]], batch_size: int, pad_token_id: int,
+                    device: torch.device, reduce: Callable[[Tensor], Tensor] | None = None) -> float:
+    """Mean loss per supervised token over `examples` (summed over processes by `reduce` if given), with
+    the model in eval mode (dropout off) and handed back in the mode it was in."""
+    was_training = model.training
+    model.eval()
     total = torch.zeros((), device=device, dtype=torch.float64)
     count = torch.zeros((), device=device, dtype=torch.float64)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    for start in range(0, len(order), batch_size):
-        batch = collate([examples[i] for i in order[start:start + batch_size]], pad_token_id)
-        loss, n = loss_fn(**{k: v.to(device) for k, v in batch.items()})
-        total += loss.double()
-        count += n.double()
+    try:
+        for start in range(0, len(order), batch_size):
+            batch = collate([examples[i] for i in order[start:start + batch_size]], pad_token_id)
+            loss, n = causal_lm_loss(model, **{k: v.to(device) for k, v in batch.items()})
+            total += loss.double()
+            count += n.double()
+    finally:
+        model.train(was_training)
     if reduce is not None:
         total, count = reduce(total), reduce(count)
-    loss_fn.train(was_training)
     return (total / count).item() if count > 0 else math.nan
 
 
@@ -65,3 +69,34 @@ def score_exact_match(model: nn.Module, tokenizer, conversations: Sequence[list[
     """(exact match in [0, 1], the generated answers)."""
     answers = generate_answers(model, tokenizer, conversations, max_new_tokens=max_new_tokens)
     return exact_match(answers, references), answers
+
+
+def best_adapter_exact_match(model: nn.Module, best_dir: Path, tokenizer, records: Sequence[Mapping[str, Any]],
+                             max_new_tokens: int, limit: int | None = None) -> dict[str, Any]:
+    """Exact match of the base model and of the adapter saved in `best_dir` on the records that have a
+    reference answer: {"test_rows", "exact_match_base", "exact_match_adapter"} (empty if none has one).
+
+    `model` is a PeftModel; the best adapter is loaded beside the trained one and removed again, and the
+    model is handed back as it came (active adapter, train/eval mode).
+    """
+    from lorakit.train.data import prompt_messages, reference_answer
+
+    pairs = [(prompt_messages(r), reference_answer(r)) for r in records]
+    pairs = [(p, a) for p, a in pairs if a is not None][:limit]
+    if not pairs:
+        return {}
+    conversations, references = [p for p, _ in pairs], [a for _, a in pairs]
+    trained_adapter, was_training = model.active_adapter, model.training
+    if best_dir.is_dir():
+        model.load_adapter(best_dir, adapter_name="best")
+        model.set_adapter("best", inference_mode=True)
+    try:
+        adapter_em, _ = score_exact_match(model, tokenizer, conversations, references, max_new_tokens)
+        with model.disable_adapter():
+            base_em, _ = score_exact_match(model, tokenizer, conversations, references, max_new_tokens)
+    finally:
+        if "best" in model.peft_config:
+            model.delete_adapter("best")
+        model.set_adapter(trained_adapter)
+        model.train(was_training)
+    return {"test_rows": len(pairs), "exact_match_base": base_em, "exact_match_adapter": adapter_em}

@@ -86,23 +86,13 @@ def _mask_changes_nothing(attention_mask: Tensor | None, scored: Tensor) -> bool
     return right_padded and bool(attention_mask[:, :-1][scored].all())
 
 
-class CausalLMLoss(nn.Module):
-    """forward(input_ids, attention_mask, labels[, position_ids]) → (sum of token losses, token count).
+def causal_lm_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                   position_ids: Tensor | None = None, chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
+    """(sum of the supervised tokens' losses, their count).
 
-    Labels are aligned with input_ids (the shift happens here); IGNORE_INDEX marks unsupervised
-    positions. Returning the sum lets the caller normalise over a whole accumulation window (and
-    across processes) instead of averaging per micro-batch.
-
-    It is an nn.Module so that accelerate/DDP can wrap it: the whole loss runs inside the wrapped
-    forward, which is what DDP's gradient synchronisation requires.
+    Labels are aligned with input_ids (the shift happens here); IGNORE_INDEX marks unsupervised positions.
+    Returning the sum lets the caller normalise over a whole accumulation window (and across processes)
+    instead of averaging per micro-batch.
     """
-
-    def __init__(self, model: nn.Module, chunk_size: int = 1024) -> None:
-        super().__init__()
-        self.model = model
-        self.chunk_size = chunk_size
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                position_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        nll = supervised_token_nll(self.model, input_ids, attention_mask, labels, position_ids, self.chunk_size)
-        return nll.sum(), (labels[:, 1:] != IGNORE_INDEX).sum()
+    nll = supervised_token_nll(model, input_ids, attention_mask, labels, position_ids, chunk_size)
+    return nll.sum(), (labels[:, 1:] != IGNORE_INDEX).sum()

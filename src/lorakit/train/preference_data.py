@@ -162,11 +162,10 @@ def build_preference_datasets(train_path: str | Path, tokenizer, *, validation_p
 
 
 def collate_pairs(examples: Sequence[Mapping[str, Any]], pad_token_id: int | None) -> dict[str, Tensor]:
-    """Pairs → `input_ids`, `attention_mask`, `answer_labels` of shape (pairs, 2, length), side 0 chosen.
+    """Pairs → `input_ids`, `attention_mask`, `labels` of shape (pairs, 2, length), side 0 chosen.
 
     One padded block holds both sides, so the policy scores chosen and rejected in one forward pass.
-    A batch row is a pair: the training loop normalises the loss by rows when a batch has no `labels`,
-    which is why the labels travel as `answer_labels`. With precomputed reference log-probs every
+    With precomputed reference log-probs every
     example carries `ref_logps` (chosen, rejected), returned as a (pairs, 2) float tensor.
     """
     rows = [{"input_ids": e[f"{side}_input_ids"], "labels": e[f"{side}_labels"]} for e in examples for side in SIDES]
@@ -175,7 +174,7 @@ def collate_pairs(examples: Sequence[Mapping[str, Any]], pad_token_id: int | Non
     batch = {
         "input_ids": flat["input_ids"].view(pairs, 2, -1),
         "attention_mask": flat["attention_mask"].view(pairs, 2, -1),
-        "answer_labels": flat["labels"].view(pairs, 2, -1),
+        "labels": flat["labels"].view(pairs, 2, -1),
     }
     if all("ref_logps" in e for e in examples):
         batch["ref_logps"] = torch.tensor([e["ref_logps"] for e in examples], dtype=torch.float32)
