@@ -29,9 +29,10 @@ def run_lorakit(output: str, max_steps: int | None) -> dict:
     from lorakit.train.data import bundled_dataset_path
     from lorakit.train.sft import train
 
-    config = TrainConfig(output=output, data=str(bundled_dataset_path("train")), r=8, lora_alpha=16,
-                         target_modules=["all-linear"], batch_size=8, epochs=1, learning_rate=1e-3, warmup_steps=10,
-                         lr_scheduler="cosine", eval_every=10_000, max_steps=max_steps, overwrite=True)
+    config = TrainConfig.from_options({
+        "output": output, "data": str(bundled_dataset_path("train")), "r": 8, "lora_alpha": 16,
+        "target_modules": "all-linear", "batch_size": 8, "epochs": 1, "learning_rate": 1e-3, "warmup_steps": 10,
+        "lr_scheduler": "cosine", "eval_every": 10_000, "max_steps": max_steps, "overwrite": True})
     result = train(config)
     return {"train_seconds": result.report["train_seconds"], "adapter": str(result.adapter_dir)}
 

@@ -10,7 +10,7 @@ case takes 8 real rows of the bundled chat data instead (59–67 tokens, loss on
 36 tokens — system prompt and instruction — are the same in every row, which lorakit computes once:
 `lorakit/train/shared_prefix.py`). Random tokens share no prefix, so the first four cases measure the
 step without that saving.
-lorakit's step is what `lorakit train` runs (`CausalLMLoss`: head + cross-entropy on supervised
+lorakit's step is what `lorakit train` runs (`causal_lm_loss`: head + cross-entropy on supervised
 positions only); PEFT's is the usual `model(..., labels=...).loss`. Both start from identical weights.
 A third contender is lorakit with `lorakit train --compile` (decoder layers under torch.compile,
 `lorakit/train/compile.py`; compiled during the warm-up rounds, so the medians are steady-state steps).
@@ -94,13 +94,12 @@ def build(targets, r: int = 8):
 
 
 def lorakit_stepper(model, batch: dict[str, torch.Tensor]):
-    from lorakit.train.loss import CausalLMLoss
+    from lorakit.train.loss import causal_lm_loss
 
-    loss_fn = CausalLMLoss(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step() -> None:
-        total, count = loss_fn(**batch)
+        total, count = causal_lm_loss(model, **batch)
         (total / count).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

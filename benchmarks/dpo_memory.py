@@ -71,9 +71,9 @@ def run_variant(variant: str, steps: int, batch_size: int) -> dict:
             super().__init__(policy, beta=0.1)
             self.reference = reference
 
-        def reference_logps(self, input_ids, attention_mask, answer_labels):
+        def reference_logps(self, input_ids, attention_mask, labels):
             pairs = input_ids.shape[0]
-            flat = (t.reshape(2 * pairs, -1) for t in (input_ids, attention_mask, answer_labels))
+            flat = (t.reshape(2 * pairs, -1) for t in (input_ids, attention_mask, labels))
             with torch.no_grad():
                 return sequence_logps(self.reference, *flat).view(pairs, 2)
 
@@ -83,15 +83,16 @@ def run_variant(variant: str, steps: int, batch_size: int) -> dict:
     if variant == "precomputed":
         precompute_reference(loss, pairs, batch_size, tokenizer.pad_token_id, device)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=5e-4)
-    loss.train()
+    policy.train()
     losses = []
     for step in range(steps):
         batch = collate_pairs(pairs[step * batch_size:(step + 1) * batch_size], tokenizer.pad_token_id)
-        total, count = loss(**{k: v.to(device) for k, v in batch.items()})
-        (total / count).backward()
+        pair_losses, _, _ = loss.pair_losses(**{k: v.to(device) for k, v in batch.items()})
+        mean = pair_losses.mean()
+        mean.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(round((total / count).item(), 4))
+        losses.append(round(mean.item(), 4))
     return {"variant": variant, "batch_size": batch_size, "peak_mb": _peak_mb(device), "weights_mb": weights_mb,
             "losses": losses, "device": device.type}
 

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/prefix_sharing.py [--rounds 5]
 
 The embedded SmolLM2-135M-Instruct (fp32, CPU), LoRA r=8 on all linear layers, no dropout. SFT: the
-first 8 rows of the bundled date train split, loss on the answer (`CausalLMLoss`, forward + backward).
+first 8 rows of the bundled date train split, loss on the answer (`causal_lm_loss`, forward + backward).
 DPO: the first 8 bundled preference pairs, 16 rows (`PreferenceLoss`: the policy pass, the reference
 pass with the adapter disabled, backward). Every row starts with the same 36 tokens (system prompt and
 instruction). "off" is the same code with sharing disabled, so the ratio is what sharing alone buys.
@@ -36,14 +36,14 @@ def with_sharing(step, enabled: bool):
 
 def sft_step():
     from lorakit.models.sources import load_causal_lm
-    from lorakit.train.loss import CausalLMLoss
+    from lorakit.train.loss import causal_lm_loss
 
     model = lorakit.get_peft_model(load_causal_lm(None), lorakit.LoraConfig(r=8, lora_alpha=16,
                                                                              target_modules="all-linear")).train()
-    loss_fn, batch = CausalLMLoss(model), chat_batch(8)
+    batch = chat_batch(8)
 
     def step() -> None:
-        total, count = loss_fn(**batch)
+        total, count = causal_lm_loss(model, **batch)
         (total / count).backward()
 
     return step, batch["input_ids"]
@@ -62,8 +62,8 @@ def dpo_step():
     loss_fn = PreferenceLoss(model, beta=0.1)
 
     def step() -> None:
-        total, _ = loss_fn(batch["input_ids"], batch["attention_mask"], batch["answer_labels"])
-        total.backward()
+        losses, _, _ = loss_fn.pair_losses(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        losses.sum().backward()
 
     return step, batch["input_ids"].reshape(-1, batch["input_ids"].shape[-1])
 

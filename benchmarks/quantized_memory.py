@@ -125,11 +125,11 @@ def training(variant: str, steps: int, batch_size: int) -> dict:
 
     sampler = PeakSampler()
     with tempfile.TemporaryDirectory() as out:
-        config = TrainConfig(
+        config = TrainConfig.from_options(dict(
             output=out, overwrite=True, data=str(bundled_dataset_path("train")),
             validation_data=str(bundled_dataset_path("validation")), max_steps=steps, batch_size=batch_size,
             eval_every=10 * steps, warmup_steps=0, seed=0, **_quantization(variant),
-        )
+        ))
         report = train(config).report
     return {key: report[key] for key in ("base_val_loss", "final_val_loss", "final_train_loss", "peak_memory_mb")} | {
         "peak_anon_mb": sampler.stop(), "seconds_per_step": report["train_seconds"] / max(report["steps"], 1)}

@@ -13,7 +13,6 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
 from safetensors.torch import save_file
 
 from lorakit.train.config import TrainConfig
@@ -21,7 +20,7 @@ from lorakit.train.sft import train
 
 
 def main(config_path: str, out_dir: str) -> None:
-    config = TrainConfig.from_dict(yaml.safe_load(Path(config_path).read_text()), source=config_path)
+    config = TrainConfig.from_yaml(config_path)
     result = train(config)
     rank = int(os.environ.get("RANK", "0"))
     tensors = {name: p.detach().cpu().contiguous() for name, p in result.model.named_parameters() if p.requires_grad}

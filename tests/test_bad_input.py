@@ -172,8 +172,8 @@ def test_sequences_over_the_length_limit_are_truncated_and_counted(files, tiny_c
     from lorakit.train.config import TrainConfig
     from lorakit.train.sft import train
 
-    result = train(TrainConfig(model=str(tiny_chat_model_dir), data=str(files["long.jsonl"]), output=str(tmp_path / "r"),
-                               max_seq_len=64, max_steps=1, batch_size=2))
+    result = train(TrainConfig(model=str(tiny_chat_model_dir), data=str(files["long.jsonl"]),
+                               output=str(tmp_path / "r"), max_seq_len=64, max_steps=1, batch_size=2))
     assert result.report["truncated_rows"] == 2 and result.report["train_rows"] == 4
     with pytest.raises(lorakit.DataError, match="ok.jsonl"):
         train(TrainConfig(model=str(tiny_chat_model_dir), data=str(files["ok.jsonl"]), output=str(tmp_path / "s"),

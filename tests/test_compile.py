@@ -108,9 +108,9 @@ def test_train_with_compile_gives_the_eager_losses(tmp_path: Path, tiny_chat_mod
     options = dict(model=str(tiny_chat_model_dir), data=str(demo_subset["train"]),
                    validation_data=str(demo_subset["validation"]), max_steps=4, eval_every=2, batch_size=4,
                    learning_rate=5e-3, warmup_steps=0, lora_dropout=0.0, seed=3)
-    eager = train(TrainConfig(output=str(tmp_path / "eager"), **options))
+    eager = train(TrainConfig.from_options({**options, "output": str(tmp_path / "eager")}))
     counters.clear()
-    compiled = train(TrainConfig(output=str(tmp_path / "compiled"), compile=True, **options))
+    compiled = train(TrainConfig.from_options({**options, "output": str(tmp_path / "compiled"), "compile": True}))
     assert counters["stats"]["unique_graphs"] >= 1, "the compiled run compiled something"
     eager_losses, compiled_losses = _train_losses(tmp_path / "eager"), _train_losses(tmp_path / "compiled")
     assert len(compiled_losses) == 4

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from lorakit.errors import LorakitError
 from lorakit.train.batching import batches_per_epoch, epoch_batches
 from lorakit.train.config import TrainConfig
-from lorakit.train.loop import LoopSettings, total_optimizer_steps
+from lorakit.train.optim import total_optimizer_steps
 from lorakit.train.sft import train
 
 LAUNCHER = Path(__file__).with_name("dist_train.py")
@@ -43,12 +43,12 @@ def test_processes_share_the_batches_of_one_process_with_their_combined_batch_si
 
 
 def test_too_few_rows_for_the_processes_is_refused() -> None:
-    settings = LoopSettings(learning_rate=1e-3, weight_decay=0.0, warmup_steps=0, lr_scheduler="constant", max_grad_norm=1.0,
-                            batch_size=4, grad_accum=1, epochs=1.0, max_steps=None, eval_every=10, save_every=None,
-                            early_stopping_patience=None, seed=0)
-    assert total_optimizer_steps(3, settings, world_size=2) == (1, 1)
+    config = TrainConfig(batch_size=4, epochs=1.0)
+    assert total_optimizer_steps(3, config, world_size=2) == 1
+    assert total_optimizer_steps(18, config, world_size=2) == 3  # 2 full global batches of 8, then 1 row each
+    assert total_optimizer_steps(17, config, world_size=2) == 2  # a last row alone would leave a process idle
     with pytest.raises(LorakitError, match="too few to give each of 4 processes a batch"):
-        total_optimizer_steps(3, settings, world_size=4)
+        total_optimizer_steps(3, config, world_size=4)
 
 
 # ---- two processes ----------------------------------------------------------------------------------
@@ -88,7 +88,7 @@ def test_two_cpu_processes_train_like_one_process_with_twice_the_batch(tmp_path,
 
     # One process with batch 8 sees the same global batches: same losses and weights up to float rounding
     # (sums in another order, rows padded to another length).
-    single = train(TrainConfig(**options, output=str(tmp_path / "one"), batch_size=8))
+    single = train(TrainConfig.from_options({**options, "output": str(tmp_path / "one"), "batch_size": 8}))
     one = {name: p.detach() for name, p in single.model.named_parameters() if p.requires_grad}
     assert one.keys() == rank0.keys()
     for key in one:

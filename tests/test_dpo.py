@@ -11,12 +11,13 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny_models import training_crashes_after
+from tiny_models import CrashAfter
 from torch._dynamo.utils import counters
 
 import lorakit
 from lorakit.errors import DataError
-from lorakit.train.dpo import DPOConfig, train_dpo
+from lorakit.train.config import DPOConfig
+from lorakit.train.dpo import train_dpo
 from lorakit.train.dpo_loss import PreferenceLoss, dpo_loss
 from lorakit.train.preference_data import (
     build_preference_datasets,
@@ -54,7 +55,7 @@ def _config(output: Path, model_dir: Path, data: dict[str, Path], **overrides) -
                    output=str(output), max_steps=6, eval_every=3, save_every=2, batch_size=4, learning_rate=5e-3,
                    warmup_steps=0, seed=3)
     options.update(overrides)
-    return DPOConfig(**options)
+    return DPOConfig.from_options(options)
 
 
 def _metrics(output: Path, kind: str) -> list[dict]:
@@ -111,10 +112,13 @@ def test_ipo_loss_is_the_squared_distance_to_one_over_two_beta() -> None:
     ({"loss_type": "ipo", "label_smoothing": 0.1}, "--label-smoothing: only --loss-type sigmoid uses it"),
     ({"max_prompt_len": 256}, r"--max-prompt-len: expected less than --max-seq-len \(256\)"),
     ({"batch_size": 0}, "--batch-size: expected a positive integer"),
+    ({"adapter": "runs/sft", "r": 64}, r"--adapter runs/sft brings its own LoRA settings .*; --r cannot be set"),
+    ({"adapter": "runs/sft", "use_dora": True, "lora_alpha": 3},
+     "; --lora-alpha, --use-dora cannot be set with it"),
 ])
 def test_impossible_options_are_refused_naming_the_option(overrides: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        DPOConfig(**overrides)
+        DPOConfig.from_options(overrides)
 
 
 # ---- data --------------------------------------------------------------------------------------------
@@ -194,10 +198,10 @@ def test_sequence_logps_sum_answer_tokens_in_one_pass_and_reference_is_the_base(
     rows_seen = []
     hook = policy.get_base_model().model.register_forward_hook(lambda m, args, kw, out: rows_seen.append(kw["input_ids"].shape[0]),
                                                                with_kwargs=True)
-    flat = [batch[k].reshape(6, -1) for k in ("input_ids", "attention_mask", "answer_labels")]
+    flat = [batch[k].reshape(6, -1) for k in ("input_ids", "attention_mask", "labels")]
     with torch.no_grad():
         logps = loss.sequence_logps(*flat)
-        reference = loss.reference_logps(batch["input_ids"], batch["attention_mask"], batch["answer_labels"])
+        reference = loss.reference_logps(batch["input_ids"], batch["attention_mask"], batch["labels"])
     hook.remove()
     # A prompt prefix common to all rows may run once first, as one row (train/shared_prefix.py).
     assert [n for n in rows_seen if n > 1] == [6, 6], \
@@ -274,8 +278,8 @@ def test_continuing_an_sft_adapter_uses_it_as_the_reference(tmp_path, tiny_chat_
 
 def test_resume_with_precomputed_reference_matches_an_uninterrupted_live_run(tmp_path, tiny_chat_model_dir, pairs) -> None:
     live = train_dpo(_config(tmp_path / "a", tiny_chat_model_dir, pairs))
-    with training_crashes_after(3), pytest.raises(RuntimeError, match="simulated crash"):
-        train_dpo(_config(tmp_path / "b", tiny_chat_model_dir, pairs, precompute_ref=True))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_dpo(_config(tmp_path / "b", tiny_chat_model_dir, pairs, precompute_ref=True), callbacks=[CrashAfter(3)])
     resumed = train_dpo(_config(tmp_path / "b", tiny_chat_model_dir, pairs, precompute_ref=True, resume=True))
     assert resumed.report["reference"] == "base model (adapter disabled), precomputed"
     # Precomputing changes where π_ref's log-probs come from, not their values: the runs agree step by step.

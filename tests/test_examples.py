@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -17,11 +18,19 @@ import yaml
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def test_yaml_config_is_a_valid_train_config() -> None:
-    from lorakit.train.config import TrainConfig
-
-    config = TrainConfig.from_dict(yaml.safe_load((EXAMPLES / "train_dates.yaml").read_text()), "train_dates.yaml")
-    assert config.init == "olora" and config.r == 16 and len(config.target_modules) == 7
+def test_yaml_config_trains_as_its_keys_say(tmp_path: Path, tiny_chat_model_dir: Path) -> None:
+    """`lorakit train --config examples/train_dates.yaml`, on the tiny model for 2 steps (flags override it)."""
+    done = subprocess.run([sys.executable, "-m", "lorakit", "train", "--config", str(EXAMPLES / "train_dates.yaml"),
+                           "--model", str(tiny_chat_model_dir), "--max-steps", "2", "--eval-limit", "2",
+                           "--output", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    options = yaml.safe_load((EXAMPLES / "train_dates.yaml").read_text())
+    adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    # OLoRA adapters are saved for the untouched base: twice the rank, alpha scaled to keep alpha / r.
+    assert options["init_lora_weights"] == "olora"
+    assert (adapter["r"], adapter["lora_alpha"]) == (2 * options["r"], 2 * options["lora_alpha"])
+    assert sorted(adapter["target_modules"]) == sorted(options["target_modules"])
+    assert adapter["lora_dropout"] == options["lora_dropout"]
 
 
 def test_api_quickstart_trains_saves_reloads_and_merges(tmp_path: Path, tiny_chat_model_dir: Path) -> None:

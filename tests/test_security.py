@@ -116,14 +116,18 @@ def test_lora_config_parsing_only_fails_with_value_errors(data: dict) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(st.dictionaries(st.sampled_from(["r", "learning_rate", "batch_size", "epochs", "method", "lora_dropout",
-                                        "max_steps", "target_modules", "init", "bogus"]), json_values, max_size=5))
-def test_train_config_parsing_only_fails_with_value_errors(data: dict) -> None:
+                                        "max_steps", "target_modules", "init_lora_weights", "rank_pattern", "seed",
+                                        "load_in_4bit", "bogus"]), json_values, max_size=5))
+def test_train_options_only_fail_with_one_line_naming_the_file(data: dict) -> None:
+    """`TrainConfig.from_options` is the path every CLI flag, YAML file and dict takes."""
     from lorakit.train.config import TrainConfig
 
     try:
-        TrainConfig.from_dict(data, source="run.yaml")
-    except (ValueError, TypeError) as err:
-        assert "\n" not in str(err)
+        config = TrainConfig.from_options(data, source="run.yaml")
+    except ValueError as err:
+        assert str(err).startswith("run.yaml: ") and "\n" not in str(err)
+        return
+    assert config.lora.r > 0 and config.batch_size > 0 and isinstance(config.seed, int)
 
 
 row = st.dictionaries(st.sampled_from(["messages", "prompt", "completion", "text", "role", "content", "x"]),

@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import lorakit
 import lorakit.train.shared_prefix as shared_prefix
-from lorakit.train.loss import CausalLMLoss, supervised_token_nll
+from lorakit.train.loss import causal_lm_loss, supervised_token_nll
 from lorakit.train.shared_prefix import ARCHITECTURES, can_share_prefix, shared_prefix_length
 
 SIZES = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -95,7 +95,7 @@ def test_sliding_window_shorter_than_the_prefix(model_type: str, window: dict, m
     ids, mask, labels = _batch()
     expected = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     decisions = _spy(monkeypatch)
-    total, count = CausalLMLoss(model)(ids, mask, labels)
+    total, count = causal_lm_loss(model, ids, mask, labels)
     assert decisions == [20]
     assert torch.allclose(total / count, expected, atol=1e-5, rtol=0)
 
@@ -109,7 +109,7 @@ def test_shared_prefix_loss_equals_hf_loss_and_saves_work(monkeypatch, tiny_cost
     decoder = model.get_base_model().get_decoder()
     handle = decoder.register_forward_pre_hook(lambda _, args, kwargs: seen.append(tuple(kwargs["input_ids"].shape)),
                                                with_kwargs=True)
-    total, count = CausalLMLoss(model)(ids, mask, labels)
+    total, count = causal_lm_loss(model, ids, mask, labels)
     handle.remove()
     assert seen == [(1, 20), (4, 10)]
     assert torch.allclose(total / count, expected, atol=1e-5, rtol=0)
@@ -169,7 +169,7 @@ def test_masked_or_left_padded_batches_are_not_shared(monkeypatch, tiny_costs) -
     left[-1, :2] = 0
     decisions = _spy(monkeypatch)
     expected = model(input_ids=ids, attention_mask=left, labels=torch.where(left.bool(), labels, -100)).loss
-    total, count = CausalLMLoss(model)(ids, left, torch.where(left.bool(), labels, -100))
+    total, count = causal_lm_loss(model, ids, left, torch.where(left.bool(), labels, -100))
     assert decisions == []
     assert torch.allclose(total / count, expected, atol=1e-5, rtol=0)
 

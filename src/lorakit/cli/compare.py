@@ -30,11 +30,8 @@ def compare(
     from lorakit.errors import LorakitError
     from lorakit.train.compare import default_variants, print_comparison, run_comparison
 
-    common = ["--max-steps", str(max_steps), "--batch-size", str(batch_size)]
-    for flag, value in (("--model", model), ("--data", data), ("--validation-data", validation_data),
-                        ("--test-data", test_data), ("--eval-limit", eval_limit)):
-        if value is not None:
-            common += [flag, str(value)]
+    common = {"max_steps": max_steps, "batch_size": batch_size, "model": model, "data": data,
+              "validation_data": validation_data, "test_data": test_data, "eval_limit": eval_limit}
     variants = default_variants(learning_rate, full_learning_rate)
     if only:
         wanted = split_commas(only)

@@ -31,7 +31,8 @@ def demo(
     console = Console()
     started = time.perf_counter()
     console.rule("1/3  LoRA fine-tune of SmolLM2-135M-Instruct on the bundled dates task")
-    result = train(TrainConfig(output=str(output / "train"), overwrite=True, max_steps=max_steps))
+    config = TrainConfig(output=str(output / "train"), overwrite=True, max_steps=max_steps)
+    result = train(config)
     console.rule("2/3  Streaming merge with verification")
     merged_dir = output / "merged"
     merge = merge_checkpoint(None, result.adapter_dir, merged_dir, overwrite=True, progress=True)
@@ -48,7 +49,8 @@ def demo(
     table.add_column("model")
     table.add_column("exact match", justify="right")
     table.add_row("base SmolLM2-135M-Instruct", f"{100 * report['exact_match_base']:.0f}%")
-    table.add_row(f"+ LoRA r=8 ({report['trainable_params']:,} trainable params)", f"{100 * report['exact_match_adapter']:.0f}%")
+    table.add_row(f"+ LoRA r={config.lora.r}, {report['steps']} steps ({report['trainable_params']:,} trainable params)",
+                  f"{100 * report['exact_match_adapter']:.0f}%")
     table.add_row("merged (streaming merge)", f"{100 * merged_em:.0f}%")
     console.print(table)
     console.print(f"total {time.perf_counter() - started:,.0f} s; adapter: {result.adapter_dir}; merged model: {merged_dir}")

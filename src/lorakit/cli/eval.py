@@ -28,7 +28,6 @@ def eval_command(
     from lorakit.cli.common import load_model_with_adapters
     from lorakit.train.data import bundled_dataset_path, load_records, prompt_messages, reference_answer
     from lorakit.train.evaluate import score_exact_match, validation_loss
-    from lorakit.train.loss import CausalLMLoss
     from lorakit.train.tokenize import encode_example
 
     path = data or str(bundled_dataset_path("test"))
@@ -45,7 +44,7 @@ def eval_command(
         row = {"model": name}
         ctx = loaded.disable_adapter() if name == "base" and names else contextlib.nullcontext()
         with ctx:
-            loss = validation_loss(CausalLMLoss(loaded), examples, batch_size, tokenizer.pad_token_id, device)
+            loss = validation_loss(loaded, examples, batch_size, tokenizer.pad_token_id, device)
             row.update(loss=loss, perplexity=math.exp(loss) if loss < 50 else math.inf)
             if pairs:
                 em, _ = score_exact_match(loaded, tokenizer, [p for p, _ in pairs], [a for _, a in pairs], max_new_tokens)

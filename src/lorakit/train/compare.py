@@ -1,58 +1,70 @@
 """`lorakit compare`: the same data and step budget for the base model, LoRA at several ranks, OLoRA and
 full fine-tuning, side by side — the comparison the LoRA guide tells users to make.
 
-Each variant runs `lorakit train` in its own process, so its peak memory is its own; the table is built
-from the runs' report.json files.
+Each variant is a `TrainConfig` trained in a fresh process of its own (multiprocessing's "spawn"), so its
+peak memory is its own; the table is built from the runs' report.json files.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lorakit.errors import LorakitError
 from lorakit.io.atomic import atomic_file, atomic_write_text
+from lorakit.train.config import TrainConfig
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
-    args: tuple[str, ...]
+    options: dict[str, Any]
+    """TrainConfig options of this variant, on top of the options all variants share."""
 
 
 def default_variants(learning_rate: float, full_learning_rate: float) -> list[Variant]:
-    lora = ("--method", "lora", "--learning-rate", str(learning_rate))
+    lora = {"method": "lora", "learning_rate": learning_rate}
     return [
-        Variant("lora-r4", (*lora, "--r", "4", "--lora-alpha", "8")),
-        Variant("lora-r8", (*lora, "--r", "8", "--lora-alpha", "16")),
-        Variant("lora-r16", (*lora, "--r", "16", "--lora-alpha", "32")),
-        Variant("olora-r8", (*lora, "--r", "8", "--lora-alpha", "16", "--init", "olora")),
-        Variant("full", ("--method", "full", "--learning-rate", str(full_learning_rate))),
+        Variant("lora-r4", {**lora, "r": 4, "lora_alpha": 8}),
+        Variant("lora-r8", {**lora, "r": 8, "lora_alpha": 16}),
+        Variant("lora-r16", {**lora, "r": 16, "lora_alpha": 32}),
+        Variant("olora-r8", {**lora, "r": 8, "lora_alpha": 16, "init_lora_weights": "olora"}),
+        Variant("full", {"method": "full", "learning_rate": full_learning_rate}),
     ]
 
 
-def run_comparison(output: Path, common_args: list[str], variants: list[Variant], *, overwrite: bool = False) -> list[dict[str, Any]]:
-    """Run every variant (a subprocess each) and return one row per variant plus the base model's row."""
+def _train_in_this_process(config: TrainConfig) -> None:
+    from lorakit.train.sft import train
+
+    train(config)
+
+
+def run_comparison(output: Path, common: dict[str, Any], variants: list[Variant], *,
+                   overwrite: bool = False) -> list[dict[str, Any]]:
+    """Train every variant (common options + its own, each in a new process) and return one row per
+    variant plus the base model's row. Every variant's options are checked before the first one runs."""
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise LorakitError(f"--output {output}: holds another comparison; pass --overwrite to replace it")
+    configs = {v.name: TrainConfig.from_options({**common, **v.options, "output": str(output / v.name),
+                                                 "overwrite": True}) for v in variants}
     output.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    for variant in variants:
-        run_dir = output / variant.name
-        command = [sys.executable, "-m", "lorakit", "train", *common_args, *variant.args, "--output", str(run_dir), "--overwrite"]
-        print(f"== {variant.name}: {' '.join(command[3:])}", flush=True)
-        done = subprocess.run(command)
-        if done.returncode != 0:
-            raise LorakitError(f"compare: variant {variant.name} failed (exit {done.returncode}); see its output above")
-        report = json.loads((run_dir / "report.json").read_text())
+    spawn = multiprocessing.get_context("spawn")
+    for name, config in configs.items():
+        print(f"== {name}", flush=True)
+        process = spawn.Process(target=_train_in_this_process, args=(config,))
+        process.start()
+        process.join()
+        if process.exitcode != 0:
+            raise LorakitError(f"compare: variant {name} failed (exit {process.exitcode}); see its output above")
+        report = json.loads((config.output_dir / "report.json").read_text())
         if not rows:
             rows.append({"variant": "base", "trainable_params": 0, "peak_memory_mb": None, "train_seconds": 0.0,
                          "val_loss": report.get("base_val_loss"), "exact_match": report.get("exact_match_base")})
-        rows.append({"variant": variant.name, "trainable_params": report["trainable_params"],
+        rows.append({"variant": name, "trainable_params": report["trainable_params"],
                      "peak_memory_mb": report["peak_memory_mb"], "train_seconds": report["train_seconds"],
                      "val_loss": report.get("best_val_loss") or report.get("final_val_loss"),
                      "exact_match": report.get("exact_match_adapter")})

@@ -144,6 +144,10 @@ class TuningConfig:
             if source is None:
                 raise
             raise ValueError(err.describe(source)) from None
+        except ValueError as err:
+            if source is None:
+                raise
+            raise ValueError(f"{source}: {err}") from None
 
     @classmethod
     def from_yaml(cls: type[C], path: str | Path, **overrides: Any) -> C:
