@@ -108,7 +108,7 @@ def test_kill_9_during_checkpoint_save_leaves_the_previous_or_the_new_checkpoint
     model = lorakit.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir), lorakit.LoraConfig(r=8, target_modules="all-linear"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    progress = load_checkpoint(target, model, optimizer, scheduler)
+    progress, _ = load_checkpoint(target, model, optimizer, scheduler)
     values = {p.flatten()[0].item() for p in model.parameters() if p.requires_grad}
     assert values == {float(progress.step)}, "weights and trainer state come from the same save"
 
