@@ -8,7 +8,7 @@ from typing import Any
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError
 from lorakit.io.peft_format import adapter_directory
-from lorakit.model import PeftModel
+from lorakit.model import PeftModel, get_peft_model
 
 
 class AutoPeftModelForCausalLM:
@@ -60,6 +60,4 @@ class AutoModelForCausalLM:
             from lorakit.quant import prepare_for_kbit_training
 
             prepare_for_kbit_training(model)
-        from lorakit import get_peft_model
-
         return get_peft_model(model, peft_config)

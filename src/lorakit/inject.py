@@ -6,15 +6,17 @@ that holds the original module as `base_layer` (and `unload` puts the original b
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.init import init_embedding, init_zeros, initialiser, moves_base_weight
+from lorakit.io.peft_keys import in_modules_to_save
 from lorakit.layers import (
     AdapterModule,
     AdapterSpec,
@@ -127,7 +129,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                 continue
         # Exclusions come after the match, so an entry whose modules are all excluded (e.g. "all-linear"
         # minus exclude_modules) still counts as matched.
-        if any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in saved):
+        if in_modules_to_save(name, saved):
             continue
         if config.exclude_modules and _name_matches(name, config.exclude_modules):
             continue
@@ -191,18 +193,35 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def new_adapter_config(model: nn.Module, adapter_name: str, config: LoraConfig,
+                       existing: Mapping[str, LoraConfig]) -> LoraConfig:
+    """The config to keep for a new adapter `adapter_name` next to the `existing` ones, or ValueError why it
+    cannot be added. It is a copy (the caller's config is never changed) in which None and "all-linear"
+    targets become the concrete module names, as PEFT records them, so that the saved config means the same
+    to every loader (including on a model that already carries LoRA layers)."""
+    if adapter_name in existing:
+        raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
+    if config.bias != "none":
+        others = [n for n, c in existing.items() if c.bias != "none"]
+        if others:
+            # The base biases are shared: two adapters training (and saving) them would overwrite each other.
+            raise ValueError(f"adapter {adapter_name!r}: bias={config.bias!r}, but adapter {others[0]!r} already "
+                             "trains the base biases; only one adapter may use bias other than 'none' (as in PEFT)")
+    if config.target_modules is None or config.target_modules == ALL_LINEAR:
+        return dataclasses.replace(config, target_modules=list(resolve_target_modules(model, config)))
+    return dataclasses.replace(config)
+
+
 def inject_adapter(
-    model: nn.Module, config: LoraConfig, adapter_name: str, *, autocast_adapter_dtype: bool = True, for_loading: bool = False
+    model: nn.Module, config: LoraConfig, adapter_name: str, *, autocast_adapter_dtype: bool = True,
+    low_cpu_mem_usage: bool = False,
 ) -> list[str]:
     """Add adapter `adapter_name` to every module `config` targets; returns the adapted module names.
 
-    With `for_loading`, factors start at zero (they are about to be overwritten by saved weights) unless
-    the init moves the base weight (OLoRA, PiSSA), whose residual must be recomputed from the base.
+    With `low_cpu_mem_usage` (PEFT's name for an adapter about to receive saved weights) the factors start
+    at zero, skipping the random init, unless the init moves the base weight (OLoRA, PiSSA), whose residual
+    must be recomputed from the base.
     """
-    if config.target_modules is None or config.target_modules == ALL_LINEAR:
-        # Record the concrete names, as PEFT does: the saved config then means the same to every loader,
-        # including on a model that already carries LoRA layers.
-        config.target_modules = list(resolve_target_modules(model, config))
     targets = find_targets(model, config)
     method = config.init_lora_weights
     for name in targets:
@@ -211,7 +230,7 @@ def inject_adapter(
             module = _wrap(module, name, config)
             _set_submodule(model, name, module)
         spec = adapter_spec(config, name, module.base_layer, autocast_adapter_dtype)
-        if for_loading and not moves_base_weight(method):
+        if low_cpu_mem_usage and not moves_base_weight(method):
             init = init_zeros
         elif isinstance(module, LoraEmbedding) and method is not False:
             init = init_embedding
@@ -245,12 +264,30 @@ def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:
             yield name, module
 
 
+def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
+    """(name, layer) of every LoRA layer in the model (adapter modules other than modules_to_save)."""
+    return [(name, module) for name, module in adapter_modules(model) if isinstance(module, LoraLayer)]
+
+
+def remove_adapter(model: nn.Module, adapter_name: str, unwrap_empty: bool) -> None:
+    """Delete adapter `adapter_name` from every module; with `unwrap_empty` (rolling back a failed add),
+    modules left with no adapter at all go back to being their original module."""
+    for _, module in list(adapter_modules(model)):
+        module.delete_adapter(adapter_name)
+    if unwrap_empty:
+        for name, module in list(adapter_modules(model)):
+            if not module.adapter_names():
+                original = module.base_layer if isinstance(module, LoraLayer) else module.original_module
+                _set_submodule(model, name, original)
+
+
 def remove_adapter_modules(model: nn.Module, keep_saved_copy: bool) -> None:
     """Put original modules back: LoRA layers become their base layer; a modules_to_save wrapper
-    becomes its active copy (`keep_saved_copy`) or the original module."""
+    becomes its active copy (`keep_saved_copy`, even inside `disable_adapter`) or the original module."""
     for name, module in list(adapter_modules(model)):
         if isinstance(module, LoraLayer):
             replacement = module.base_layer
         else:
+            module.set_disabled(False)
             replacement = module.current_module() if keep_saved_copy else module.original_module
         _set_submodule(model, name, replacement)

@@ -3,7 +3,7 @@
 Tensor names are the in-memory names under `PeftModel` with the adapter name dropped, e.g.
 `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`, `...embed_tokens.lora_embedding_A`,
 `...lora_magnitude_vector` (DoRA), `base_model.model.lm_head.weight` (modules_to_save) and
-`...c_attn.base_layer.bias` (bias="all" / "lora_only").
+`...c_attn.base_layer.bias` (bias="all" / "lora_only"); `lorakit.io.peft_keys` spells them.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from torch import Tensor, nn
 
 from lorakit.config import CONFIG_NAME, LoraConfig
 from lorakit.errors import AdapterFileError
-from lorakit.inject import ALL_LINEAR, adapter_modules, base_modules
+from lorakit.inject import ALL_LINEAR, adapter_modules, base_modules, lora_layers
 from lorakit.io.atomic import atomic_file
+from lorakit.io.peft_keys import BASE_LAYER, PREFIX, names_lora_tensor, parse_key
 from lorakit.layers import LoraLayer, ModulesToSaveWrapper
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
-PREFIX = "base_model.model."
 # Module names whose targeting makes PEFT save the base embedding weights (peft.utils.other.EMBEDDING_LAYER_NAMES).
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
@@ -36,14 +36,16 @@ def bias_tensors(model: nn.Module, config: LoraConfig, adapter_name: str) -> dic
         return {}
     if config.bias == "lora_only":
         return {
-            f"{name}.base_layer.bias": module.base_layer.bias
-            for name, module in adapter_modules(model)
-            if isinstance(module, LoraLayer) and adapter_name in module.r and getattr(module.base_layer, "bias", None) is not None
+            f"{name}.{BASE_LAYER}.bias": layer.base_layer.bias for name, layer in lora_layers(model)
+            if adapter_name in layer.r and getattr(layer.base_layer, "bias", None) is not None
         }
-    skip = tuple(f"{name}." for name, module in adapter_modules(model) if isinstance(module, ModulesToSaveWrapper))
+    # Every bias but the adapters' own parameters (lora_bias) and the modules_to_save wrappers' tensors.
+    modules = list(adapter_modules(model))
+    own = {id(p) for _, m in modules for n in m.adapter_names() for p in m.adapter_parameters(n)}
+    skip = tuple(f"{name}." for name, module in modules if isinstance(module, ModulesToSaveWrapper))
     return {
         name: param for name, param in model.named_parameters()
-        if name.endswith("bias") and "lora_" not in name and not name.startswith(skip)
+        if name.endswith("bias") and id(param) not in own and not name.startswith(skip)
     }
 
 
@@ -93,7 +95,7 @@ def embedding_tensors(model: nn.Module, config: LoraConfig, save_embedding_layer
         if not name or not any(module is layer for layer in layers) or isinstance(module, ModulesToSaveWrapper):
             continue
         if isinstance(module, LoraLayer):
-            tensors.update({f"{name}.base_layer.{k}": v for k, v in module.base_layer.named_parameters()})
+            tensors.update({f"{name}.{BASE_LAYER}.{k}": v for k, v in module.base_layer.named_parameters()})
         elif not named:
             tensors.update({f"{name}.{k}": v for k, v in module.named_parameters()})
     return tensors
@@ -161,8 +163,7 @@ def load_adapter_tensors(
     """Copy saved tensors into adapter `adapter_name` of `model` (already injected), checking every key
     and shape; errors name the file, the module and both shapes."""
     expected = adapter_tensors(model, config, adapter_name, save_embedding_layers=True)
-    embeddings = {PREFIX + k for k in embedding_tensors(model, config, True)}
-    optional = {k for k in expected if k in embeddings or k.endswith(".base_layer.weight") or k.endswith(".base_layer.bias") or (config.bias == "all" and k.endswith("bias") and "lora_" not in k)}
+    optional = _optional_keys(model, config, expected)
     model_name = type(model).__name__
     for key, value in saved.items():
         if key not in expected:
@@ -189,6 +190,17 @@ def load_adapter_tensors(
             expected[key].copy_(value)
 
 
+def _optional_keys(model: nn.Module, config: LoraConfig, expected: dict[str, Tensor]) -> set[str]:
+    """The expected keys a saved adapter may lack: base tensors (embeddings, base_layer weights and biases),
+    which PEFT saves only in some cases, and with bias="all" every bias that is not a LoRA tensor."""
+    embeddings = {PREFIX + k for k in embedding_tensors(model, config, True)}
+    return {
+        key for key in expected
+        if key in embeddings or parse_key(key).role == "base"
+        or (config.bias == "all" and key.endswith("bias") and not names_lora_tensor(key))
+    }
+
+
 def adapter_directory(path: str | Path, subfolder: str | None = None) -> Path:
     """The local directory of an adapter; a hub id is downloaded where a hub is reachable."""
     local = Path(path) / subfolder if subfolder else Path(path)
@@ -203,6 +215,6 @@ def adapter_directory(path: str | Path, subfolder: str | None = None) -> Path:
 
 
 __all__ = [
-    "CONFIG_NAME", "PREFIX", "WEIGHTS_NAME", "adapter_directory", "adapter_tensors", "bias_tensors", "load_adapter_tensors",
+    "CONFIG_NAME", "WEIGHTS_NAME", "adapter_directory", "adapter_tensors", "bias_tensors", "load_adapter_tensors",
     "read_adapter_weights", "save_adapter_files",
 ]

@@ -165,6 +165,8 @@ def _nll(logits: Tensor, ids: Tensor) -> float:
 def _reference_model(base_dir: Path, adapter_dirs: Sequence[Path], weights: Sequence[float]) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
+    from lorakit.inject import adapter_modules
+    from lorakit.layers import LoraLayer
     from lorakit.model import PeftModel
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
@@ -172,14 +174,14 @@ def _reference_model(base_dir: Path, adapter_dirs: Sequence[Path], weights: Sequ
     model = PeftModel.from_pretrained(base, adapter_dirs[0], adapter_name=names[0])
     for name, directory in zip(names[1:], adapter_dirs[1:]):
         model.load_adapter(directory, adapter_name=name)
-    # Run every adapter at once, each update scaled by its merge weight (PeftModel's public API activates
-    # one adapter at a time, so set the layers' state directly).
-    for layer in model._lora_layers():
-        for name, weight in zip(names, weights):
-            if name in layer.scaling:
-                layer.scaling[name] *= weight
-    model.active_adapters = names
-    model._apply_active()
+    # Run every adapter at once, each update scaled by its merge weight (PeftModel's API activates one
+    # adapter at a time, so set the state of the adapter modules through their own interface).
+    for _, module in adapter_modules(model.get_base_model()):
+        if isinstance(module, LoraLayer):
+            for name, weight in zip(names, weights):
+                if name in module.scaling:
+                    module.scaling[name] *= weight
+        module.set_active(names)
     return model.eval()
 
 
