@@ -103,12 +103,7 @@ def merge_checkpoint(
     """
     start = time.perf_counter()
     _reset_peak_rss()
-    paths = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
-    if not paths:
-        raise ValueError("merge: give at least one adapter")
-    weights = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(paths):
-        raise ValueError(f"merge: {len(paths)} adapter(s) but {len(weights)} weight(s)")
+    paths, weights = _adapters_and_weights(adapters, weights)
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
     shard_bytes = parse_size(max_shard_size)
@@ -129,16 +124,28 @@ def merge_checkpoint(
             check = verify_checkpoint(tmp, plan, target, progress=progress) if verify else None
             if check is not None and not check.passed:
                 raise VerificationError(f"{output}: verification failed, nothing written: {check.failures[0]}")
-            outputs = compare_outputs(base_dir, [a.directory for a in opened], weights, tmp) if verify_outputs else None
+            directories = [a.directory for a in opened]
+            outputs = compare_outputs(base_dir, directories, weights, tmp) if verify_outputs else None
             report = MergeReport(
-                base=str(base_dir), adapters=[str(a.directory) for a in opened], weights=weights, output=str(output),
-                dtype=dtype if target is not None else _dtype_names(checkpoint),
-                shards=sum(f.endswith(".safetensors") for f in files), total_bytes=sum((tmp / f).stat().st_size for f in files),
+                base=str(base_dir), adapters=[str(d) for d in directories], weights=weights, output=str(output),
+                dtype=dtype if target is not None else _dtype_names(checkpoint), **_file_counts(tmp, files),
                 **_tensor_counts(plan), untied_embeddings=plan.untie_embeddings, peak_rss_bytes=_peak_rss(),
                 seconds=round(time.perf_counter() - start, 3), verification=check, outputs=outputs,
             )
             atomic_write_text(tmp / REPORT_NAME, json.dumps(report.to_dict(), indent=2) + "\n")
     return report
+
+
+def _adapters_and_weights(adapters: str | os.PathLike | Sequence[str | os.PathLike],
+                          weights: Sequence[float] | None) -> tuple[list[str | os.PathLike], list[float]]:
+    """The adapter paths as a list and one weight per adapter (1.0 each by default)."""
+    paths = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
+    if not paths:
+        raise ValueError("merge: give at least one adapter")
+    weights = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(paths):
+        raise ValueError(f"merge: {len(paths)} adapter(s) but {len(weights)} weight(s)")
+    return paths, weights
 
 
 def _resolve_base(base: str | os.PathLike | None) -> Path:
@@ -190,6 +197,13 @@ def _dtype_names(checkpoint: Checkpoint) -> str:
     """The base's floating dtypes, which "auto" keeps (e.g. "bfloat16", or "bfloat16,float32" if mixed)."""
     floating = {str(i.dtype).removeprefix("torch.") for i in checkpoint.tensors.values() if i.dtype.is_floating_point}
     return ",".join(sorted(floating)) or "none"
+
+
+def _file_counts(directory: Path, files: list[str]) -> dict[str, int]:
+    return {
+        "shards": sum(f.endswith(".safetensors") for f in files),
+        "total_bytes": sum((directory / f).stat().st_size for f in files),
+    }
 
 
 def _tensor_counts(plan: MergePlan) -> dict[str, int]:
