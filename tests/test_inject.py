@@ -133,14 +133,21 @@ def test_missing_modules_to_save_is_refused_and_the_model_left_as_it_was() -> No
 
 def test_the_callers_config_is_never_changed() -> None:
     config = LoraConfig(target_modules="all-linear")
-    model = get_peft_model(tiny_llama(), config)
+    base = tiny_llama()
+    base.name_or_path = "tiny/llama"
+    model = get_peft_model(base, config)
     assert config.target_modules == "all-linear" and config.base_model_name_or_path is None
     recorded = model.peft_config["default"]
+    assert recorded.base_model_name_or_path == "tiny/llama"
     assert recorded is not config and recorded.target_modules == sorted(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     kept = LoraConfig(target_modules=None, inference_mode=False)
     copy = new_adapter_config(tiny_llama(), "other", kept, {})
     assert kept.target_modules is None and copy.target_modules == ["q_proj", "v_proj"]
+    listed = LoraConfig(target_modules=["q_proj"], base_model_name_or_path="base")
+    model = get_peft_model(tiny_llama(), listed)
+    listed.r = 2  # the caller reuses its config: the adapter's own copy does not follow
+    assert model.peft_config["default"].r == 8
 
 
 def test_a_second_adapter_training_biases_is_refused() -> None:
