@@ -20,6 +20,11 @@ def llama(layer: int, *names: str) -> list[str]:
     return [f"model.layers.{layer}.{name}" for name in names]
 
 
+def both(*names: str) -> list[str]:
+    """The named modules of layer 0, then of layer 1."""
+    return llama(0, *names) + llama(1, *names)
+
+
 class Block(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -36,41 +41,40 @@ class Blocks(nn.Module):
         self.head = nn.Linear(4, 8)
 
 
+Q, K, V, OUT = ATTENTION
+NO_MODULE = "matched no module of LlamaForCausalLM"
+NOTHING_LEFT = "nothing is left to adapt"
+
 LLAMA_CASES = {
-    "list of names": (dict(target_modules=["q_proj", "v_proj"]),
-                      llama(0, "self_attn.q_proj", "self_attn.v_proj") + llama(1, "self_attn.q_proj", "self_attn.v_proj")),
-    "full module name": (dict(target_modules=["model.layers.1.self_attn.q_proj"]), llama(1, "self_attn.q_proj")),
-    "name must end at a dot": (dict(target_modules=["proj"]), "matched no module"),
-    "regex over the whole name": (dict(target_modules=r".*\.0\.self_attn\.(q|k)_proj"),
-                                  llama(0, "self_attn.q_proj", "self_attn.k_proj")),
-    "regex matching a suffix only": (dict(target_modules=r"q_proj"), "matched no module"),
-    "default for llama": (dict(target_modules=None),
-                          llama(0, "self_attn.q_proj", "self_attn.v_proj") + llama(1, "self_attn.q_proj", "self_attn.v_proj")),
-    "all-linear, head left out": (dict(target_modules="all-linear"), llama(0, *ATTENTION, *MLP) + llama(1, *ATTENTION, *MLP)),
+    "list of names": (dict(target_modules=["q_proj", "v_proj"]), both(Q, V)),
+    "full module name": (dict(target_modules=["model.layers.1.self_attn.q_proj"]), llama(1, Q)),
+    "name must end at a dot": (dict(target_modules=["proj"]), NO_MODULE),
+    "regex over the whole name": (dict(target_modules=r".*\.0\.self_attn\.(q|k)_proj"), llama(0, Q, K)),
+    "regex matching a suffix only": (dict(target_modules=r"q_proj"), NO_MODULE),
+    "default for llama": (dict(target_modules=None), both(Q, V)),
+    "all-linear, head left out": (dict(target_modules="all-linear"), both(*ATTENTION, *MLP)),
     "all-linear minus exclude list": (
         dict(target_modules="all-linear", exclude_modules=["down_proj", "k_proj"]),
-        llama(0, "self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj")
-        + llama(1, "self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj"),
-    ),
+        both(Q, V, OUT, "mlp.gate_proj", "mlp.up_proj")),
     "exclude regex": (dict(target_modules=["q_proj", "o_proj"], exclude_modules=r".*\.1\..*"),
-                      llama(0, "self_attn.q_proj", "self_attn.o_proj")),
+                      llama(0, Q, OUT)),
     "layers_to_transform list": (dict(target_modules=["q_proj", "up_proj"], layers_to_transform=[1]),
-                                 llama(1, "self_attn.q_proj", "mlp.up_proj")),
-    "layers_to_transform int": (dict(target_modules=["v_proj"], layers_to_transform=0), llama(0, "self_attn.v_proj")),
+                                 llama(1, Q, "mlp.up_proj")),
+    "layers_to_transform int": (dict(target_modules=["v_proj"], layers_to_transform=0), llama(0, V)),
     "layers_pattern": (dict(target_modules=["v_proj"], layers_to_transform=[1], layers_pattern="layers"),
-                       llama(1, "self_attn.v_proj")),
+                       llama(1, V)),
     "full name ignores layers_to_transform": (
-        dict(target_modules=["model.layers.0.self_attn.q_proj"], layers_to_transform=[1]), llama(0, "self_attn.q_proj"),
-    ),
+        dict(target_modules=["model.layers.0.self_attn.q_proj"], layers_to_transform=[1]), llama(0, Q)),
     "modules_to_save left out": (dict(target_modules=["q_proj", "v_proj"], modules_to_save=["v_proj"]),
-                                 llama(0, "self_attn.q_proj") + llama(1, "self_attn.q_proj")),
+                                 both(Q)),
     "modules_to_save parent left out": (dict(target_modules="all-linear", modules_to_save=["mlp"]),
-                                        llama(0, *ATTENTION) + llama(1, *ATTENTION)),
-    "embedding and head": (dict(target_modules=["embed_tokens", "lm_head"]), ["model.embed_tokens", "lm_head"]),
-    "one entry missing": (dict(target_modules=["q_proj", "qq_proj"]), "'qq_proj' matched no module of LlamaForCausalLM"),
-    "regex matching nothing": (dict(target_modules=r"nothing\..*"), "matched no module of LlamaForCausalLM"),
-    "everything excluded": (dict(target_modules=["k_proj"], exclude_modules=["k_proj"]), "nothing is left to adapt"),
-    "all layers filtered out": (dict(target_modules=["k_proj"], layers_to_transform=[5]), "nothing is left to adapt"),
+                                        both(*ATTENTION)),
+    "embedding and head": (dict(target_modules=["embed_tokens", "lm_head"]),
+                           ["model.embed_tokens", "lm_head"]),
+    "one entry missing": (dict(target_modules=["q_proj", "qq_proj"]), "'qq_proj' " + NO_MODULE),
+    "regex matching nothing": (dict(target_modules=r"nothing\..*"), NO_MODULE),
+    "everything excluded": (dict(target_modules=["k_proj"], exclude_modules=["k_proj"]), NOTHING_LEFT),
+    "all layers filtered out": (dict(target_modules=["k_proj"], layers_to_transform=[5]), NOTHING_LEFT),
 }
 
 
@@ -86,10 +90,11 @@ def test_llama_targets(case: str) -> None:
 
 
 BLOCKS_CASES = {
-    "layer index found by layers_pattern": (dict(target_modules=["q"], layers_to_transform=[1], layers_pattern="blocks"),
-                                            ["blocks.1.q"]),
-    "pattern list": (dict(target_modules=["q", "v"], layers_to_transform=[0, 2], layers_pattern=["stack", "blocks"]),
-                     ["blocks.0.q", "blocks.0.v", "blocks.2.q", "blocks.2.v"]),
+    "layer index found by layers_pattern": (
+        dict(target_modules=["q"], layers_to_transform=[1], layers_pattern="blocks"), ["blocks.1.q"]),
+    "pattern list": (
+        dict(target_modules=["q", "v"], layers_to_transform=[0, 2], layers_pattern=["stack", "blocks"]),
+        ["blocks.0.q", "blocks.0.v", "blocks.2.q", "blocks.2.v"]),
     # Without the pattern the default rule finds no layer index in "blocks.1.q", so every match is dropped.
     "no layers_pattern": (dict(target_modules=["q"], layers_to_transform=[1]), "nothing is left to adapt"),
     "no default targets": (dict(target_modules=None), "no default for model type None"),
@@ -108,15 +113,15 @@ def test_custom_model_targets(case: str) -> None:
 
 
 def test_all_linear_takes_gpt2_conv1d_layers_but_not_the_tied_head() -> None:
-    expected = [f"transformer.h.{i}.{name}" for i in (0, 1) for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    expected = [f"transformer.h.{i}.{name}" for i in (0, 1)
+                for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
     assert find_targets(tiny_gpt2(), LoraConfig(target_modules="all-linear")) == expected
 
 
 def test_modules_already_wrapped_for_modules_to_save_are_not_targeted_again() -> None:
     model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]))
     base = model.get_base_model()
-    assert find_targets(base, LoraConfig(target_modules=["q_proj", "lm_head"])) == llama(0, "self_attn.q_proj") + llama(
-        1, "self_attn.q_proj")
+    assert find_targets(base, LoraConfig(target_modules=["q_proj", "lm_head"])) == both(Q)
 
 
 def test_module_that_is_not_linear_or_embedding_is_refused() -> None:
@@ -153,10 +158,12 @@ def test_the_callers_config_is_never_changed() -> None:
 def test_a_second_adapter_training_biases_is_refused() -> None:
     existing = {"a": LoraConfig(target_modules=["q_proj"], bias="all")}
     with pytest.raises(ValueError, match="adapter 'a' already trains the base biases"):
-        new_adapter_config(tiny_llama(), "b", LoraConfig(target_modules=["q_proj"], bias="lora_only"), existing)
+        new_adapter_config(tiny_llama(), "b", LoraConfig(target_modules=["q_proj"], bias="lora_only"),
+                           existing)
     with pytest.raises(ValueError, match="adapter 'a' already exists"):
         new_adapter_config(tiny_llama(), "a", LoraConfig(target_modules=["q_proj"]), existing)
-    assert new_adapter_config(tiny_llama(), "b", LoraConfig(target_modules=["q_proj"]), existing).bias == "none"
+    added = new_adapter_config(tiny_llama(), "b", LoraConfig(target_modules=["q_proj"]), existing)
+    assert added.target_modules == ["q_proj"] and added.bias == "none"
 
 
 def test_from_pretrained_leaves_a_passed_config_alone(tmp_path) -> None:

@@ -54,7 +54,8 @@ def test_dora_norm_per_output_feature() -> None:
     # W + ΔW = [[3, 3], [4, 4]]: column norms 5, 5; m = (10, 1) scales column 0 by 2 and column 1 by 0.2.
     (1, T([[0.0, 3.0], [4.0, 0.0]]), T([[6.0, 0.6], [8.0, 0.8]])),
 ])
-def test_dora_merge_and_unmerge_round_trip(feature_axis: int, delta: torch.Tensor, expected: torch.Tensor) -> None:
+def test_dora_merge_and_unmerge_round_trip(feature_axis: int, delta: torch.Tensor,
+                                           expected: torch.Tensor) -> None:
     weight, magnitude = T([[3.0, 0.0], [0.0, 4.0]]), T([10.0, 1.0])
     merged, norm = dora_merge(weight, delta, magnitude, feature_axis)
     assert torch.allclose(merged, expected) and torch.equal(norm, T([5.0, 5.0]))

@@ -1,4 +1,5 @@
-"""PEFT's saved-key grammar (`lorakit.io.peft_keys`) as a table: key → (module, role, parameter, embedding)."""
+"""PEFT's saved-key grammar (`lorakit.io.peft_keys`) as a table: key → (module, role, parameter,
+embedding)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ PARSED = {
     P + "model.layers.0.mlp.up_proj.lora_B.bias": ("model.layers.0.mlp.up_proj", "bias", "", False),
     P + "model.embed_tokens.lora_embedding_A": ("model.embed_tokens", "A", "", True),
     P + "model.embed_tokens.lora_embedding_B": ("model.embed_tokens", "B", "", True),
-    P + "model.layers.1.self_attn.v_proj.lora_magnitude_vector": ("model.layers.1.self_attn.v_proj", "magnitude", "", False),
+    P + "model.layers.1.self_attn.v_proj.lora_magnitude_vector": (
+        "model.layers.1.self_attn.v_proj", "magnitude", "", False),
     P + "model.layers.1.self_attn.v_proj.lora_magnitude_vector.weight": (
         "model.layers.1.self_attn.v_proj", "magnitude", "", False),
     P + "transformer.h.0.attn.c_attn.base_layer.bias": ("transformer.h.0.attn.c_attn", "base", "bias", False),

@@ -92,13 +92,15 @@ def resolve_target_modules(model: nn.Module, config: LoraConfig) -> list[str] | 
     if targets is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in DEFAULT_TARGET_MODULES:
-            raise ValueError(f"target_modules: no default for model type {model_type!r}; pass target_modules explicitly")
+            raise ValueError(f"target_modules: no default for model type {model_type!r}; "
+                             "pass target_modules explicitly")
         return DEFAULT_TARGET_MODULES[model_type]
     if targets == ALL_LINEAR:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         names = {name.rsplit(".", 1)[-1] for name, module in base_modules(model)
                  if is_linear_like(module) and module is not head and name}
-        head_names = {name.rsplit(".", 1)[-1] for name, module in base_modules(model) if module is head and name}
+        head_names = {name.rsplit(".", 1)[-1] for name, module in base_modules(model)
+                      if module is head and name}
         return sorted(names - head_names)
     return targets
 
@@ -125,7 +127,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             if not hits:
                 continue
             seen_entries.update(hits)
-            if layers is not None and name not in targets and _layer_index(name, config.layers_pattern) not in layers:
+            # A full module name is taken whatever its layer.
+            if not (layers is None or name in targets or _layer_index(name, config.layers_pattern) in layers):
                 continue
         # Exclusions come after the match, so an entry whose modules are all excluded (e.g. "all-linear"
         # minus exclude_modules) still counts as matched.
@@ -139,20 +142,22 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     entries = [targets] if isinstance(targets, str) else targets
     missing = [t for t in entries if t not in seen_entries]
     if missing:
-        sample = sorted({n.rsplit(".", 1)[-1] for n, m in base_modules(model) if n and is_linear_like(m)})[:12]
+        linear = {n.rsplit(".", 1)[-1] for n, m in base_modules(model) if n and is_linear_like(m)}
+        sample = sorted(linear)[:12]
         raise ValueError(
             f"target_modules: {', '.join(map(repr, missing))} matched no module of {type(model).__name__}; "
             f"linear modules available include: {', '.join(sample)}"
         )
     if not found:
         raise ValueError(
-            f"target_modules: every module matching {config.target_modules!r} is excluded (by exclude_modules, "
-            "layers_to_transform or modules_to_save); nothing is left to adapt"
+            f"target_modules: every module matching {config.target_modules!r} is excluded (by "
+            "exclude_modules, layers_to_transform or modules_to_save); nothing is left to adapt"
         )
     return found
 
 
-def adapter_spec(config: LoraConfig, name: str, base: nn.Module, autocast_adapter_dtype: bool = True) -> AdapterSpec:
+def adapter_spec(config: LoraConfig, name: str, base: nn.Module,
+                 autocast_adapter_dtype: bool = True) -> AdapterSpec:
     """Resolve rank, alpha, scaling and dtype of one adapter on one module."""
     r, alpha = config.rank_for(name), config.alpha_for(name)
     weight = getattr(base, "weight", None)
@@ -175,11 +180,13 @@ def _wrap(module: nn.Module, name: str, config: LoraConfig) -> LoraLayer:
     if is_conv1d(module):
         if not config.fan_in_fan_out:
             # One message for all such layers (the text carries no module name, so Python shows it once).
-            warnings.warn("Conv1D layers store weights as (in, out); using fan_in_fan_out=True for them", stacklevel=4)
+            warnings.warn("Conv1D layers store weights as (in, out); using fan_in_fan_out=True for them",
+                          stacklevel=4)
         return LoraLinear(module, name, fan_in_fan_out=True)
     if isinstance(module, nn.Linear):
         if config.fan_in_fan_out:
-            warnings.warn("nn.Linear layers store weights as (out, in); using fan_in_fan_out=False for them", stacklevel=4)
+            warnings.warn("nn.Linear layers store weights as (out, in); using fan_in_fan_out=False for them",
+                          stacklevel=4)
         return LoraLinear(module, name, fan_in_fan_out=False)
     raise ValueError(
         f"{name}: cannot adapt a {type(module).__name__}; LoRA supports nn.Linear, Conv1D and nn.Embedding "
@@ -204,9 +211,11 @@ def new_adapter_config(model: nn.Module, adapter_name: str, config: LoraConfig,
     if config.bias != "none":
         others = [n for n, c in existing.items() if c.bias != "none"]
         if others:
-            # The base biases are shared: two adapters training (and saving) them would overwrite each other.
-            raise ValueError(f"adapter {adapter_name!r}: bias={config.bias!r}, but adapter {others[0]!r} already "
-                             "trains the base biases; only one adapter may use bias other than 'none' (as in PEFT)")
+            # The base biases are shared: two adapters training (and saving) them would overwrite each
+            # other.
+            raise ValueError(f"adapter {adapter_name!r}: bias={config.bias!r}, but adapter {others[0]!r} "
+                             "already trains the base biases; only one adapter may use bias other than "
+                             "'none' (as in PEFT)")
     if config.target_modules is None or config.target_modules == ALL_LINEAR:
         return dataclasses.replace(config, target_modules=list(resolve_target_modules(model, config)))
     return dataclasses.replace(config)

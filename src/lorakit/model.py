@@ -12,7 +12,7 @@ import dataclasses
 import os
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from lorakit import inject, quant
 from lorakit.config import LoraConfig
 from lorakit.io import peft_format, pretrained
 from lorakit.io.pretrained import SavedAdapter, check_adapter_name
-from lorakit.layers import row_adapters
+from lorakit.layers import BASE_ROW, row_adapters
 from lorakit.merge import live, weighted
 
 
@@ -97,16 +97,14 @@ class PeftModel(nn.Module):
         with self._rows(adapter_names):
             return self.get_base_model().generate(*args, **kwargs)
 
-    @contextmanager
-    def _rows(self, adapter_names: Sequence[str] | None) -> Iterator[None]:
+    def _rows(self, adapter_names: Sequence[str] | None) -> AbstractContextManager[None]:
         if adapter_names is None:
-            yield
-            return
-        unknown = sorted(set(adapter_names) - set(self.peft_config) - {"__base__"})
+            return nullcontext()
+        unknown = sorted(set(adapter_names) - set(self.peft_config) - {BASE_ROW})
         if unknown:
-            raise ValueError(f"adapter_names: unknown adapter(s) {unknown}; loaded: {sorted(self.peft_config)}")
-        with row_adapters(list(adapter_names)):
-            yield
+            raise ValueError(f"adapter_names: unknown adapter(s) {unknown}; "
+                             f"loaded: {sorted(self.peft_config)}")
+        return row_adapters(list(adapter_names))
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         model = self.get_base_model()
@@ -140,7 +138,8 @@ class PeftModel(nn.Module):
     def active_peft_config(self) -> LoraConfig:
         return self.peft_config[self.active_adapter]
 
-    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False) -> None:
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig,
+                    low_cpu_mem_usage: bool = False) -> None:
         """Inject a new adapter; it is not activated (call `set_adapter`), except as the first one.
 
         low_cpu_mem_usage: its weights are about to be loaded, so its factors start at zero, skipping the
@@ -211,7 +210,7 @@ class PeftModel(nn.Module):
         if adapter_name in self.active_adapters:
             remaining = [n for n in self.active_adapters if n != adapter_name] or sorted(self.peft_config)[:1]
             if remaining:
-                # PEFT activates the first remaining adapter by sorted name, the way set_adapter does (trainable).
+                # PEFT activates the first remaining adapter by sorted name, as set_adapter does (trainable).
                 self.set_adapter(remaining[0])
                 return
             self.active_adapters = []
@@ -247,12 +246,13 @@ class PeftModel(nn.Module):
             raise saved.misfit(model, err) from None
         peft_model._load_weights(adapter_name, saved, torch_dtype)
         if not is_trainable:
-            # Loaded for inference: dropout off (the new LoRA dropout modules start in training mode), as PEFT.
+            # Loaded for inference: dropout off (new LoRA dropout modules start in training mode), as PEFT.
             peft_model.eval()
         return peft_model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     torch_dtype: torch.dtype | None = None, subfolder: str | None = None, **kwargs: Any) -> None:
+                     torch_dtype: torch.dtype | None = None, subfolder: str | None = None,
+                     **kwargs: Any) -> None:
         """Load another saved adapter under `adapter_name` without activating it."""
         _warn_unused(kwargs, "load_adapter")
         saved = pretrained.read_saved_adapter(model_id, subfolder, is_trainable=is_trainable)
@@ -279,8 +279,9 @@ class PeftModel(nn.Module):
         self._apply_active()
 
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
-                        selected_adapters: Sequence[str] | None = None, save_embedding_layers: bool | str = "auto",
-                        is_main_process: bool = True, portable: bool = True, **kwargs: Any) -> None:
+                        selected_adapters: Sequence[str] | None = None,
+                        save_embedding_layers: bool | str = "auto", is_main_process: bool = True,
+                        portable: bool = True, **kwargs: Any) -> None:
         """Write each adapter in PEFT's format: "default" into `save_directory`, others into sub-folders.
 
         portable: an adapter whose init moved the base weight (OLoRA, PiSSA) is saved so that it applies
@@ -290,15 +291,18 @@ class PeftModel(nn.Module):
         """
         _warn_unused(kwargs, "save_pretrained")
         if not safe_serialization:
-            warnings.warn("lorakit only writes safetensors; safe_serialization=False is ignored", stacklevel=2)
+            warnings.warn("lorakit only writes safetensors; safe_serialization=False is ignored",
+                          stacklevel=2)
         if not is_main_process:
             return
         names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
         unknown = sorted(set(names) - set(self.peft_config))
         if unknown:
-            raise ValueError(f"selected_adapters: unknown adapter(s) {unknown}; loaded: {sorted(self.peft_config)}")
+            raise ValueError(f"selected_adapters: unknown adapter(s) {unknown}; "
+                             f"loaded: {sorted(self.peft_config)}")
         configs = {name: self.peft_config[name] for name in names}
-        pretrained.save_adapters(self.get_base_model(), configs, Path(save_directory), save_embedding_layers, portable)
+        pretrained.save_adapters(self.get_base_model(), configs, Path(save_directory), save_embedding_layers,
+                                 portable)
 
     # ---- merging (lorakit.merge.live, lorakit.merge.weighted) -----------------------------------------
 
@@ -351,13 +355,15 @@ class PeftModel(nn.Module):
         adapters, weights = list(adapters), list(weights)
         config = weighted.weighted_config(self.peft_config, adapters, weights, combination_type, svd_rank)
         self.add_adapter(adapter_name, config, low_cpu_mem_usage=True)
-        weighted.write_weighted_factors(self.get_base_model(), adapter_name, adapters, weights, combination_type,
-                               svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices, svd_driver=svd_driver)
+        weighted.write_weighted_factors(self.get_base_model(), adapter_name, adapters, weights,
+                                        combination_type, svd_clamp=svd_clamp,
+                                        svd_full_matrices=svd_full_matrices, svd_driver=svd_driver)
 
     # ---- counting -----------------------------------------------------------------------------------
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, total) parameter counts; 4-bit packed weights count their unpacked size, as PEFT does."""
+        """(trainable, total) parameter counts; 4-bit packed weights count their unpacked size, as in
+        PEFT."""
         trainable = total = 0
         for param in self.parameters():
             count = param.numel()
@@ -370,21 +376,11 @@ class PeftModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
 
 
 PeftModelForCausalLM = PeftModel
-
-
-def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
-                   autocast_adapter_dtype: bool = True, **kwargs: Any) -> PeftModel:
-    """Add a new, trainable LoRA adapter to `model` (in place) and return it wrapped in a PeftModel.
-
-    autocast_adapter_dtype: keep adapter weights in float32 over float16/bfloat16 bases (default), or
-    use the base layer's dtype (False).
-    """
-    _warn_unused(kwargs, "get_peft_model")
-    return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
 
 
 def _warn_unused(kwargs: dict[str, Any], where: str) -> None:

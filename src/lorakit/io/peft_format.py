@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lorakit.config import CONFIG_NAME, LoraConfig
+from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError
 from lorakit.inject import ALL_LINEAR, adapter_modules, base_modules, lora_layers
 from lorakit.io.atomic import atomic_file
@@ -26,7 +26,8 @@ from lorakit.layers import LoraLayer, ModulesToSaveWrapper
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
-# Module names whose targeting makes PEFT save the base embedding weights (peft.utils.other.EMBEDDING_LAYER_NAMES).
+# Module names whose targeting makes PEFT save the base embedding weights
+# (peft.utils.other.EMBEDDING_LAYER_NAMES).
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
@@ -77,7 +78,8 @@ def _vocab_resized(model: nn.Module, config: LoraConfig) -> bool:
     return saved is not None and saved != vocab
 
 
-def embedding_tensors(model: nn.Module, config: LoraConfig, save_embedding_layers: bool | str) -> dict[str, Tensor]:
+def embedding_tensors(model: nn.Module, config: LoraConfig,
+                      save_embedding_layers: bool | str) -> dict[str, Tensor]:
     """The base embedding weights PEFT saves with an adapter, keyed relative to `model`.
 
     "auto" saves them when target_modules names `embed_tokens`/`lm_head` (then only the base weights of the
@@ -92,7 +94,7 @@ def embedding_tensors(model: nn.Module, config: LoraConfig, save_embedding_layer
     layers = [model.get_input_embeddings(), model.get_output_embeddings()]
     tensors: dict[str, Tensor] = {}
     for name, module in base_modules(model):
-        if not name or not any(module is layer for layer in layers) or isinstance(module, ModulesToSaveWrapper):
+        if not name or isinstance(module, ModulesToSaveWrapper) or all(module is not x for x in layers):
             continue
         if isinstance(module, LoraLayer):
             tensors.update({f"{name}.{BASE_LAYER}.{k}": v for k, v in module.base_layer.named_parameters()})
@@ -150,7 +152,8 @@ def read_adapter_weights(directory: Path) -> dict[str, Tensor]:
         try:
             state = torch.load(legacy, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any unpickling failure means the file is refused
-            raise AdapterFileError(f"{legacy}: refused: not a plain tensor file ({type(err).__name__}); lorakit never runs pickled code") from None
+            raise AdapterFileError(f"{legacy}: refused: not a plain tensor file ({type(err).__name__}); "
+                                   "lorakit never runs pickled code") from None
         if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
             raise AdapterFileError(f"{legacy}: expected a mapping of names to tensors")
         return state
@@ -179,12 +182,13 @@ def load_adapter_tensors(
             raise AdapterFileError(f"{source}: {key}: holds NaN or infinite values; the adapter is broken")
         if tuple(value.shape) != tuple(target.shape):
             raise AdapterFileError(
-                f"{source}: {key}: saved shape {tuple(value.shape)} does not fit the model's {tuple(target.shape)}; "
-                "is the adapter for another base model?"
+                f"{source}: {key}: saved shape {tuple(value.shape)} does not fit the model's "
+                f"{tuple(target.shape)}; is the adapter for another base model?"
             )
     missing = sorted(k for k in expected if k not in saved and k not in optional)
     if missing:
-        raise AdapterFileError(f"{source}: missing {len(missing)} tensor(s), e.g. {missing[0]}; the file does not match its config")
+        raise AdapterFileError(f"{source}: missing {len(missing)} tensor(s), e.g. {missing[0]}; the file "
+                               "does not match its config")
     with torch.no_grad():
         for key, value in saved.items():
             expected[key].copy_(value)
@@ -212,9 +216,3 @@ def adapter_directory(path: str | Path, subfolder: str | None = None) -> Path:
 
     root = download_snapshot(str(path), allow_patterns=[f"{subfolder + '/' if subfolder else ''}*"])
     return root / subfolder if subfolder else root
-
-
-__all__ = [
-    "CONFIG_NAME", "WEIGHTS_NAME", "adapter_directory", "adapter_tensors", "bias_tensors", "load_adapter_tensors",
-    "read_adapter_weights", "save_adapter_files",
-]

@@ -12,9 +12,9 @@ the user having to save the initial adapter first.
 Layers whose base did not move (embeddings, which keep PEFT's zero-A init) get zero blocks, A' = [A; 0],
 B' = [B, 0], so every layer has the doubled rank the config announces.
 
-DoRA carries over as is: its magnitude m rescales the columns of W_res + s·BA = W + s·B'A', the same matrix, so
-m / ‖W + s·B'A'‖_c · (W + s·B'A') is the trained layer. Biases (lora_bias, bias="all") are not moved by the
-init and are saved unchanged.
+DoRA carries over as is: its magnitude m rescales the columns of W_res + s·BA = W + s·B'A', the same matrix,
+so m / ‖W + s·B'A'‖_c · (W + s·B'A') is the trained layer. Biases (lora_bias, bias="all") are not moved by
+the init and are saved unchanged.
 
 The saved config says `init_lora_weights: true`, so any loader (PEFT, vLLM, lorakit) uses it as a plain
 LoRA. lorakit keeps A₀, B₀ on each layer from the moment of init; the user never saves them.

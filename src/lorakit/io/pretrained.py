@@ -27,7 +27,8 @@ _ADAPTER_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0
 def check_adapter_name(name: str) -> str:
     """Adapter names become sub-folder names on save: refuse separators, '..' and odd characters."""
     if not isinstance(name, str) or not name or name in (".", "..") or not set(name) <= _ADAPTER_NAME_CHARS:
-        raise ValueError(f"adapter name {name!r}: use letters, digits, '_', '-' or '.' (it becomes a folder name)")
+        raise ValueError(f"adapter name {name!r}: use letters, digits, '_', '-' or '.' "
+                         "(it becomes a folder name)")
     return name
 
 
@@ -49,12 +50,13 @@ class SavedAdapter:
         return AdapterFileError(f"{self.directory}: adapter does not fit this {type(model).__name__}: {err}")
 
 
-def read_saved_adapter(model_id: str | os.PathLike, subfolder: str | None = None, config: LoraConfig | None = None,
-                       is_trainable: bool = False) -> SavedAdapter:
+def read_saved_adapter(model_id: str | os.PathLike, subfolder: str | None = None,
+                       config: LoraConfig | None = None, is_trainable: bool = False) -> SavedAdapter:
     """Read an adapter directory (lorakit's or PEFT's). `config` replaces the saved config; the config kept
     is a copy whose inference_mode is `not is_trainable` (the caller's is left as it was)."""
     directory = peft_format.adapter_directory(model_id, subfolder)
-    config = dataclasses.replace(config or LoraConfig.from_pretrained(directory), inference_mode=not is_trainable)
+    config = config or LoraConfig.from_pretrained(directory)
+    config = dataclasses.replace(config, inference_mode=not is_trainable)
     return SavedAdapter(directory, config, peft_format.read_adapter_weights(directory))
 
 

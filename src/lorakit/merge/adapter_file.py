@@ -99,7 +99,8 @@ class AdapterFile:
                 raise AdapterFileError(f"{self.file}: {err}") from None
             if parsed.role in ("base", "tensor"):
                 # A tensor of a modules_to_save module is its trained copy; any other is loaded in place.
-                whole = parsed.role == "tensor" and in_modules_to_save(parsed.module, self.config.modules_to_save)
+                whole = parsed.role == "tensor" and in_modules_to_save(parsed.module,
+                                                                       self.config.modules_to_save)
                 saved.append(SavedTensor(parsed.parameter, key, whole_module=whole))
             else:
                 roles.setdefault(parsed.module, {})[parsed.role] = key
@@ -112,15 +113,19 @@ class AdapterFile:
         if missing:
             raise AdapterFileError(f"{self.file}: module {name!r} lacks its lora_{missing[0]} tensor")
         if self.config.use_dora != ("magnitude" in parts):
-            raise AdapterFileError(f"{self.file}: module {name!r} {'lacks' if self.config.use_dora else 'has'} a DoRA "
-                                   f"magnitude vector but the config says use_dora={self.config.use_dora}")
+            state = "lacks" if self.config.use_dora else "has"
+            raise AdapterFileError(f"{self.file}: module {name!r} {state} a DoRA magnitude vector but the "
+                                   f"config says use_dora={self.config.use_dora}")
         a, b = self.shapes[parts["A"]], self.shapes[parts["B"]]
         if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
-            raise AdapterFileError(f"{self.file}: module {name!r}: lora_A {a} and lora_B {b} are not (r, in) and (out, r)")
+            raise AdapterFileError(f"{self.file}: module {name!r}: lora_A {a} and lora_B {b} are not (r, in) "
+                                   "and (out, r)")
         expected = self.config.rank_for(name)
         if a[0] != expected:
-            raise AdapterFileError(f"{self.file}: module {name!r} has rank {a[0]} but its config gives r={expected}")
-        return LoraModule(name, embedding, parts["A"], parts["B"], parts.get("magnitude"), parts.get("bias"), a[0])
+            raise AdapterFileError(f"{self.file}: module {name!r} has rank {a[0]} but its config gives "
+                                   f"r={expected}")
+        return LoraModule(name, embedding, parts["A"], parts["B"], parts.get("magnitude"), parts.get("bias"),
+                          a[0])
 
     def scaling(self, module: str) -> float:
         """s for one module, from the config's r/alpha (patterns applied) and rsLoRA."""

@@ -65,7 +65,8 @@ def untie_weights(model: nn.Module, layers: Sequence[LoraLayer]) -> None:
                 untied = True
     config = getattr(model, "config", None)
     if untied and config is not None:
-        for cfg in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: config)())}.values():
+        text_config = getattr(config, "get_text_config", lambda: config)()
+        for cfg in {id(c): c for c in (config, text_config)}.values():
             if getattr(cfg, "tie_word_embeddings", False):
                 cfg.tie_word_embeddings = False
 

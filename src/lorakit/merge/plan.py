@@ -42,7 +42,8 @@ BLOCK_ELEMENTS = 2**22
 
 @dataclass(frozen=True)
 class LoraOp:
-    """Add (or DoRA-merge) adapter `adapter`'s update of `module`, scaling already multiplied by its weight."""
+    """Add (or DoRA-merge) adapter `adapter`'s update of `module`, scaling already multiplied by its
+    weight."""
 
     adapter: int
     module: str
@@ -132,7 +133,9 @@ def _meta_model(directory: Path) -> torch.nn.Module:
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return architecture(config) if isinstance(architecture, type) else AutoModelForCausalLM.from_config(config)
+            if isinstance(architecture, type):
+                return architecture(config)
+            return AutoModelForCausalLM.from_config(config)
     finally:
         transformers.logging.set_verbosity(verbosity)
 
@@ -164,7 +167,8 @@ class _Names:
     def direct(self, param: str) -> str | None:
         candidates = [param]
         if self.prefix:
-            candidates += [param[len(self.prefix):]] if param.startswith(self.prefix) else [self.prefix + param]
+            prefixed = param.startswith(self.prefix)
+            candidates.append(param[len(self.prefix):] if prefixed else self.prefix + param)
         return next((name for name in candidates if name in self.stored_names), None)
 
     def resolve(self, param: str) -> tuple[str, bool] | None:
@@ -187,8 +191,9 @@ def build_plan(checkpoint: Checkpoint, base: BaseModel, adapters: Sequence[Adapt
     """
     trained_bias = [a for a in adapters if a.config.bias != "none"]
     if len(trained_bias) > 1:
-        raise AdapterFileError(f"{trained_bias[1].directory}: only one adapter may carry trained biases (bias="
-                               f"{trained_bias[1].config.bias!r}; {trained_bias[0].directory} does too)")
+        first, second = trained_bias[:2]
+        raise AdapterFileError(f"{second.directory}: only one adapter may carry trained biases "
+                               f"(bias={second.config.bias!r}; {first.directory} does too)")
     planner = _Planner(checkpoint, base, adapters)
     for index, (adapter, weight) in enumerate(zip(adapters, weights)):
         modules, saved = adapter.layout()
@@ -213,17 +218,18 @@ class _Planner:
     def locate(self, adapter: AdapterFile, param: str, what: str) -> TensorInfo:
         found = self.names.resolve(param)
         if found is None:
-            raise AdapterFileError(f"{adapter.file}: {what} is not in the base model {self.checkpoint.directory} "
-                                   f"(no tensor {param!r}); is the adapter for another base model?")
+            raise AdapterFileError(f"{adapter.file}: {what} is not in the base model "
+                                   f"{self.checkpoint.directory} (no tensor {param!r}); is the adapter for "
+                                   "another base model?")
         self.resolved[param] = found
         return self.checkpoint.tensors[found[0]]
 
     @staticmethod
     def check(adapter: AdapterFile, what: str, got: tuple[int, ...], info: TensorInfo) -> None:
         if tuple(got) != info.shape:
-            raise AdapterFileError(f"{adapter.file}: {what}: the adapter gives shape {tuple(got)} but the base "
-                                   f"tensor {info.name!r} has shape {info.shape}; is the adapter for another base "
-                                   "model?")
+            raise AdapterFileError(f"{adapter.file}: {what}: the adapter gives shape {tuple(got)} but the "
+                                   f"base tensor {info.name!r} has shape {info.shape}; is the adapter for "
+                                   "another base model?")
 
     def add_saved(self, index: int, tensor: SavedTensor) -> None:
         """A whole tensor: loaded in place, or (modules_to_save) replacing that parameter only."""
@@ -234,17 +240,17 @@ class _Planner:
             self.in_place.setdefault(info.name, []).append(ReplaceOp(index, tensor.key))
             return
         if self.whole.setdefault(tensor.param, index) != index:
+            other = self.adapters[self.whole[tensor.param]].directory
             raise AdapterFileError(f"{adapter.file}: {tensor.param!r} is also saved (modules_to_save) by "
-                                   f"{self.adapters[self.whole[tensor.param]].directory}; merge such adapters one "
-                                   "at a time")
+                                   f"{other}; merge such adapters one at a time")
         self.own.setdefault(tensor.param, []).append(ReplaceOp(index, tensor.key))
 
     def add_module(self, index: int, module: LoraModule, weight: float) -> None:
         """A module's LoRA update (with DoRA magnitude, lora_bias), scaled by the adapter's merge weight."""
         adapter = self.adapters[index]
         if module.magnitude is not None and weight != 1.0:
-            raise AdapterFileError(f"{adapter.directory}: DoRA adapters cannot be weighted (weight {weight}); "
-                                   "the magnitude rescaling is not linear in the update")
+            raise AdapterFileError(f"{adapter.directory}: DoRA adapters cannot be weighted (weight "
+                                   f"{weight}); the magnitude rescaling is not linear in the update")
         param = f"{module.name}.weight"
         info = self.locate(adapter, param, f"module {module.name!r}")
         a, b = adapter.shapes[module.lora_A], adapter.shapes[module.lora_B]
@@ -256,14 +262,16 @@ class _Planner:
                        TensorInfo(info.name, info.file, info.dtype, (info.shape[axis],)))
         scaling = adapter.scaling(module.name) * weight
         self.own.setdefault(param, []).append(
-            LoraOp(index, module.name, module.lora_A, module.lora_B, scaling, transpose, axis, module.magnitude))
+            LoraOp(index, module.name, module.lora_A, module.lora_B, scaling, transpose, axis,
+                   module.magnitude))
         if module.lora_bias is not None:
             bias = f"{module.name}.bias"
             if self.names.direct(bias) is None:
-                raise AdapterFileError(f"{adapter.file}: module {module.name!r} has a lora_B.bias but the base has "
-                                       f"no {bias!r}")
+                raise AdapterFileError(f"{adapter.file}: module {module.name!r} has a lora_B.bias but the "
+                                       f"base has no {bias!r}")
             bias_info = self.locate(adapter, bias, f"bias of {module.name!r}")
-            self.check(adapter, f"module {module.name!r} lora_B.bias", adapter.shapes[module.lora_bias], bias_info)
+            self.check(adapter, f"module {module.name!r} lora_B.bias", adapter.shapes[module.lora_bias],
+                       bias_info)
             self.own.setdefault(bias, []).append(BiasOp(index, module.lora_bias, scaling))
 
     def finish(self) -> MergePlan:
@@ -302,7 +310,8 @@ def target_dtype(stored: torch.dtype, requested: torch.dtype | None) -> torch.dt
     return requested if requested is not None and stored.is_floating_point else stored
 
 
-def merged_blocks(base: Tensor, plan: TensorPlan | None, adapters: Sequence[AdapterFile], dtype: torch.dtype) -> Iterator[Tensor]:
+def merged_blocks(base: Tensor, plan: TensorPlan | None, adapters: Sequence[AdapterFile],
+                  dtype: torch.dtype) -> Iterator[Tensor]:
     """One output tensor, in `dtype`, as consecutive blocks of rows (dim 0): the base (a saved copy replaces
     it, cast to the base dtype as loading does), with the planned updates applied in float32 and rounded once.
 
@@ -321,7 +330,9 @@ def merged_blocks(base: Tensor, plan: TensorPlan | None, adapters: Sequence[Adap
     if not updates:
         yield current.to(dtype)
         return
-    if current.dim() == 0 or any(isinstance(op, LoraOp) and op.magnitude is not None and op.feature_axis != 0 for op in updates):
+    column_norms = any(isinstance(op, LoraOp) and op.magnitude is not None and op.feature_axis != 0
+                       for op in updates)
+    if current.dim() == 0 or column_norms:
         yield _updated(current, updates, adapters, None).to(dtype)
         return
     step = max(1, BLOCK_ELEMENTS // max(1, math.prod(current.shape[1:])))
@@ -330,7 +341,8 @@ def merged_blocks(base: Tensor, plan: TensorPlan | None, adapters: Sequence[Adap
         yield _updated(current[rows], updates, adapters, rows).to(dtype)
 
 
-def _updated(weight: Tensor, updates: list[Op], adapters: Sequence[AdapterFile], rows: slice | None) -> Tensor:
+def _updated(weight: Tensor, updates: list[Op], adapters: Sequence[AdapterFile],
+             rows: slice | None) -> Tensor:
     """`weight` (all rows, or the block `rows`) with the updates applied, in float32."""
     weight = weight.float()
     for op in updates:
@@ -342,7 +354,8 @@ def _updated(weight: Tensor, updates: list[Op], adapters: Sequence[AdapterFile],
             delta = lora_delta(a, b, op.scaling, op.transpose)
             if op.magnitude is not None:
                 magnitude = adapter.get(op.magnitude)
-                weight, _ = dora_merge(weight, delta, magnitude if rows is None else magnitude[rows], op.feature_axis)
+                magnitude = magnitude if rows is None else magnitude[rows]
+                weight, _ = dora_merge(weight, delta, magnitude, op.feature_axis)
             else:
                 weight = add_delta(weight, delta)
         elif isinstance(op, BiasOp):
