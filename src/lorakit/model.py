@@ -269,7 +269,8 @@ class PeftModel(nn.Module):
 
     def _load_weights(self, adapter_name: str, saved: SavedAdapter, torch_dtype: torch.dtype | None) -> None:
         try:
-            pretrained.load_saved_weights(self.get_base_model(), adapter_name, saved, torch_dtype)
+            pretrained.load_saved_weights(self.get_base_model(), adapter_name, self.peft_config[adapter_name],
+                                          saved, torch_dtype)
         except Exception:
             # Roll back completely: the layers this adapter wrapped go back to their original modules.
             self._drop(adapter_name)

@@ -60,16 +60,17 @@ def read_saved_adapter(model_id: str | os.PathLike, subfolder: str | None = None
     return SavedAdapter(directory, config, peft_format.read_adapter_weights(directory))
 
 
-def load_saved_weights(model: nn.Module, adapter_name: str, saved: SavedAdapter,
+def load_saved_weights(model: nn.Module, adapter_name: str, config: LoraConfig, saved: SavedAdapter,
                        torch_dtype: torch.dtype | None = None) -> None:
     """Copy `saved`'s tensors into adapter `adapter_name` of `model`, added from `saved.config` (with
-    `low_cpu_mem_usage=True`: its factors are about to be overwritten); `torch_dtype` casts the adapter's
-    parameters first. AdapterFileError (naming the file) for a tensor that does not fit."""
+    `low_cpu_mem_usage=True`: its factors are about to be overwritten) and recorded as `config`;
+    `torch_dtype` casts the adapter's parameters first. AdapterFileError (naming the file) for a tensor
+    that does not fit."""
     if torch_dtype is not None:
         for _, module in adapter_modules(model):
             for param in module.adapter_parameters(adapter_name):
                 param.data = param.data.to(torch_dtype)
-    peft_format.load_adapter_tensors(model, saved.config, adapter_name, saved.tensors, saved.source)
+    peft_format.load_adapter_tensors(model, config, adapter_name, saved.tensors, saved.source)
 
 
 def save_adapters(model: nn.Module, configs: Mapping[str, LoraConfig], root: Path,
