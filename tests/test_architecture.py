@@ -19,8 +19,6 @@ MAX_FUNCTION_LINES = 60
 # "path relative to src/lorakit:qualified function name" -> why it may be longer than MAX_FUNCTION_LINES.
 LONG_FUNCTIONS: dict[str, str] = {
     "serve/app.py:create_app": "pending: serve",
-    "train/dpo.py:train_dpo": "pending: train",
-    "train/sft.py:train": "pending: train",
 }
 # Likewise for files over MAX_FILE_LINES.
 LONG_FILES: dict[str, str] = {
