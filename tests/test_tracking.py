@@ -15,7 +15,7 @@ from tiny_models import CrashAfter
 
 from lorakit.errors import MissingDependencyError
 from lorakit.options import OptionError
-from lorakit.train.config import TRACKERS, TrainConfig
+from lorakit.train.config import TRACKERS, DPOConfig, TrainConfig
 from lorakit.train.sft import train
 from lorakit.train.tracking import hyperparameters
 
@@ -114,6 +114,31 @@ def test_tensorboard_scalars_equal_metrics_jsonl_step_by_step_after_a_resume(res
     samples = events.Tensors("report/exact_match_samples/text_summary")[0].tensor_proto.string_val[0].decode()
     assert samples.startswith("| question | reference | base | adapter |")
     assert len(samples.splitlines()) == 2 + report["test_rows"]
+
+
+def test_dpo_reward_figures_reach_tensorboard(tmp_path, tiny_chat_model_dir) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lorakit.train.dpo import train_dpo
+    from lorakit.train.preference_data import bundled_preference_path
+
+    data = {}
+    for split, size in (("train", 16), ("validation", 8)):
+        data[split] = tmp_path / f"{split}.jsonl"
+        data[split].write_text("\n".join(bundled_preference_path(split).read_text().splitlines()[:size]) + "\n")
+    config = DPOConfig.from_options(dict(
+        model=str(tiny_chat_model_dir), data=str(data["train"]), validation_data=str(data["validation"]),
+        output=str(tmp_path / "dpo"), max_steps=2, eval_every=2, batch_size=8, learning_rate=5e-3, warmup_steps=0,
+        report_to="tensorboard"))
+    train_dpo(config)
+    records = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(tmp_path / "dpo" / "logs" / "dpo"))
+    events.Reload()
+    expected = {**_series(records, "train"), **_series(records, "eval")}
+    assert {"train/reward_accuracy", "train/reward_margin", "eval/val_reward_accuracy"} <= expected.keys()
+    for tag, points in expected.items():
+        assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars(tag)] == points, tag
 
 
 # ---- MLflow -----------------------------------------------------------------------------------------
