@@ -32,8 +32,8 @@ TESTED = [name for name in ("tensorboard", "mlflow", "wandb") if _installed(name
 def _config(output: Path, model_dir: Path, data: dict[str, Path], **overrides) -> TrainConfig:
     options = dict(
         model=str(model_dir), data=str(data["train"]), validation_data=str(data["validation"]),
-        test_data=str(data["test"]), output=str(output), max_steps=4, eval_every=2, save_every=2, batch_size=4,
-        learning_rate=5e-3, warmup_steps=0, eval_limit=2, eval_max_new_tokens=2, seed=3,
+        test_data=str(data["test"]), output=str(output), max_steps=4, eval_every=2, save_every=2,
+        batch_size=4, learning_rate=5e-3, warmup_steps=0, eval_limit=2, eval_max_new_tokens=2, seed=3,
     )
     options.update(overrides)
     return TrainConfig.from_options(options)
@@ -48,14 +48,15 @@ def resumed_run(tmp_path_factory, tiny_chat_model_dir, demo_subset) -> dict:
     root = tmp_path_factory.mktemp("tracked")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLFLOW_TRACKING_URI", (root / "mlruns").as_uri())
-        env.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for a database, but the file store is local
+        env.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for a database; a file store is local
         env.setenv("WANDB_MODE", "offline")
         env.setenv("WANDB_SILENT", "true")
         options = dict(report_to=TESTED, run_name="dates", project="lorakit-tests")
         config = _config(root / "run", tiny_chat_model_dir, demo_subset, **options)
         with pytest.raises(RuntimeError, match="simulated crash"):
             train(config, callbacks=[CrashAfter(2)])
-        crashed = [json.loads(line)["step"] for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+        metrics = root / "run" / "metrics.jsonl"
+        crashed = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
         # What the end of a crashed process does: its runs end (in one process, they would go on).
         if "mlflow" in TESTED:
             import mlflow
@@ -109,7 +110,8 @@ def test_tensorboard_scalars_equal_metrics_jsonl_step_by_step_after_a_resume(res
         assert [value for _, value in got] == pytest.approx([value for _, value in points], rel=1e-6), tag
     report = resumed_run["report"]
     for key in ("exact_match_adapter", "final_val_loss", "steps", "tokens_per_second"):
-        assert [(e.step, e.value) for e in events.Scalars(f"report/{key}")] == [(4, pytest.approx(report[key]))]
+        assert [(e.step, e.value) for e in events.Scalars(f"report/{key}")] == [
+            (4, pytest.approx(report[key]))]
     assert [image.step for image in events.Images("loss_curve")] == [4]
     samples = events.Tensors("report/exact_match_samples/text_summary")[0].tensor_proto.string_val[0].decode()
     assert samples.startswith("| question | reference | base | adapter |")
@@ -126,11 +128,12 @@ def test_dpo_reward_figures_reach_tensorboard(tmp_path, tiny_chat_model_dir) -> 
     data = {}
     for split, size in (("train", 16), ("validation", 8)):
         data[split] = tmp_path / f"{split}.jsonl"
-        data[split].write_text("\n".join(bundled_preference_path(split).read_text().splitlines()[:size]) + "\n")
+        lines = bundled_preference_path(split).read_text().splitlines()[:size]
+        data[split].write_text("\n".join(lines) + "\n")
     config = DPOConfig.from_options(dict(
         model=str(tiny_chat_model_dir), data=str(data["train"]), validation_data=str(data["validation"]),
-        output=str(tmp_path / "dpo"), max_steps=2, eval_every=2, batch_size=8, learning_rate=5e-3, warmup_steps=0,
-        report_to="tensorboard"))
+        output=str(tmp_path / "dpo"), max_steps=2, eval_every=2, batch_size=8, learning_rate=5e-3,
+        warmup_steps=0, report_to="tensorboard"))
     train_dpo(config)
     records = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
     events = EventAccumulator(str(tmp_path / "dpo" / "logs" / "dpo"))
@@ -172,8 +175,9 @@ def test_mlflow_continues_the_run_with_its_params_and_metric_history(resumed_run
 
 
 def _wandb_records(path: Path):
-    """The records of an offline W&B run file: a 7-byte header, then LevelDB's log format (32 KiB blocks of
-    chunks with a 7-byte header: CRC, length, type FULL/FIRST/MIDDLE/LAST) holding wandb's protobuf Records."""
+    """The records of an offline W&B run file (wandb has no reader of its own in Python): a 7-byte header,
+    then LevelDB's log format (32 KiB blocks of chunks, each with a 7-byte header: CRC, length, type
+    FULL/FIRST/MIDDLE/LAST) holding wandb's protobuf Records."""
     from wandb.proto import wandb_internal_pb2
 
     data, block, pos, pending = path.read_bytes(), 32768, 7, b""
@@ -212,10 +216,12 @@ def test_wandb_offline_runs_hold_the_config_and_the_metrics(resumed_run) -> None
             elif kind == "config":
                 config.update({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                                for item in record.config.update})
-    assert config["learning_rate"] == 5e-3 and config["command"] == "train" and config["report_to"] == json.dumps(TESTED)
+    assert (config["command"], config["learning_rate"]) == ("train", 5e-3)
+    assert config["report_to"] == json.dumps(TESTED)
     expected = {**_series(resumed_run["records"], "train"), **_series(resumed_run["records"], "eval")}
     for key, points in expected.items():
-        assert [history[step][key] for step, _ in points] == pytest.approx([value for _, value in points]), key
+        values = [value for _, value in points]
+        assert [history[step][key] for step, _ in points] == pytest.approx(values), key
     assert history[4]["report/exact_match_adapter"] == resumed_run["report"]["exact_match_adapter"]
 
 

@@ -124,7 +124,8 @@ class Tracking:
         # Each tracker is closed by hand: Accelerator.end_training would also end the process group, which
         # the Trainer still needs.
         for tracker in self.acc.trackers:
-            EXTRAS.get(tracker.name, _nothing)(tracker, self.out, report, step)
+            if tracker.name in EXTRAS:
+                EXTRAS[tracker.name](tracker, self.out, report, step)
             tracker.finish()
 
 
@@ -149,7 +150,7 @@ def _run_ids(accelerator: Accelerator) -> dict[str, str]:
     return ids
 
 
-# ---- what the end of a run adds, per tracker: the loss curve and the exact-match samples ------------
+# ---- what the end of a run adds where the tracker takes it: the loss curve and the exact-match samples --
 
 
 def _tensorboard_extras(tracker: Any, out: Path, report: dict[str, Any], step: int | None) -> None:
@@ -183,10 +184,6 @@ def _mlflow_extras(tracker: Any, out: Path, report: dict[str, Any], step: int | 
             tracker.log_artifact(str(out / name))
 
 
-def _nothing(tracker: Any, out: Path, report: dict[str, Any], step: int | None) -> None:
-    """Trackers without images or text keep the figures alone."""
-
-
 EXTRAS: dict[str, Callable[[Any, Path, dict[str, Any], int | None], None]] = {
     "tensorboard": _tensorboard_extras, "wandb": _wandb_extras, "mlflow": _mlflow_extras,
 }
@@ -197,5 +194,6 @@ def _markdown_table(rows: list[dict[str, Any]]) -> str:
     columns = list(rows[0])
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        lines.append("| " + " | ".join(str(row[c]).replace("|", "\\|").replace("\n", " ") for c in columns) + " |")
+        cells = (str(row[c]).replace("|", "\\|").replace("\n", " ") for c in columns)
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
