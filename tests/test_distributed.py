@@ -68,7 +68,7 @@ def test_two_cpu_processes_train_like_one_process_with_twice_the_batch(tmp_path,
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(LAUNCHER),
-         str(config), str(tmp_path)],
+         "train", str(config), str(tmp_path)],
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]

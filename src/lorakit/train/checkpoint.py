@@ -44,14 +44,14 @@ class Progress:
     elapsed: float = 0.0
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
@@ -70,7 +70,7 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
             trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
             save_file(trainable, str(tmp / FULL_WEIGHTS_FILE))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / OPTIMIZER_FILE)
-        torch.save(_rng_state(), tmp / RNG_FILE)
+        torch.save(rng_state(), tmp / RNG_FILE)
         torch.save(objective_state or {}, tmp / OBJECTIVE_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(asdict(progress), indent=2) + "\n")
 
@@ -107,7 +107,7 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
         states = torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
         optimizer.load_state_dict(states["optimizer"])
         scheduler.load_state_dict(states["scheduler"])
-        _set_rng_state(torch.load(directory / RNG_FILE, map_location="cpu", weights_only=True))
+        set_rng_state(torch.load(directory / RNG_FILE, map_location="cpu", weights_only=True))
         objective_state = torch.load(directory / OBJECTIVE_FILE, map_location="cpu", weights_only=True)
     except (OSError, KeyError, ValueError, RuntimeError) as err:
         raise LorakitError(f"{directory}: checkpoint cannot be resumed ({type(err).__name__}: {err})") from None

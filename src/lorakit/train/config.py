@@ -74,6 +74,8 @@ class TuningConfig:
     gradient_checkpointing: bool = option(False, help="Recompute activations in backward to save memory.")
     compile: bool = option(False, help="torch.compile the decoder layers for training (a one-off compile, "
                                        "then faster steps).")
+    fsdp: bool = option(False, help="Shard the model, adapter and optimizer state over the processes of a "
+                                    "torchrun/accelerate launch (FSDP2) instead of replicating them (DDP).")
     load_in_8bit: bool = option(False, help="Load the base in 8-bit (bitsandbytes).")
     load_in_4bit: bool = option(False, help="Load the base in 4-bit NF4 (bitsandbytes, QLoRA).")
     trust_remote_code: bool = option(False, help="Allow a model that ships its own Python code (auto_map) "

@@ -118,8 +118,9 @@ class BaseObjective:
 
 
 class ObjectiveModule(nn.Module):
-    """The module the Trainer gives accelerate/DDP: its forward is the objective's loss, and `model` is
-    registered so that DDP sees (and synchronises) the trained parameters."""
+    """The module the Trainer runs: its forward is the objective's loss and `evaluate` its evaluation, with
+    `model` registered so that DDP sees (and synchronises) the trained parameters and FSDP2 shards them
+    (the loss then runs inside the root unit's forward, where its own parameters are gathered)."""
 
     def __init__(self, objective: Objective, model: nn.Module) -> None:
         super().__init__()
@@ -128,3 +129,6 @@ class ObjectiveModule(nn.Module):
 
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         return self.objective.loss(batch)
+
+    def evaluate(self, examples: list[Example], reduce: Reduce) -> dict[str, float]:
+        return self.objective.evaluate(examples, reduce)

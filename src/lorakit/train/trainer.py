@@ -12,7 +12,6 @@ window over all processes, so accumulation and data parallelism give the update 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -25,11 +24,13 @@ from torch import nn
 
 from lorakit.errors import LorakitError
 from lorakit.train.batching import epoch_batches, windows
-from lorakit.train.checkpoint import Progress, load_checkpoint, save_checkpoint
+from lorakit.train.checkpoint import Progress
 from lorakit.train.compile import compiled_decoder_layers
 from lorakit.train.config import TuningConfig
+from lorakit.train.fsdp import FullySharded, check_launch
 from lorakit.train.objective import Batch, Objective, ObjectiveModule
 from lorakit.train.optim import build_optimizer, build_scheduler, total_optimizer_steps
+from lorakit.train.parallel import DataParallel
 from lorakit.train.report import MetricsLog, RunReport, truncate_metrics
 from lorakit.train.setup import count_parameters, load_base_model, make_accelerator, prepare_output
 from lorakit.train.tracking import Tracking, log_with, logging_dir, trackers
@@ -77,6 +78,8 @@ class Trainer:
 
         config, objective = self.config, self.objective
         self.acc = acc = make_accelerator(log_with(config), logging_dir(config))
+        if config.fsdp:
+            check_launch(acc.num_processes, config)
         self.tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
         self.data = objective.datasets(self.tokenizer)
         if acc.is_main_process:
@@ -90,17 +93,21 @@ class Trainer:
         self.model = objective.build(base, source)
         if config.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        parameters = count_parameters(self.model)
+        self.parallel = FullySharded(acc) if config.fsdp else DataParallel(acc)
+        self.objective_module = ObjectiveModule(objective, self.model)
+        self.parallel.setup(self.objective_module)
         self.best_dir = self.out / ("adapter" if hasattr(self.model, "peft_config") else "model")
         self.log = MetricsLog(self.out / "metrics.jsonl", enabled=acc.is_main_process)
         self.report = RunReport(objective.describe, objective.loss_label, objective.curves)
-        self.report.start(objective.method, self.data.stats, count_parameters(self.model))
+        self.report.start(objective.method, self.data.stats, parameters)
 
         self._fit()
         acc.wait_for_everyone()
         if not self.data.validation:
             self._save_best()
         acc.wait_for_everyone()
-        summary = objective.summary(self.model, self.best_dir) if acc.is_main_process else {}
+        summary = self._summary()
         report = self.report.finish(acc.device, acc.num_processes, acc.is_main_process, summary,
                                     time.perf_counter() - started, self.out, self.log.read())
         for callback in self.callbacks:
@@ -116,12 +123,13 @@ class Trainer:
                                                  self.objective.repeat)
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
-        self.module, self.optimizer = acc.prepare(ObjectiveModule(self.objective, self.model), self.optimizer)
+        self.module, self.optimizer = self.parallel.prepare(self.objective_module, self.optimizer)
         progress = self._resume() if config.resume else Progress()
         if not config.resume and self.objective.evaluate_first:
             self.report.values["base_val_loss"] = self._evaluate().get("loss")
         with compiled_decoder_layers(self.model, config.compile):
             self._loop(progress)
+        self.report.values.update(self.parallel.memory(self.model, getattr(self.optimizer, "optimizer", self.optimizer)))
 
     def _loop(self, progress: Progress) -> None:
         config, acc = self.config, self.acc
@@ -178,15 +186,14 @@ class Trainer:
         figures: dict[str, Any] = {}
         for i, batch in enumerate(batches):
             batch = _to(batch, device)
-            sync = contextlib.nullcontext() if i == len(batches) - 1 else acc.no_sync(self.module)
-            with sync:
+            with self.parallel.no_sync(self.module, last=i == len(batches) - 1):
                 loss_sum, batch_figures = self.module(batch)
                 # DDP averages gradients over processes; scale so the result is the mean over the window.
                 acc.backward(loss_sum * (acc.num_processes / count))
             total += loss_sum.detach()
             _accumulate(figures, batch_figures, len(batches))
         if self.config.max_grad_norm > 0:
-            figures["grad_norm"] = float(acc.clip_grad_norm_(self.module.parameters(), self.config.max_grad_norm))
+            figures["grad_norm"] = self.parallel.clip_grad_norm(self.module, self.config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -201,12 +208,18 @@ class Trainer:
         if not self.data.validation:
             return {}
         acc = self.acc
-        shard = self.data.validation[acc.process_index::acc.num_processes]
+        if self.parallel.sharded:
+            # Sharded layers run collectives: every process must make the same forward calls, so each
+            # evaluates all the data (and sums nothing).
+            shard, reduce = self.data.validation, lambda t: t
+        else:
+            shard = self.data.validation[acc.process_index::acc.num_processes]
+            reduce = lambda t: acc.reduce(t, reduction="sum")  # noqa: E731
         self.module.eval()
         try:
             # No-grad passes under --compile would compile graphs of their own: run them eagerly.
             with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-                return self.objective.evaluate(shard, lambda t: acc.reduce(t, reduction="sum"))
+                return self.objective_module.evaluate(shard, reduce)
         finally:
             self.module.train()
 
@@ -231,32 +244,27 @@ class Trainer:
         return patience is not None and progress.evals_without_improvement >= patience
 
     def _save_best(self) -> None:
-        """Atomically replace the best model's directory: the trained adapter alone (PEFT format; never a
-        frozen reference adapter), or the full model with its tokenizer."""
-        from lorakit.io.atomic import atomic_directory
-
-        if not self.acc.is_main_process:
-            return
-        with atomic_directory(self.best_dir, overwrite=True) as tmp:
-            if hasattr(self.model, "peft_config"):
-                self.model.save_pretrained(tmp, selected_adapters=[self.model.active_adapter])
-            else:
-                self.model.save_pretrained(tmp)
-                self.tokenizer.save_pretrained(tmp)
+        self.parallel.save_best(self.model, self.best_dir, self.tokenizer)
 
     def _save_checkpoint(self, progress: Progress) -> None:
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.scheduler, progress,
-                            self.objective.state_dict())
-        self.acc.wait_for_everyone()
+        self.parallel.save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.scheduler, progress,
+                                      self.objective.state_dict())
 
     def _resume(self) -> Progress:
-        progress, state = load_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.scheduler)
+        progress, state = self.parallel.load_checkpoint(self.checkpoint_dir, self.model, self.optimizer,
+                                                        self.scheduler)
         self.objective.load_state_dict(state)
         if self.acc.is_main_process:
             truncate_metrics(self.log, progress.step)
         return progress
+
+    def _summary(self) -> dict[str, Any]:
+        """The objective's closing report entries, from the main process. Under --fsdp the model cannot
+        leave its shards for a scoring pass on one process, so scores that need one are left to
+        `lorakit eval` on the saved adapter."""
+        if self.parallel.sharded:
+            return {"summary": f"not scored under --fsdp; run `lorakit eval --adapter {self.best_dir}`"}
+        return self.objective.summary(self.model, self.best_dir) if self.acc.is_main_process else {}
 
     def _record(self, **record: Any) -> None:
         self.log.write(**record)

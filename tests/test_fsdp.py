@@ -1,0 +1,173 @@
+"""`--fsdp`: FSDP2-sharded training on 2 CPU processes (torchrun, gloo), checked against DDP and against
+one process with twice the batch size; sharded checkpoints and exact resume after `kill -9` of one rank;
+two "nodes"; the refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from lorakit.errors import LorakitError
+from lorakit.train.config import DPOConfig, TrainConfig
+from lorakit.train.dpo import train_dpo
+from lorakit.train.sft import train
+
+LAUNCHER = Path(__file__).with_name("dist_train.py")
+# One thread per process: the two processes share the machine's cores.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun(command: str, options: dict, out: Path, *, nodes: int = 1, timeout: int = 600) -> list[dict]:
+    """Run `command` (train/dpo) on 2 processes with `options` (output: out/"run"); the final trainable
+    tensors of each rank. With nodes=2: two torchrun launches of one process each, meeting at a local
+    c10d rendezvous, as two machines would."""
+    out.mkdir(parents=True, exist_ok=True)
+    config = out / "config.yaml"
+    config.write_text(yaml.safe_dump({**options, "output": str(out / "run")}))
+    if nodes == 1:
+        launches = [["--standalone", "--nproc_per_node", "2"]]
+    else:
+        port = _free_port()
+        launches = [["--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank), "--rdzv-backend", "c10d",
+                     "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "lorakit-test"] for rank in range(2)]
+    processes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args, str(LAUNCHER), command,
+                                   str(config), str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, env=ENV) for args in launches]
+    for process in processes:
+        output, _ = process.communicate(timeout=timeout)
+        assert process.returncode == 0, output[-4000:]
+    return [load_file(str(out / f"rank{r}.safetensors")) for r in range(2)]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def _close(got: dict, expected: dict, atol: float = 1e-5) -> None:
+    assert got.keys() == expected.keys() and got
+    for key in expected:
+        assert torch.allclose(got[key], expected[key], atol=atol, rtol=0), key
+
+
+def _trainable(model: torch.nn.Module) -> dict:
+    return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _sft_options(model_dir: Path, data: dict, **extra) -> dict:
+    return dict(model=str(model_dir), data=str(data["train"]), validation_data=str(data["validation"]),
+                test_data=str(data["test"]), max_steps=4, eval_every=2, learning_rate=5e-3, warmup_steps=0,
+                batch_size=4, lora_dropout=0.0, eval_limit=2, eval_max_new_tokens=4, seed=3, **extra)
+
+
+def test_sharded_sft_equals_data_parallel_and_one_process(tmp_path, tiny_chat_model_dir, demo_subset) -> None:
+    options = _sft_options(tiny_chat_model_dir, demo_subset)
+    sharded = _torchrun("train", {**options, "fsdp": True}, tmp_path / "fsdp")
+    replicated = _torchrun("train", options, tmp_path / "ddp")
+    single = train(TrainConfig.from_options({**options, "batch_size": 8, "output": str(tmp_path / "one")}))
+    expected = _trainable(single.model)
+    for rank in range(2):
+        _close(sharded[rank], expected)
+        _close(replicated[rank], expected)
+    report = json.loads((tmp_path / "fsdp" / "run" / "report.json").read_text())
+    ddp_report = json.loads((tmp_path / "ddp" / "run" / "report.json").read_text())
+    assert report["final_val_loss"] == pytest.approx(single.report["final_val_loss"], abs=1e-5)
+    # Each rank holds half of every sharded tensor (the frozen base included) and of the AdamW state.
+    assert report["rank_optimizer_bytes"] == pytest.approx(ddp_report["rank_optimizer_bytes"] / 2, rel=0.05)
+    assert report["rank_parameter_bytes"] == pytest.approx(ddp_report["rank_parameter_bytes"] / 2, rel=0.05)
+    # The best adapter is written once, whole, in PEFT's format, and PEFT loads it.
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    loaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir),
+                                            tmp_path / "fsdp" / "run" / "adapter")
+    saved = load_file(str(tmp_path / "fsdp" / "run" / "adapter" / "adapter_model.safetensors"))
+    assert saved and all(v.shape == loaded.state_dict()[k.replace(".weight", ".default.weight")].shape
+                         for k, v in saved.items())
+
+
+def test_sharded_dpo_equals_one_process(tmp_path, tiny_chat_model_dir, demo_subset) -> None:
+    from lorakit.train.preference_data import bundled_preference_path
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(bundled_preference_path("train").read_text().splitlines()[:24]) + "\n")
+    options = dict(model=str(tiny_chat_model_dir), data=str(pairs), max_steps=3, eval_every=10, batch_size=2,
+                   learning_rate=5e-3, warmup_steps=0, seed=3, fsdp=True)
+    sharded = _torchrun("dpo", options, tmp_path / "fsdp")
+    single = train_dpo(DPOConfig.from_options({**options, "fsdp": False, "batch_size": 4,
+                                               "output": str(tmp_path / "one")}))
+    for rank in range(2):
+        _close(sharded[rank], _trainable(single.model))
+
+
+def test_dora_olora_patterns_and_checkpointing_shard_like_one_process(tmp_path, tiny_chat_model_dir,
+                                                                      demo_subset) -> None:
+    """DoRA magnitudes, an OLoRA init (made before sharding, saved portable), rank/alpha patterns, rsLoRA,
+    modules_to_save and gradient checkpointing, all under --fsdp."""
+    options = _sft_options(tiny_chat_model_dir, demo_subset, use_dora=True, init_lora_weights="olora",
+                           use_rslora=True, rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 4.0},
+                           target_modules=["q_proj", "v_proj", "down_proj"], modules_to_save=["lm_head"],
+                           gradient_checkpointing=True, max_steps=2)
+    sharded = _torchrun("train", {**options, "fsdp": True}, tmp_path / "fsdp")
+    single = train(TrainConfig.from_options({**options, "batch_size": 8, "output": str(tmp_path / "one")}))
+    _close(sharded[0], _trainable(single.model))
+    ours = load_file(str(tmp_path / "fsdp" / "run" / "adapter" / "adapter_model.safetensors"))
+    _close(ours, load_file(str(single.adapter_dir / "adapter_model.safetensors")))
+
+
+def test_kill_9_of_one_rank_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_chat_model_dir,
+                                                                     demo_subset) -> None:
+    options = {**_sft_options(tiny_chat_model_dir, demo_subset), "fsdp": True, "max_steps": 8, "eval_every": 4,
+               "save_every": 2}
+    expected = _torchrun("train", options, tmp_path / "whole")[0]
+    out = tmp_path / "killed"
+    out.mkdir()
+    config = out / "config.yaml"
+    config.write_text(yaml.safe_dump({**options, "output": str(out / "run")}))
+    launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                               "2", str(LAUNCHER), "train", str(config), str(out)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=ENV, start_new_session=True)
+    state = out / "run" / "checkpoint" / "trainer_state.json"
+    deadline = time.monotonic() + 600
+    while not (state.is_file() and json.loads(state.read_text())["step"] >= 4):
+        assert launch.poll() is None and time.monotonic() < deadline, "the run ended before its checkpoint"
+        time.sleep(0.2)
+    workers = subprocess.run(["pgrep", "-f", f"dist_train.py train {config}"], capture_output=True, text=True)
+    os.kill(int(workers.stdout.split()[-1]), signal.SIGKILL)  # one rank only; torchrun then stops the other
+    launch.communicate(timeout=300)
+    assert launch.returncode != 0
+    resumed = _torchrun("train", {**options, "resume": True}, out)
+    _close(resumed[0], expected)
+    steps = [json.loads(line)["step"] for line in (out / "run" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == list(range(1, 9))
+
+
+def test_two_nodes_train_like_one_process(tmp_path, tiny_chat_model_dir, demo_subset) -> None:
+    options = {**_sft_options(tiny_chat_model_dir, demo_subset), "max_steps": 2}
+    nodes = _torchrun("train", {**options, "fsdp": True}, tmp_path / "nodes", nodes=2)
+    single = train(TrainConfig.from_options({**options, "batch_size": 8, "output": str(tmp_path / "one")}))
+    _close(nodes[1], _trainable(single.model))
+
+
+@pytest.mark.parametrize(("options", "env", "message"), [
+    ({"fsdp": True}, {}, "--fsdp: shards the model over the processes of a launch"),
+])
+def test_bad_combinations_fail_before_the_model_loads(tmp_path, options, env, message, monkeypatch) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(LorakitError, match=message):
+        train(TrainConfig.from_options({**options, "model": str(tmp_path / "no-model-here"),
+                                        "output": str(tmp_path / "run")}))
