@@ -67,9 +67,10 @@ def _trainable(model: torch.nn.Module) -> dict:
 
 
 def _sft_options(model_dir: Path, data: dict, **extra) -> dict:
-    return dict(model=str(model_dir), data=str(data["train"]), validation_data=str(data["validation"]),
-                test_data=str(data["test"]), max_steps=4, eval_every=2, learning_rate=5e-3, warmup_steps=0,
-                batch_size=4, lora_dropout=0.0, eval_limit=2, eval_max_new_tokens=4, seed=3, **extra)
+    options = dict(model=str(model_dir), data=str(data["train"]), validation_data=str(data["validation"]),
+                   test_data=str(data["test"]), max_steps=4, eval_every=2, learning_rate=5e-3, warmup_steps=0,
+                   batch_size=4, lora_dropout=0.0, eval_limit=2, eval_max_new_tokens=4, seed=3)
+    return {**options, **extra}
 
 
 def test_sharded_sft_equals_data_parallel_and_one_process(tmp_path, tiny_chat_model_dir, demo_subset) -> None:
