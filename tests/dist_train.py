@@ -31,6 +31,7 @@ def main(command: str, config_path: str, out_dir: str) -> None:
         if param.requires_grad:
             whole = param.full_tensor() if hasattr(param, "full_tensor") else param
             tensors[name] = whole.detach().cpu().contiguous()
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(Path(out_dir) / f"rank{rank}.safetensors"))
 
 

@@ -46,7 +46,8 @@ def _torchrun(command: str, options: dict, out: Path, *, nodes: int = 1, timeout
                                   text=True, env=ENV) for args in launches]
     for process in processes:
         output, _ = process.communicate(timeout=timeout)
-        assert process.returncode == 0, output[-4000:]
+        ranks = [line for line in output.splitlines() if line.startswith("[rank")]  # the workers' tracebacks
+        assert process.returncode == 0, "\n".join(ranks[-30:]) or output[-4000:]
     return [load_file(str(out / f"rank{r}.safetensors")) for r in range(2)]
 
 
@@ -99,6 +100,7 @@ def test_sharded_sft_equals_data_parallel_and_one_process(tmp_path, tiny_chat_mo
                          for k, v in saved.items())
 
 
+@pytest.mark.slow
 def test_sharded_dpo_equals_one_process(tmp_path, tiny_chat_model_dir, demo_subset) -> None:
     from lorakit.train.preference_data import bundled_preference_path
 
@@ -113,6 +115,7 @@ def test_sharded_dpo_equals_one_process(tmp_path, tiny_chat_model_dir, demo_subs
         _close(sharded[rank], _trainable(single.model))
 
 
+@pytest.mark.slow
 def test_dora_olora_patterns_and_checkpointing_shard_like_one_process(tmp_path, tiny_chat_model_dir,
                                                                       demo_subset) -> None:
     """DoRA magnitudes, an OLoRA init (made before sharding, saved portable), rank/alpha patterns, rsLoRA,
@@ -126,6 +129,19 @@ def test_dora_olora_patterns_and_checkpointing_shard_like_one_process(tmp_path, 
     _close(sharded[0], _trainable(single.model))
     ours = load_file(str(tmp_path / "fsdp" / "run" / "adapter" / "adapter_model.safetensors"))
     _close(ours, load_file(str(single.adapter_dir / "adapter_model.safetensors")))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", [{"method": "full", "compile": True}, {"load_in_4bit": True}],
+                         ids=["full-compiled", "qlora"])
+def test_full_fine_tuning_compile_and_4bit_bases_shard_like_one_process(variant, tmp_path, tiny_chat_model_dir,
+                                                                         demo_subset) -> None:
+    """Full fine-tuning with --compile (every weight trainable and sharded, decoder layers compiled) and a
+    bitsandbytes NF4 base (QLoRA: the packed 4-bit weights are sharded as they are stored)."""
+    options = _sft_options(tiny_chat_model_dir, demo_subset, max_steps=2, **variant)
+    sharded = _torchrun("train", {**options, "fsdp": True}, tmp_path / "fsdp")
+    single = train(TrainConfig.from_options({**options, "batch_size": 8, "output": str(tmp_path / "one")}))
+    _close(sharded[0], _trainable(single.model), atol=1e-4 if "compile" in variant else 1e-5)
 
 
 def test_kill_9_of_one_rank_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_chat_model_dir,
@@ -156,6 +172,7 @@ def test_kill_9_of_one_rank_then_resume_matches_an_uninterrupted_run(tmp_path, t
     assert steps == list(range(1, 9))
 
 
+@pytest.mark.slow
 def test_two_nodes_train_like_one_process(tmp_path, tiny_chat_model_dir, demo_subset) -> None:
     options = {**_sft_options(tiny_chat_model_dir, demo_subset), "max_steps": 2}
     nodes = _torchrun("train", {**options, "fsdp": True}, tmp_path / "nodes", nodes=2)

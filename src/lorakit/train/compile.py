@@ -25,7 +25,8 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The modules of `model` whose class the model lists as unsplittable (its decoder layers)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(base, "_no_split_modules", None) or ())
-    return [m for m in base.modules() if type(m).__name__ in names]
+    # By the class's ancestry: FSDP2 turns a sharded LlamaDecoderLayer into an FSDPLlamaDecoderLayer subclass.
+    return [m for m in base.modules() if any(c.__name__ in names for c in type(m).__mro__)]
 
 
 @contextmanager

@@ -137,8 +137,9 @@ class FullySharded(DataParallel):
 def _options() -> Any:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    # Only what training changes: the frozen base is rebuilt from the model source on resume.
-    return StateDictOptions(ignore_frozen_params=True)
+    # Only what training changes: the frozen base is rebuilt from the model source on resume (so loading
+    # is not strict about the frozen keys; `dcp.load` still fails on any trainable key the files lack).
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def _state(model: nn.Module, optimizer: Any) -> dict[str, Any]:
