@@ -74,18 +74,23 @@ def load_saved_weights(model: nn.Module, adapter_name: str, config: LoraConfig, 
 
 
 def save_adapters(model: nn.Module, configs: Mapping[str, LoraConfig], root: Path,
-                  save_embedding_layers: bool | str = "auto", portable: bool = True) -> None:
+                  save_embedding_layers: bool | str = "auto", portable: bool = True,
+                  tensors: Mapping[str, dict[str, Tensor]] | None = None) -> None:
     """Write each adapter of `configs` in PEFT's format (config saved with inference_mode): "default" into
     `root`, others into sub-folders named after them.
 
     portable: an adapter whose init moved the base weight (OLoRA, PiSSA) is saved so that it applies to the
-    untouched base (see `lorakit.io.portable`).
+    untouched base (see `lorakit.io.portable`). tensors: per adapter, its tensors under their PEFT names to
+    write instead of the model's own (`adapter_tensors`), e.g. gathered whole from FSDP shards.
     """
     if root.exists() and not root.is_dir():
         raise FileExistsError(f"{root}: exists and is not a directory")
     for name, config in configs.items():
-        tensors = peft_format.adapter_tensors(model, config, name, save_embedding_layers)
+        if tensors is not None:
+            written = tensors[name]
+        else:
+            written = peft_format.adapter_tensors(model, config, name, save_embedding_layers)
         if portable:
-            config, tensors = portable_adapter(model, name, config, tensors)
+            config, written = portable_adapter(model, name, config, written)
         directory = root if name == "default" else root / check_adapter_name(name)
-        peft_format.save_adapter_files(directory, dataclasses.replace(config, inference_mode=True), tensors)
+        peft_format.save_adapter_files(directory, dataclasses.replace(config, inference_mode=True), written)

@@ -18,7 +18,6 @@ once every process has finished, so a crash (or `kill -9` of any process) leaves
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -84,8 +83,11 @@ class FullySharded(DataParallel):
             name = model.active_adapter
             tensors = gathered_adapter_tensors(model, name)
             if self.main:
+                from lorakit.io.pretrained import save_adapters
+
+                configs = {name: model.peft_config[name]}
                 with atomic_directory(directory, overwrite=True) as tmp:
-                    write_adapter(model, name, tensors, tmp)
+                    save_adapters(model.get_base_model(), configs, tmp, tensors={name: tensors})
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -156,15 +158,6 @@ def gathered_adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, t
 
     tensors = adapter_tensors(model.get_base_model(), model.peft_config[adapter_name], adapter_name)
     return {key: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu() for key, t in tensors.items()}
-
-
-def write_adapter(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], directory: Path) -> None:
-    """Write gathered adapter tensors as `model.save_pretrained` writes the adapter itself."""
-    from lorakit.io.peft_format import save_adapter_files
-    from lorakit.io.portable import portable_adapter
-
-    config, tensors = portable_adapter(model.get_base_model(), adapter_name, model.peft_config[adapter_name], tensors)
-    save_adapter_files(directory, dataclasses.replace(config, inference_mode=True), tensors)
 
 
 def check_launch(world_size: int, config: Any) -> None:

@@ -30,9 +30,8 @@ def make_accelerator(log_with: Sequence[Any] = (), logging_dir: Path | None = No
     of several processes with no device to spread over asks for the CPU, and one that still does not come
     up with all its processes is refused.
 
-    Only data parallelism (DDP) is supported: the adapter, the best adapter and the checkpoints are saved
-    from the main process's own copy of the weights and optimizer state, which FSDP and DeepSpeed shard
-    across processes, so an accelerate config that asks for those is refused rather than saving a part.
+    accelerate's own FSDP, DeepSpeed and Megatron plugins are refused: lorakit shards with FSDP2 itself
+    (`--fsdp`, train/fsdp.py) and saves what it shards; DeepSpeed needs CUDA and is not supported.
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
@@ -47,7 +46,8 @@ def make_accelerator(log_with: Sequence[Any] = (), logging_dir: Path | None = No
     sharded = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
     if accelerator.distributed_type in sharded:
         raise LorakitError(f"accelerate is configured for {accelerator.distributed_type.value}, which lorakit "
-                           "does not support yet; use plain data parallelism (see docs/distributed.md)")
+                           "does not use; launch plain processes and pass --fsdp to shard with FSDP2 "
+                           "(DeepSpeed is not supported; see docs/distributed.md)")
     return accelerator
 
 
