@@ -60,6 +60,7 @@ class FullySharded(DataParallel):
         # evaluation pass, which no backward follows, would otherwise leave it whole until the next step.
         fully_shard(module, reshard_after_forward=True)
         register_fsdp_forward_method(module, "evaluate")
+        module.to(self.acc.device)  # each process's shards only
         self.root = module
 
     def prepare(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]:

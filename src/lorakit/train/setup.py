@@ -83,8 +83,9 @@ def prepare_output(config: TuningConfig, config_file: str) -> None:
     (out / config_file).write_text(yaml.safe_dump(config.to_options(), sort_keys=False))
 
 
-def load_base_model(config: TuningConfig, device: torch.device) -> tuple[torch.nn.Module, str]:
-    """(the base model, quantized if asked and prepared for training, where it was loaded from)."""
+def load_base_model(config: TuningConfig, device: torch.device | None) -> tuple[torch.nn.Module, str]:
+    """(the base model, quantized if asked and prepared for training, where it was loaded from); moved to
+    `device` unless that is None (it stays where it was loaded: the CPU)."""
     from lorakit.models.sources import load_causal_lm, resolve_model_source
 
     kwargs: dict[str, Any] = {}
@@ -94,7 +95,7 @@ def load_base_model(config: TuningConfig, device: torch.device) -> tuple[torch.n
         kwargs["quantization_config"] = quantization_config(load_in_8bit=config.load_in_8bit,
                                                             load_in_4bit=config.load_in_4bit)
     model = load_causal_lm(config.model, trust_remote_code=config.trust_remote_code, **kwargs)
-    if not kwargs:
+    if not kwargs and device is not None:
         model.to(device)
     else:
         from lorakit.quant import prepare_for_kbit_training

@@ -89,7 +89,8 @@ class Trainer:
             self.callbacks.insert(0, Tracking(config, acc, objective.name))
         set_seed(config.seed)
         started = time.perf_counter()
-        base, source = load_base_model(config, acc.device)
+        # A sharded model goes to the device only once sharded (FullySharded.setup).
+        base, source = load_base_model(config, None if config.fsdp else acc.device)
         self.model = objective.build(base, source)
         if config.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
