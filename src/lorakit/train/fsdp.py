@@ -28,12 +28,11 @@ import torch.distributed as dist
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.train.checkpoint import Progress, rng_state, set_rng_state
+from lorakit.train.checkpoint import STATE_FILE, Progress, rng_state, saved_progress, set_rng_state
 from lorakit.train.compile import decoder_layers
 from lorakit.train.parallel import DataParallel
 
 SHARDS_DIR = "shards"
-STATE_FILE = "trainer_state.json"
 SCHEDULER_FILE = "scheduler.pt"
 
 
@@ -123,7 +122,7 @@ class FullySharded(DataParallel):
 
         rank = dist.get_rank()
         try:
-            progress = Progress(**json.loads((directory / STATE_FILE).read_text()))
+            progress = saved_progress(directory)
             state = _state(model, optimizer)
             dcp.load(state, checkpoint_id=directory / SHARDS_DIR)
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
