@@ -195,3 +195,18 @@ def test_bad_combinations_fail_before_the_model_loads(tmp_path, options, env, me
     with pytest.raises(LorakitError, match=message):
         train(TrainConfig.from_options({**options, "model": str(tmp_path / "no-model-here"),
                                         "output": str(tmp_path / "run")}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["train", "dpo"])
+def test_embedded_model_shards_like_one_process(command, tmp_path, default_model_dir) -> None:
+    """The embedded SmolLM2-135M-Instruct, 2 steps of SFT or DPO on the bundled data: sharded over 2
+    processes, and in one process with twice the batch."""
+    options = dict(max_steps=2, eval_every=10, batch_size=2, warmup_steps=0, seed=3, lora_dropout=0.0)
+    if command == "train":
+        options.update(eval_limit=2, eval_max_new_tokens=4)
+    sharded = _torchrun(command, {**options, "fsdp": True}, tmp_path / "fsdp", timeout=1200)
+    run = train if command == "train" else train_dpo
+    config_class = TrainConfig if command == "train" else DPOConfig
+    single = run(config_class.from_options({**options, "batch_size": 4, "output": str(tmp_path / "one")}))
+    _close(sharded[0], _trainable(single.model))
