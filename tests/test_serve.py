@@ -32,9 +32,11 @@ from lorakit.layers import BASE_ROW, LoraLayer, mixed  # noqa: E402
 from lorakit.models.sources import load_causal_lm, load_tokenizer  # noqa: E402
 from lorakit.serve.adapters import AdapterPool  # noqa: E402
 from lorakit.serve.app import create_app  # noqa: E402
-from lorakit.serve.engine import Delta, Finished, Row, TextTracker, generate_batch  # noqa: E402
-from lorakit.serve.protocol import APIError  # noqa: E402
-from lorakit.serve.server import Server, ServeSettings  # noqa: E402
+from lorakit.serve.batch import Batch  # noqa: E402
+from lorakit.serve.engine import Delta, Finished, Row, TextTracker  # noqa: E402
+from lorakit.serve.errors import APIError  # noqa: E402
+from lorakit.serve.server import Server  # noqa: E402
+from lorakit.serve.settings import ServeSettings  # noqa: E402
 
 ADAPTERS = {"alpha": 2, "beta": 4, "gamma": 8, "delta": 3}  # name -> rank
 EXTRA = {"extra1": 4, "extra2": 2}  # loaded at runtime
@@ -96,7 +98,8 @@ class Running:
 
 @pytest.fixture(scope="module")
 def running(tiny_chat_model_dir: Path, adapter_dirs: dict[str, Path]):
-    settings = ServeSettings(max_batch_size=16, max_adapters=5, max_model_len=MAX_MODEL_LEN, batch_window_ms=20)
+    settings = ServeSettings(max_batch_size=16, max_adapters=5, max_model_len=MAX_MODEL_LEN, batch_window_ms=20,
+                             adapter_root=adapter_dirs["alpha"].parent)
     server = Server.load(str(tiny_chat_model_dir), [(n, adapter_dirs[n]) for n in ADAPTERS], settings)
     running = Running(server)
     yield running
@@ -187,7 +190,7 @@ def test_streaming_returns_the_same_text(running: Running) -> None:
 
 def test_batch_checks_adapters_once_per_set_of_rows_not_per_token(offline: Offline,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """The engine opens one row_adapters() block while the batch's rows stay the same."""
+    """The batch opens one row_adapters() block while its rows stay the same (and one per prefill)."""
     looked_up: list[str] = []
     real = mixed._factor_tensors
     monkeypatch.setattr(mixed, "_factor_tensors", lambda layer, name: looked_up.append(name) or real(layer, name))
@@ -195,12 +198,17 @@ def test_batch_checks_adapters_once_per_set_of_rows_not_per_token(offline: Offli
     rows = [Row(prompt_ids=ids[0], adapter="alpha", max_tokens=2, emit=lambda event: None),
             Row(prompt_ids=ids[1], adapter="beta", max_tokens=6, emit=lambda event: None)]
     tokenizer = offline.tokenizer
+    batch = Batch(tokenizer, tokenizer.pad_token_id, {tokenizer.eos_token_id})
     with torch.no_grad():
-        generate_batch(offline.model, tokenizer, rows, tokenizer.pad_token_id, {tokenizer.eos_token_id})
+        batch.step(offline.model, rows)
+        while batch.rows:
+            batch.step(offline.model, [])
+    batch.close()
     layers = sum(isinstance(m, LoraLayer) for m in offline.model.modules())  # each carries every adapter
     lengths = [len(row.tokens) for row in rows]
-    # Both rows while the shorter one runs, then the longer one alone: two blocks, however many tokens.
-    expected = 2 * layers + (layers if lengths[0] != lengths[1] else 0)
+    # The prefill of both rows, both rows while the shorter one runs, then the longer one alone: three blocks,
+    # however many tokens.
+    expected = 2 * layers + 2 * layers + (layers if lengths[0] != lengths[1] else 0)
     assert len(looked_up) == expected, (lengths, len(looked_up), layers)
     for row, ids_ in zip(rows, ids):
         text, _ = offline.answer(row.adapter, ids_, row.max_tokens)
@@ -211,12 +219,12 @@ def test_32_concurrent_requests_over_4_adapters_are_batched(running: Running) ->
     jobs = [(name, QUESTIONS[i % len(QUESTIONS)], 4 + i % 9) for i, name in enumerate(list(ADAPTERS) * 8)]
     alone = {job: _chat(running.client, job[0], job[1], max_tokens=job[2]).choices[0].message.content
              for job in set(jobs)}
-    before = running.server.stats["largest_batch"]
+    before = running.server.scheduler.largest_batch
     with ThreadPoolExecutor(len(jobs)) as pool:
         together = list(pool.map(lambda job: _chat(running.client, job[0], job[1], max_tokens=job[2]), jobs))
     for job, reply in zip(jobs, together):
         assert reply.choices[0].message.content == alone[job], job
-    assert before == 1 and running.server.stats["largest_batch"] > 4, running.server.stats
+    assert before == 1 and running.server.scheduler.largest_batch > 4, running.server.describe()
 
 
 def test_stop_strings_and_seeded_sampling(running: Running) -> None:
@@ -277,7 +285,8 @@ def test_pool_eviction_skips_pinned_adapters(tiny_chat_model_dir: Path, adapter_
     async def run_now(fn):
         return fn()
 
-    pool = AdapterPool(load_causal_lm(tiny_chat_model_dir), ["base"], run_now, max_adapters=2)
+    pool = AdapterPool(load_causal_lm(tiny_chat_model_dir), ["base"], run_now, max_adapters=2,
+                       adapter_root=adapter_dirs["alpha"].parent)
     pool.load_initial([("alpha", adapter_dirs["alpha"]), ("beta", adapter_dirs["beta"])])
     assert pool.acquire("alpha") == "alpha"  # alpha is pinned (by a running request) ...
     pool.release(pool.acquire("beta"))  # ... and the least recently used one; beta is idle
