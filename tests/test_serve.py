@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,13 +22,13 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-import uvicorn  # noqa: E402
 
-from lorakit import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from serve_support import Running, save_adapter  # noqa: E402
+
+from lorakit import PeftModel  # noqa: E402
 from lorakit.layers import BASE_ROW, LoraLayer, mixed  # noqa: E402
 from lorakit.models.sources import load_causal_lm, load_tokenizer  # noqa: E402
 from lorakit.serve.adapters import AdapterPool  # noqa: E402
-from lorakit.serve.app import create_app  # noqa: E402
 from lorakit.serve.batch import Batch  # noqa: E402
 from lorakit.serve.engine import Delta, Finished, Row, TextTracker  # noqa: E402
 from lorakit.serve.errors import APIError  # noqa: E402
@@ -45,55 +42,11 @@ QUESTIONS = ["What is 2 + 2?", "Name a colour.", "Say hello.", "Write one word."
              "Which day is today?", "Spell cat.", "Pick a number."]
 
 
-def _save_adapter(model_dir: Path, out: Path, rank: int, seed: int) -> Path:
-    torch.manual_seed(seed)
-    model = get_peft_model(load_causal_lm(model_dir), LoraConfig(
-        r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj", "o_proj", "down_proj", "embed_tokens"],
-        init_lora_weights=False))
-    model.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def adapter_dirs(tiny_chat_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("serve-adapters")
-    return {name: _save_adapter(tiny_chat_model_dir, root / name, rank, seed)
+    return {name: save_adapter(tiny_chat_model_dir, root / name, rank, seed)
             for seed, (name, rank) in enumerate({**ADAPTERS, **EXTRA}.items())}
-
-
-class Running:
-    """A server in a background thread of this process, with an openai client and raw HTTP helpers."""
-
-    def __init__(self, server: Server) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.server = server
-        self._uvicorn = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=self.port,
-                                                      log_level="warning"))
-        self._thread = threading.Thread(target=self._uvicorn.run, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self._uvicorn.started:
-            assert self._thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="x", max_retries=0, timeout=60)
-
-    def raw(self, method: str, path: str, body: bytes | dict | None = None) -> tuple[int, dict]:
-        data = json.dumps(body).encode() if isinstance(body, dict) else body
-        request = urllib.request.Request(self.url + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read())
-
-    def stop(self) -> None:
-        self._uvicorn.should_exit = True
-        self._thread.join(timeout=30)
-        assert not self._thread.is_alive(), "server did not stop"
 
 
 @pytest.fixture(scope="module")

@@ -62,6 +62,7 @@ class Row:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k: each token's logprob and the k most likely ones
     prompt_logprobs: bool = False
     cancelled: bool = False
@@ -96,7 +97,7 @@ class TextTracker:
         if row.first_token_at is None:
             row.first_token_at = time.monotonic()
         row.tokens.append(token)
-        ended = token in self.eos_ids
+        ended = token in self.eos_ids and not row.ignore_eos
         if logprob is not None and not ended:
             row.unsent_logprobs.append(logprob)
         text = self.tokenizer.decode(row.tokens[:-1] if ended else row.tokens, skip_special_tokens=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
-from starlette.background import BackgroundTask
+from starlette.types import Receive, Scope, Send
 
 from lorakit.serve import responses
 from lorakit.serve.engine import Delta, Failed, Finished, PromptLogprobs
@@ -72,7 +72,7 @@ async def completions(server: Server, request: Request):
                 yield responses.sse(responses.completion_chunk(request_id, body.model, None, responses.usage(*counts)))
 
         return _stream(jobs, events())
-    async with _cancel_on_disconnect(request, jobs):
+    async with _cancel_on_disconnect(request.receive, jobs):
         outcomes = await asyncio.gather(*(_collect(job) for job in jobs))
     counts = responses.usage(sum(o.prompt_tokens for o in outcomes), sum(o.completion_tokens for o in outcomes))
     return responses.completion_body(request_id, body.model, [choice(i, o, o.reason, True)
@@ -100,7 +100,7 @@ async def chat_completions(server: Server, request: Request):
                         yield responses.sse(responses.chat_chunk(request_id, body.model, {}, counts=counts))
 
         return _stream(jobs, events())
-    async with _cancel_on_disconnect(request, jobs):
+    async with _cancel_on_disconnect(request.receive, jobs):
         outcome = await _collect(jobs[0])
     return responses.chat_body(request_id, body.model, outcome.text, outcome.reason,
                                responses.usage(outcome.prompt_tokens, outcome.completion_tokens),
@@ -159,32 +159,37 @@ async def _collect(job: Job) -> Outcome:
 
 
 def _stream(jobs: list[Job], events: AsyncIterator[str]) -> StreamingResponse:
-    """Server-sent events, then [DONE]; an error mid-stream becomes an error event. Closing the stream
-    (the client left) cancels the rows."""
+    """Server-sent events, then [DONE]; an error mid-stream becomes an error event."""
     async def sse() -> AsyncIterator[str]:
         try:
             async for event in events:
                 yield event
         except APIError as err:
             yield responses.sse(err.body())
-        finally:
-            _close(jobs)
         yield responses.sse("[DONE]")
 
-    async def close() -> None:  # async, so that it runs on the event loop like all pool bookkeeping
-        _close(jobs)
+    return _JobStream(jobs, sse())
 
-    # The background task also closes the jobs when the stream never started (client gone at once).
-    return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
-                             background=BackgroundTask(close))
+
+class _JobStream(StreamingResponse):
+    """A stream that closes its jobs when it ends, however it ends, and as soon as the client leaves (also
+    while no event is due: a row still waiting for its place sends nothing that could fail)."""
+
+    def __init__(self, jobs: list[Job], content: AsyncIterator[str]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.jobs = jobs
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with _cancel_on_disconnect(receive, self.jobs):
+            await super().__call__(scope, receive, send)
 
 
 @asynccontextmanager
-async def _cancel_on_disconnect(request: Request, jobs: list[Job]) -> AsyncIterator[None]:
-    """While the body is awaited, a client that disconnects cancels the jobs (the next receive() after the
-    whole body has been read returns only when the client goes)."""
+async def _cancel_on_disconnect(receive: Receive, jobs: list[Job]) -> AsyncIterator[None]:
+    """Within the block, a client that disconnects cancels the jobs (once the whole body has been read, the
+    next receive() returns only when the client goes); when the block ends, the jobs are closed."""
     async def watch() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
+        while (await receive())["type"] != "http.disconnect":
             pass
         _close(jobs)
 

@@ -12,7 +12,7 @@ Continuous batching (the default, `--scheduler continuous`):
   takes one row from each adapter in turn, resuming after the adapter served last, so a flood of requests
   for one adapter delays the others by at most one row per turn.
 * Rows leave in the step where they finish (end of sequence, stop string, max_tokens, error) or where their
-  client is found gone; a cancelled waiting row is dropped when its turn comes.
+  client is found gone; a cancelled waiting row is dropped when its turn comes, without taking a place.
 * When idle, the first request waits `batch_window_ms` so that requests sent at the same moment are
   prefilled together.
 
@@ -102,10 +102,9 @@ class Scheduler:
                 self._waiting.move_to_end(adapter)  # the next adapter's turn
             else:
                 del self._waiting[adapter]
-            if row.cancelled:
-                continue  # its request is gone already; the row never runs
-            chosen.append(row)
-            room, budget = room - 1, budget - len(row.prompt_ids)
+            chosen.append(row)  # a cancelled one too: the step ends it without running it (and reports it)
+            if not row.cancelled:
+                room, budget = room - 1, budget - len(row.prompt_ids)
         return chosen
 
     def cancel_all(self) -> None:

@@ -150,8 +150,8 @@ class Server:
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, self._tokenize, prompt)
 
     def _tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        # A list of one text takes the tokenizer's batch path, which runs without holding the GIL.
-        return self.tokenizer([text], add_special_tokens=add_special_tokens)["input_ids"][0]
+        # On the tokenizer thread; fast tokenizers let go of the GIL meanwhile, so the event loop runs on.
+        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
     def _check_chars(self, count: int, param: str) -> None:
         if count > self.max_prompt_chars:
@@ -185,7 +185,8 @@ class Server:
         row = Row(prompt_ids=prompt_ids, adapter=adapter, max_tokens=max_tokens,
                   emit=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event),
                   temperature=request.temperature, top_p=request.top_p, stop=request.stop_strings(),
-                  seed=request.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                  seed=request.seed, ignore_eos=request.ignore_eos, logprobs=logprobs,
+                  prompt_logprobs=prompt_logprobs)
         self.scheduler.submit(row)
         return Job(self, row, queue)
 
