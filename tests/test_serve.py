@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -326,9 +327,11 @@ def test_cli_serves_until_interrupted(tiny_chat_model_dir: Path, adapter_dirs: d
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "lorakit", "serve", "--model", str(tiny_chat_model_dir), "--port", str(port),
                "--adapter", f"alpha={adapter_dirs['alpha']}", "--max-model-len", "64"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # The API key comes from the environment, as a deployment would pass it (never on the command line).
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "LORAKIT_API_KEY": "cli-key"})
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=30)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="cli-key", max_retries=0, timeout=30)
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -339,6 +342,8 @@ def test_cli_serves_until_interrupted(tiny_chat_model_dir: Path, adapter_dirs: d
                 time.sleep(0.2)
         assert models == [tiny_chat_model_dir.name, "alpha"]
         assert _chat(client, "alpha", "Hi", max_tokens=3).usage.completion_tokens == 3
+        with pytest.raises(openai.AuthenticationError):
+            client.with_options(api_key="wrong").models.list()
     finally:
         process.send_signal(signal.SIGINT)
         try:

@@ -366,3 +366,115 @@ def test_keep_alive_connection_survives_errors(running: Running, monkeypatch: py
     status, body = Running.send(connection, "POST", "/v1/chat/completions", chat)
     assert status == 200 and body["usage"]["completion_tokens"] >= 1
     connection.close()
+
+
+# ---- logprobs -----------------------------------------------------------------------------------------
+
+
+def test_chat_logprobs_equal_model_log_softmax_with_the_rows_adapter(running: Running, reference: PeftModel,
+                                                                     tiny_chat_model_dir: Path) -> None:
+    """Sent in one batch with other adapters' requests, each answer's logprobs are log_softmax(model(...))
+    of its own adapter at its own tokens; top_logprobs are the best ones, the chosen (greedy) one first."""
+    tokenizer = load_tokenizer(tiny_chat_model_dir)
+    question = [{"role": "user", "content": "Name three fruits."}]
+    prompt = tokenizer(tokenizer.apply_chat_template(question, add_generation_prompt=True, tokenize=False),
+                       add_special_tokens=False)["input_ids"]
+
+    def ask(model: str, stream: bool = False):
+        return running.client.chat.completions.create(model=model, messages=question, max_tokens=8, temperature=0,
+                                                      logprobs=True, top_logprobs=3, stream=stream,
+                                                      extra_body={"ignore_eos": True})
+
+    with ThreadPoolExecutor(3) as pool:
+        replies = dict(zip(["gamma", "alpha", "base"], pool.map(ask, ["gamma", "alpha", "base"])))
+    for adapter, reply in replies.items():
+        tokens = _greedy(reference, adapter, prompt, 8)
+        expected = reference_logprobs(reference, adapter, prompt + tokens)[len(prompt) - 1:-1]
+        content = reply.choices[0].logprobs.content
+        assert [c.token for c in content] == [tokenizer.decode([t]) for t in tokens], adapter
+        got = torch.tensor([c.logprob for c in content])
+        torch.testing.assert_close(got, expected.gather(-1, torch.tensor(tokens)[:, None])[:, 0], atol=1e-4, rtol=0)
+        for entry, row in zip(content, expected):
+            best = row.topk(3)
+            assert [t.token for t in entry.top_logprobs] == [tokenizer.decode([i]) for i in best.indices.tolist()]
+            torch.testing.assert_close(torch.tensor([t.logprob for t in entry.top_logprobs]), best.values,
+                                       atol=1e-4, rtol=0)
+            assert entry.bytes == list(entry.token.encode())
+    streamed = [c.choices[0].logprobs.content for c in ask("gamma", stream=True)
+                if c.choices and c.choices[0].logprobs is not None]
+    whole = replies["gamma"].choices[0].logprobs.content
+    assert [e.token for chunk in streamed for e in chunk] == [e.token for e in whole]
+    # Alone rather than in a batch of three: the same numbers up to float rounding.
+    assert [e.logprob for chunk in streamed for e in chunk] == pytest.approx([e.logprob for e in whole], abs=1e-4)
+
+
+def test_completion_echo_logprobs_score_token_prompts_as_lm_eval_asks(running: Running,
+                                                                      reference: PeftModel) -> None:
+    """lm-eval's loglikelihood request: token-id prompts, echo, logprobs=1, max_tokens=1."""
+    prompts = [[504, 3300, 314, 1789, 28, 260], [19556, 17, 253, 1357]]
+    status, body = _completion(running, "beta", prompts, max_tokens=1, logprobs=1, echo=True)
+    assert status == 200 and [c["index"] for c in body["choices"]] == [0, 1]
+    for ids, choice in zip(prompts, body["choices"]):
+        scores = choice["logprobs"]
+        expected = reference_logprobs(reference, "beta", ids)
+        assert len(scores["tokens"]) == len(ids) + 1 and scores["token_logprobs"][0] is None
+        assert scores["top_logprobs"][0] is None and scores["text_offset"] == sorted(scores["text_offset"])
+        want = expected[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(scores["token_logprobs"][1:-1]), want, atol=1e-4, rtol=0)
+        generated = int(expected[-1].argmax())
+        assert scores["tokens"][-1] == running.server.tokenizer.decode([generated])
+        for position, top in enumerate(scores["top_logprobs"][1:]):
+            assert max(top.values()) == pytest.approx(float(expected[position].max()), abs=1e-4)
+        assert choice["text"] == running.server.tokenizer.decode(ids) + scores["tokens"][-1]
+    status, body = _completion(running, "beta", prompts[0], max_tokens=0, logprobs=0, echo=True)
+    assert status == 200 and body["usage"]["completion_tokens"] == 0
+    assert len(body["choices"][0]["logprobs"]["tokens"]) == len(prompts[0])
+
+
+def test_completion_logprobs_without_echo(running: Running, reference: PeftModel) -> None:
+    ids = [504, 3300, 314]
+    status, body = _completion(running, "alpha", ids, max_tokens=4, logprobs=2, ignore_eos=True)
+    scores = body["choices"][0]["logprobs"]
+    tokens = _greedy(reference, "alpha", ids, 4)
+    expected = reference_logprobs(reference, "alpha", ids + tokens)[len(ids) - 1:-1]
+    torch.testing.assert_close(torch.tensor(scores["token_logprobs"]),
+                               expected.gather(-1, torch.tensor(tokens)[:, None])[:, 0], atol=1e-4, rtol=0)
+    assert all(len(top) in (2, 3) for top in scores["top_logprobs"])  # the 2 best and the chosen one
+    assert scores["text_offset"][0] == len(running.server.tokenizer.decode(ids))
+
+
+# ---- metrics ------------------------------------------------------------------------------------------
+
+
+def _metrics(running: Running) -> dict[str, float]:
+    status, text = running.raw("GET", "/metrics")
+    assert status == 200
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name.replace(',model_name="' + running.server.base_name + '"', "")
+                   .replace('model_name="' + running.server.base_name + '",', "")
+                   .replace('{model_name="' + running.server.base_name + '"}', "")] = float(value)
+    return values
+
+
+def test_metrics_count_requests_tokens_and_latencies_by_vllm_names(running: Running) -> None:
+    before = _metrics(running)
+    ids = [504, 3300, 314]
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda m: _completion(running, m, ids, max_tokens=5, ignore_eos=True), ["alpha", "alpha", "base"]))
+    after = _metrics(running)
+
+    def grew(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert grew("vllm:generation_tokens_total") == 15 and grew("vllm:prompt_tokens_total") == 9
+    assert grew('vllm:request_success_total{finished_reason="length"}') == 3
+    assert grew('lorakit:adapter_requests_total{adapter="alpha"}') == 2
+    assert grew('lorakit:adapter_requests_total{adapter="base"}') == 1
+    for histogram in ("vllm:time_to_first_token_seconds", "vllm:time_per_output_token_seconds",
+                      "vllm:e2e_request_latency_seconds"):
+        assert grew(f"{histogram}_count") == 3, histogram
+    assert grew("vllm:iteration_tokens_total_count") >= 5 and grew("lorakit:batch_size_count") >= 5
+    assert after["vllm:num_requests_running"] == 0 and after["vllm:num_requests_waiting"] == 0
