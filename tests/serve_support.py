@@ -24,7 +24,8 @@ from lorakit.serve.settings import ServeSettings
 def save_adapter(model_dir: Path, out: Path, rank: int, seed: int) -> Path:
     torch.manual_seed(seed)
     model = get_peft_model(load_causal_lm(model_dir), LoraConfig(
-        r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj", "o_proj", "down_proj", "embed_tokens"],
+        r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj", "o_proj", "down_proj",
+                                                     "embed_tokens"],
         init_lora_weights=False))
     model.save_pretrained(out)
     return out
@@ -70,7 +71,8 @@ class Running:
     def send(connection: http.client.HTTPConnection, method: str, path: str, body: bytes | dict | None = None,
              headers: dict[str, str] | None = None) -> tuple[int, dict | str]:
         data = json.dumps(body).encode() if isinstance(body, dict) else body
-        connection.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+        connection.request(method, path, body=data, headers={"Content-Type": "application/json",
+                                                             **(headers or {})})
         response = connection.getresponse()
         text = response.read().decode()
         try:

@@ -295,6 +295,8 @@ BAD_REQUESTS = [
     ("empty prompt", "/v1/completions", {"model": "alpha", "prompt": ""}, 400, "prompt", "invalid_value"),
     ("adapter without path", "/v1/adapters", {"name": "x"}, 400, "path", "missing_required_parameter"),
     ("adapter named like the base", "/v1/adapters", {"name": "base", "path": "/tmp"}, 400, "name", "invalid_value"),
+    ("adapter named like a module attribute", "/v1/adapters", {"name": "eval", "path": "alpha"}, 400, "name",
+     "invalid_value"),
 ]
 
 

@@ -51,7 +51,8 @@ def keyed(tiny_chat_model_dir: Path, root: Path):
 
 
 ROUTES = [("GET", "/v1/models", None), ("GET", "/health", None), ("GET", "/metrics", None),
-          ("POST", "/v1/chat/completions", CHAT), ("POST", "/v1/completions", {"model": "base", "prompt": "x"}),
+          ("POST", "/v1/chat/completions", CHAT), ("POST", "/v1/completions", {"model": "base",
+                                                                               "prompt": "x"}),
           ("POST", "/v1/adapters", {"name": "a", "path": "good"}), ("DELETE", "/v1/adapters/a", None),
           ("GET", "/v1/nothing", None)]
 
@@ -79,12 +80,14 @@ def test_cross_site_simple_requests_do_nothing(default: Running, root: Path) -> 
     """The issue's attack: a web page POSTs text/plain with its own Origin (and, rebound, its own Host)."""
     steps = default.server.scheduler.steps
     attacks = [{"Content-Type": "text/plain", "Origin": "http://evil.example"},
-               {"Content-Type": "text/plain", "Origin": "http://evil.example", "Host": f"evil.example:{default.port}"},
+               {"Content-Type": "text/plain", "Origin": "http://evil.example",
+                "Host": f"evil.example:{default.port}"},
                {"Content-Type": "application/x-www-form-urlencoded"}, {"Content-Type": "text/plain"},
                {"Origin": "http://evil.example"}, {"Origin": "null"},
                {"Host": f"rebound.evil.example:{default.port}"}]
     for headers in attacks:
-        for path, body in (("/v1/adapters", {"name": "a", "path": str(root / "good")}), ("/v1/chat/completions", CHAT)):
+        for path, body in (("/v1/adapters", {"name": "a", "path": str(root / "good")}),
+                           ("/v1/chat/completions", CHAT)):
             status, error = default.raw("POST", path, json.dumps(body).encode(), headers)
             assert status in (400, 403, 415), (headers, status)
             assert error["error"]["code"] in ("invalid_host", "origin_not_allowed", "unsupported_media_type")
@@ -97,7 +100,8 @@ def test_cross_site_simple_requests_do_nothing(default: Running, root: Path) -> 
 
 
 def test_allowed_origins(tiny_chat_model_dir: Path) -> None:
-    server = Running.start(tiny_chat_model_dir, [], max_model_len=64, allowed_origins=("http://app.example:3000",))
+    server = Running.start(tiny_chat_model_dir, [], max_model_len=64,
+                           allowed_origins=("http://app.example:3000",))
     try:
         ok = {"Origin": "http://app.example:3000", "Host": f"app.example:{server.port}"}
         assert server.raw("POST", "/v1/chat/completions", CHAT, ok)[0] == 200
@@ -120,7 +124,8 @@ def test_runtime_adapter_loading_is_off_by_default(default: Running, root: Path)
 def test_adapter_root_confines_loading(keyed: Running, root: Path, outside: Path) -> None:
     auth = {"Authorization": "Bearer sekrit"}
     refusals = {}
-    for path in ["link", "sneaky", "../" + outside.parent.name + "/stray", str(outside), "good/../../x", "missing",
+    for path in ["link", "sneaky", "../" + outside.parent.name + "/stray", str(outside), "good/../../x",
+                 "missing",
                  str(root / "link")]:
         status, error = keyed.raw("POST", "/v1/adapters", {"name": "a", "path": path}, auth)
         assert status == 400 and error["error"]["code"] == "invalid_adapter_path", (path, error)
@@ -131,5 +136,6 @@ def test_adapter_root_confines_loading(keyed: Running, root: Path, outside: Path
         assert status == 200, (path, body)
         listing = keyed.raw("GET", "/v1/models", None, auth)[1]
         assert [m["id"] for m in listing["data"]][1:] == ["a"]
-        assert str(root) not in json.dumps(listing) and "/" not in json.dumps([m["root"] for m in listing["data"]])
+        assert str(root) not in json.dumps(listing)
+        assert "/" not in json.dumps([m["root"] for m in listing["data"]])
         assert keyed.raw("DELETE", "/v1/adapters/a", None, auth)[0] == 200

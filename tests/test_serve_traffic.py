@@ -51,7 +51,8 @@ def running(tiny_chat_model_dir: Path, adapter_dirs: dict[str, Path]):
 @pytest.fixture(scope="module")
 def reference(tiny_chat_model_dir: Path, adapter_dirs: dict[str, Path]) -> PeftModel:
     """The same adapters on a separately loaded model, for `model(...)` numbers."""
-    model = PeftModel.from_pretrained(load_causal_lm(tiny_chat_model_dir), adapter_dirs["alpha"], adapter_name="alpha")
+    model = PeftModel.from_pretrained(load_causal_lm(tiny_chat_model_dir), adapter_dirs["alpha"],
+                                      adapter_name="alpha")
     for name in list(ADAPTERS)[1:]:
         model.load_adapter(adapter_dirs[name], adapter_name=name)
     return model.eval()
@@ -70,7 +71,8 @@ def reference_logprobs(model: PeftModel, adapter: str, ids: list[int]) -> torch.
 
 
 def _completion(running: Running, model: str, prompt, **kwargs) -> tuple[int, dict]:
-    return running.raw("POST", "/v1/completions", {"model": model, "prompt": prompt, "temperature": 0, **kwargs})
+    return running.raw("POST", "/v1/completions", {"model": model, "prompt": prompt, "temperature": 0,
+                                                   **kwargs})
 
 
 def _slow_steps(running: Running, monkeypatch: pytest.MonkeyPatch, seconds: float) -> list:
@@ -94,7 +96,8 @@ def _slow_steps(running: Running, monkeypatch: pytest.MonkeyPatch, seconds: floa
 def test_short_request_joins_a_running_long_one(running: Running, monkeypatch: pytest.MonkeyPatch) -> None:
     """A short request sent while a long one generates joins at the next step and ends long before it."""
     _slow_steps(running, monkeypatch, 0.01)
-    alone = _completion(running, "beta", "Hello there", max_tokens=8, ignore_eos=True)[1]["choices"][0]["text"]
+    alone = _completion(running, "beta", "Hello there", max_tokens=8,
+                        ignore_eos=True)[1]["choices"][0]["text"]
     done: dict[str, float] = {}
 
     def long() -> None:
@@ -135,7 +138,8 @@ def test_rows_join_and_leave_and_the_cache_follows_the_live_rows(tiny_chat_model
                 joining = [rows[step]] if step < 2 else [rows[2], rows[3]] if step == 5 else []
                 running_before = bool(batch.rows)
                 batch.step(reference, joining)
-                # One decoding forward for all running rows whatever their adapters, one prefill for newcomers.
+                # One decoding forward for all running rows, whatever their adapters; one prefill for
+                # newcomers.
                 assert len(forwards) == running_before + bool(joining)
                 if batch.rows:
                     lengths = [len(r.prompt_ids) + len(r.tokens) - 1 for r in batch.rows]
@@ -215,7 +219,8 @@ def test_sampling_is_row_wise_and_never_raises() -> None:
     assert chosen[5] == logits[5].argmax() and 0 <= chosen[1] < 50 and 0 <= chosen[2] < 50
     alone = pick_tokens(logits[5:], temps[5:], top_p[5:], [torch.Generator().manual_seed(4)])
     assert alone[0] == chosen[5]
-    draws = {int(pick_tokens(logits[:1], [1.0], [1.0], [torch.Generator().manual_seed(s)])[0]) for s in range(40)}
+    draws = {int(pick_tokens(logits[:1], [1.0], [1.0],
+                             [torch.Generator().manual_seed(s)])[0]) for s in range(40)}
     assert len(draws) > 5  # temperature 1 does sample
 
 
@@ -258,9 +263,11 @@ def _send_and_leave(running: Running, body: dict, read_first: bool) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["not streamed", "streamed"])
-def test_a_client_that_leaves_frees_its_row(running: Running, monkeypatch: pytest.MonkeyPatch, stream: bool) -> None:
+def test_a_client_that_leaves_frees_its_row(running: Running, monkeypatch: pytest.MonkeyPatch,
+                                            stream: bool) -> None:
     left = _slow_steps(running, monkeypatch, 0.01)
-    body = {"model": "beta", "prompt": "Tell me a story", "max_tokens": 200, "ignore_eos": True, "temperature": 0,
+    body = {"model": "beta", "prompt": "Tell me a story", "max_tokens": 200, "ignore_eos": True,
+            "temperature": 0,
             "stream": stream}
     _send_and_leave(running, body, read_first=stream)
     deadline = time.monotonic() + 5
@@ -286,7 +293,8 @@ LIMITS = [
     ("lone surrogate in a message", "/v1/chat/completions",
      b'{"model": "alpha", "messages": [{"role": "user", "content": "\\udfff"}]}', 400, "invalid_unicode"),
     ("invalid UTF-8", "/v1/completions", b'{"model": "alpha", "prompt": "\xff\xfe"}', 400, "invalid_json"),
-    ("NaN", "/v1/completions", b'{"model": "alpha", "prompt": "hi", "temperature": NaN}', 400, "invalid_json"),
+    ("NaN", "/v1/completions", b'{"model": "alpha", "prompt": "hi", "temperature": NaN}', 400,
+     "invalid_json"),
     ("prompt over the character cap", "/v1/completions",
      json.dumps({"model": "alpha", "prompt": "w" * (64 * MAX_MODEL_LEN + 1)}).encode(), 400,
      "context_length_exceeded"),
@@ -295,7 +303,8 @@ LIMITS = [
 ]
 
 
-@pytest.mark.parametrize(("path", "body", "status", "code"), [c[1:] for c in LIMITS], ids=[c[0] for c in LIMITS])
+@pytest.mark.parametrize(("path", "body", "status", "code"), [c[1:] for c in LIMITS],
+                         ids=[c[0] for c in LIMITS])
 def test_limits_answer_4xx(running: Running, path: str, body: bytes, status: int, code: str) -> None:
     got, error = running.raw("POST", path, body)
     assert got == status, error
@@ -360,7 +369,8 @@ def test_keep_alive_connection_survives_errors(running: Running, monkeypatch: py
     with monkeypatch.context() as patch:
         patch.setattr(running.server, "chat_prompt", broken)
         status, error = Running.send(connection, "POST", "/v1/chat/completions", chat)
-    assert status == 500 and error["error"]["type"] == "server_error" and "exploded" in error["error"]["message"]
+    assert status == 500 and error["error"]["type"] == "server_error"
+    assert "exploded" in error["error"]["message"]
     assert Running.send(connection, "POST", "/v1/completions", b"{")[0] == 400
     assert Running.send(connection, "GET", "/v1/nothing")[0] == 404
     status, body = Running.send(connection, "POST", "/v1/chat/completions", chat)
@@ -381,7 +391,8 @@ def test_chat_logprobs_equal_model_log_softmax_with_the_rows_adapter(running: Ru
                        add_special_tokens=False)["input_ids"]
 
     def ask(model: str, stream: bool = False):
-        return running.client.chat.completions.create(model=model, messages=question, max_tokens=8, temperature=0,
+        return running.client.chat.completions.create(model=model, messages=question, max_tokens=8,
+                                                      temperature=0,
                                                       logprobs=True, top_logprobs=3, stream=stream,
                                                       extra_body={"ignore_eos": True})
 
@@ -393,10 +404,12 @@ def test_chat_logprobs_equal_model_log_softmax_with_the_rows_adapter(running: Ru
         content = reply.choices[0].logprobs.content
         assert [c.token for c in content] == [tokenizer.decode([t]) for t in tokens], adapter
         got = torch.tensor([c.logprob for c in content])
-        torch.testing.assert_close(got, expected.gather(-1, torch.tensor(tokens)[:, None])[:, 0], atol=1e-4, rtol=0)
+        torch.testing.assert_close(got, expected.gather(-1, torch.tensor(tokens)[:, None])[:, 0], atol=1e-4,
+                                   rtol=0)
         for entry, row in zip(content, expected):
             best = row.topk(3)
-            assert [t.token for t in entry.top_logprobs] == [tokenizer.decode([i]) for i in best.indices.tolist()]
+            tops = [tokenizer.decode([i]) for i in best.indices.tolist()]
+            assert [t.token for t in entry.top_logprobs] == tops
             torch.testing.assert_close(torch.tensor([t.logprob for t in entry.top_logprobs]), best.values,
                                        atol=1e-4, rtol=0)
             assert entry.bytes == list(entry.token.encode())
@@ -405,7 +418,8 @@ def test_chat_logprobs_equal_model_log_softmax_with_the_rows_adapter(running: Ru
     whole = replies["gamma"].choices[0].logprobs.content
     assert [e.token for chunk in streamed for e in chunk] == [e.token for e in whole]
     # Alone rather than in a batch of three: the same numbers up to float rounding.
-    assert [e.logprob for chunk in streamed for e in chunk] == pytest.approx([e.logprob for e in whole], abs=1e-4)
+    assert [e.logprob for chunk in streamed for e in chunk] == pytest.approx([e.logprob for e in whole],
+                                                                             abs=1e-4)
 
 
 def test_completion_echo_logprobs_score_token_prompts_as_lm_eval_asks(running: Running,
@@ -463,7 +477,8 @@ def test_metrics_count_requests_tokens_and_latencies_by_vllm_names(running: Runn
     before = _metrics(running)
     ids = [504, 3300, 314]
     with ThreadPoolExecutor(3) as pool:
-        list(pool.map(lambda m: _completion(running, m, ids, max_tokens=5, ignore_eos=True), ["alpha", "alpha", "base"]))
+        list(pool.map(lambda m: _completion(running, m, ids, max_tokens=5, ignore_eos=True),
+                      ["alpha", "alpha", "base"]))
     after = _metrics(running)
 
     def grew(name: str) -> float:

@@ -94,7 +94,8 @@ class AdapterPool:
         leaves the pool as it was.
         """
         if self.adapter_root is None:
-            raise APIError(403, "Loading adapters at runtime is off; start the server with --adapter-root DIR to "
+            raise APIError(403,
+                           "Loading adapters at runtime is off; start the server with --adapter-root DIR to "
                            "allow it from inside DIR.", code="adapter_loading_disabled")
         self._check_new(name)
         if self.max_adapters is not None and self.max_adapters < 1:
@@ -104,13 +105,15 @@ class AdapterPool:
                            code="adapter_limit")
         directory = self.resolve(path)
         if not (directory / "adapter_config.json").is_file():
-            raise APIError(400, f"{path}: no adapter_config.json there.", param="path", code="invalid_adapter")
+            raise APIError(400, f"{path}: no adapter_config.json there.", param="path",
+                           code="invalid_adapter")
         self._busy.add(name)
         try:
             await self._run(lambda: self._load_now(name, directory))
         except (LorakitError, ValueError, OSError) as err:
             reason = str(err).replace(str(self.adapter_root), "<adapter-root>")  # no server paths in answers
-            raise APIError(400, f"{path}: cannot load adapter: {reason}", param="path", code="invalid_adapter") from None
+            raise APIError(400, f"{path}: cannot load adapter: {reason}", param="path",
+                           code="invalid_adapter") from None
         finally:
             self._busy.discard(name)
         self._paths[name] = directory
@@ -120,7 +123,8 @@ class AdapterPool:
             if not idle:
                 # Every other adapter got pinned while this one loaded: take the new one back out.
                 await self.unload(name)
-                raise APIError(409, "All adapters are in use by requests; try again later.", code="adapter_limit")
+                raise APIError(409, "All adapters are in use by requests; try again later.",
+                               code="adapter_limit")
             evicted.append(idle[0])
             await self.unload(idle[0])
         return evicted
@@ -135,7 +139,7 @@ class AdapterPool:
         if any(len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES for part in Path(path).parts):
             raise APIError(400, f"A component of the adapter path is longer than {MAX_NAME_BYTES} bytes.",
                            param="path", code="invalid_adapter_path")
-        # One answer for "missing" and "outside", so that clients cannot probe the file system beyond the root.
+        # One answer for "missing" and "outside": clients cannot probe the file system beyond the root.
         refused = APIError(400, f"{path}: no adapter directory of that name under the adapter root.",
                            param="path", code="invalid_adapter_path")
         try:
@@ -150,9 +154,11 @@ class AdapterPool:
     async def unload(self, name: str) -> None:
         """Delete adapter `name` from the model; refused while requests use it."""
         if name in self.base_names:
-            raise APIError(400, f"'{name}' is the base model, not an adapter.", param="name", code="invalid_adapter")
+            raise APIError(400, f"'{name}' is the base model, not an adapter.", param="name",
+                           code="invalid_adapter")
         if name not in self._paths or name in self._busy:
-            raise APIError(404, f"No adapter named '{name}' is loaded.", param="name", code="adapter_not_found")
+            raise APIError(404, f"No adapter named '{name}' is loaded.", param="name",
+                           code="adapter_not_found")
         if self._pins[name]:
             raise APIError(409, f"Adapter '{name}' is in use by {self._pins[name]} request(s).", param="name",
                            code="adapter_in_use")
@@ -172,11 +178,16 @@ class AdapterPool:
             check_adapter_name(name)
         except ValueError as err:
             raise APIError(400, str(err), param="name", code="invalid_value") from None
+        if hasattr(nn.ModuleDict, name):  # "eval", "train", ...: layers keep adapters in ModuleDicts
+            raise APIError(400,
+                           f"Adapter name '{name}' is reserved (a torch module attribute); pick another.",
+                           param="name", code="invalid_value")
         if name in self.base_names or name == BASE_ROW:
             raise APIError(400, f"'{name}' names the base model; pick another adapter name.", param="name",
                            code="invalid_value")
         if name in self._paths or name in self._busy:
-            raise APIError(409, f"An adapter named '{name}' is already loaded.", param="name", code="adapter_exists")
+            raise APIError(409, f"An adapter named '{name}' is already loaded.", param="name",
+                           code="adapter_exists")
 
     # ---- on the model thread ---------------------------------------------------------------------
 

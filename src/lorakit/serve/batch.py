@@ -186,7 +186,8 @@ class Batch:
             mask, positions, pending = mask[index], positions[index], pending[index]
         rows = [rows[i] for i in keep]
         if not self.rows:
-            self.rows, self.cache, self.mask, self.positions, self.pending = rows, cache, mask, positions, pending
+            self.rows, self.cache, self.mask = rows, cache, mask
+            self.positions, self.pending = positions, pending
             return
         assert self.mask is not None and self.positions is not None and self.pending is not None
         width = max(self.mask.shape[1], mask.shape[1])
@@ -223,7 +224,8 @@ class Batch:
             self._block_rows = list(self.rows)
 
 
-def _forward(model: nn.Module, ids: Tensor, mask: Tensor, positions: Tensor, cache, all_logits: bool) -> Tensor:
+def _forward(model: nn.Module, ids: Tensor, mask: Tensor, positions: Tensor, cache,
+             all_logits: bool) -> Tensor:
     """Logits (rows, positions kept, vocab) of one forward with the KV cache."""
     target = model.get_base_model() if isinstance(model, PeftModel) else model
     accepts = inspect.signature(target.forward).parameters

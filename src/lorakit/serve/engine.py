@@ -76,7 +76,7 @@ class Row:
     generator: torch.Generator | None = None
 
     def seed_generator(self, device: torch.device) -> None:
-        """The row's own random stream (sampling rows only): its tokens depend on its seed, not on the batch."""
+        """The row's own random stream (sampling rows only): its tokens depend on its seed, not the batch."""
         if self.temperature > 0:
             seed = self.seed if self.seed is not None else secrets.randbits(63)
             self.generator = torch.Generator(device=device).manual_seed(seed)

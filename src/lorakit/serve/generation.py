@@ -69,12 +69,14 @@ async def completions(server: Server, request: Request):
                     if outcome is not None:
                         counts = [counts[0] + outcome.prompt_tokens, counts[1] + outcome.completion_tokens]
             if _wants_usage(body):
-                yield responses.sse(responses.completion_chunk(request_id, body.model, None, responses.usage(*counts)))
+                yield responses.sse(responses.completion_chunk(request_id, body.model, None,
+                                                               responses.usage(*counts)))
 
         return _stream(jobs, events())
     async with _cancel_on_disconnect(request.receive, jobs):
         outcomes = await asyncio.gather(*(_collect(job) for job in jobs))
-    counts = responses.usage(sum(o.prompt_tokens for o in outcomes), sum(o.completion_tokens for o in outcomes))
+    counts = responses.usage(sum(o.prompt_tokens for o in outcomes),
+                             sum(o.completion_tokens for o in outcomes))
     return responses.completion_body(request_id, body.model, [choice(i, o, o.reason, True)
                                                               for i, o in enumerate(outcomes)], counts)
 
@@ -88,7 +90,8 @@ async def chat_completions(server: Server, request: Request):
     scores = (lambda infos: logprobs.chat(infos)) if body.logprobs else (lambda infos: None)
     if body.stream:
         async def events() -> AsyncIterator[str]:
-            yield responses.sse(responses.chat_chunk(request_id, body.model, {"role": "assistant", "content": ""}))
+            role = {"role": "assistant", "content": ""}
+            yield responses.sse(responses.chat_chunk(request_id, body.model, role))
             async for piece, outcome in _pieces(jobs[0]):
                 if piece.text or piece.logprobs:
                     yield responses.sse(responses.chat_chunk(request_id, body.model, {"content": piece.text},
@@ -107,7 +110,10 @@ async def chat_completions(server: Server, request: Request):
                                scores(outcome.logprobs))
 
 
-async def _start_all(server: Server, body: SamplingRequest, prompts: Sequence[Callable[[], Awaitable[list[int]]]],
+PromptSource = Callable[[], Awaitable[list[int]]]
+
+
+async def _start_all(server: Server, body: SamplingRequest, prompts: Sequence[PromptSource],
                      requested: int | None, default: int | None, param: str, logprobs: int | None,
                      scored: bool) -> list[Job]:
     """One pinned, queued job per prompt; on any error the ones already started are closed."""

@@ -44,7 +44,8 @@ class Guard:
         self.app, self.settings = app, settings
         self.any_origin = "*" in settings.allowed_origins
         self.origins = {o.rstrip("/").lower() for o in settings.allowed_origins if o != "*"}
-        self.hosts = {"localhost", settings.host.strip("[]").lower(), *(urlsplit(o).hostname for o in self.origins)}
+        self.hosts = {"localhost", settings.host.strip("[]").lower(),
+                      *(urlsplit(o).hostname for o in self.origins)}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -66,7 +67,8 @@ class Guard:
             if not isinstance(err, APIError):
                 log.exception("request failed")
                 err = APIError(500, f"Internal error: {type(err).__name__}: {err}", type="server_error")
-            await JSONResponse(err.body(), status_code=err.status, headers=_headers(err))(scope, receive, send)
+            answer = JSONResponse(err.body(), status_code=err.status, headers=_headers(err))
+            await answer(scope, receive, send)
 
     def _check(self, scope: Scope, headers: Headers) -> None:
         host = headers.get("host", "")

@@ -17,7 +17,8 @@ MAX_JSON_DEPTH = 32  # a chat request with content parts nests 5 deep; nothing l
 
 
 def load_json(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """The JSON value of `raw`, or APIError(400): bad UTF-8 or JSON, NaN/Infinity, too deep, lone surrogates."""
+    """The JSON value of `raw`, or APIError(400): bad UTF-8 or JSON, NaN/Infinity, too deep, lone
+    surrogates."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -28,7 +29,8 @@ def load_json(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
     except RecursionError:
         raise _too_deep(max_depth) from None
     except (json.JSONDecodeError, ValueError) as err:
-        raise APIError(400, f"We could not parse the JSON body of your request ({err}).", code="invalid_json") from None
+        raise APIError(400, f"We could not parse the JSON body of your request ({err}).",
+                       code="invalid_json") from None
     check_value(data, max_depth)
     return data
 
@@ -47,8 +49,10 @@ def check_value(data: Any, max_depth: int) -> None:
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError:
-                raise APIError(400, "The request holds a string that is not valid Unicode (a lone surrogate such "
-                               f"as \\u{ord(value[_first_surrogate(value)]):04x}).", code="invalid_unicode") from None
+                raise APIError(400,
+                               "The request holds a string that is not valid Unicode (a lone surrogate such "
+                               f"as \\u{ord(value[_first_surrogate(value)]):04x}).",
+                               code="invalid_unicode") from None
 
 
 def _first_surrogate(value: str) -> int:

@@ -7,7 +7,7 @@ that dashboards and alerts written for vLLM work unchanged.
 | vllm:num_requests_waiting | gauge | requests queued for a place in the batch |
 | vllm:prompt_tokens_total | counter | prompt tokens prefilled |
 | vllm:generation_tokens_total | counter | tokens generated |
-| vllm:iteration_tokens_total | histogram | tokens per step (one per running row, plus the prefilled prompts) |
+| vllm:iteration_tokens_total | histogram | tokens per step (running rows plus prefilled prompts) |
 | lorakit:batch_size | histogram | rows per step |
 | vllm:time_to_first_token_seconds | histogram | arrival to first token |
 | vllm:time_per_output_token_seconds | histogram | mean time between a request's later tokens |
@@ -37,22 +37,26 @@ class Metrics:
     def __init__(self, model_name: str) -> None:
         self.registry = CollectorRegistry()
         labels, r = ["model_name"], self.registry
-        self._running = Gauge("vllm:num_requests_running", "Requests in the running batch.", labels, registry=r)
-        self._waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to join the batch.", labels, registry=r)
+        self._running = Gauge("vllm:num_requests_running", "Requests in the running batch.", labels,
+                              registry=r)
+        self._waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to join the batch.", labels,
+                              registry=r)
         self._prompt = Counter("vllm:prompt_tokens", "Prompt tokens prefilled.", labels, registry=r)
         self._generated = Counter("vllm:generation_tokens", "Tokens generated.", labels, registry=r)
-        self._iteration = Histogram("vllm:iteration_tokens_total", "Tokens per step.", labels, buckets=_TOKENS,
-                                    registry=r)
-        self._batch = Histogram("lorakit:batch_size", "Rows per step.", labels, buckets=_TOKENS[:8], registry=r)
+        self._iteration = Histogram("vllm:iteration_tokens_total", "Tokens per step.", labels,
+                                    buckets=_TOKENS, registry=r)
+        self._batch = Histogram("lorakit:batch_size", "Rows per step.", labels, buckets=_TOKENS[:8],
+                                registry=r)
         self._ttft = Histogram("vllm:time_to_first_token_seconds", "Arrival to first token.", labels,
                                buckets=_LATENCY, registry=r)
-        self._tpot = Histogram("vllm:time_per_output_token_seconds", "Mean time between later tokens.", labels,
-                               buckets=_LATENCY, registry=r)
+        self._tpot = Histogram("vllm:time_per_output_token_seconds", "Mean time between later tokens.",
+                               labels, buckets=_LATENCY, registry=r)
         self._e2e = Histogram("vllm:e2e_request_latency_seconds", "Arrival to last token.", labels,
                               buckets=_LATENCY, registry=r)
         self._success = Counter("vllm:request_success", "Requests ended, by finish reason.",
                                 [*labels, "finished_reason"], registry=r)
-        self._adapter = Counter("lorakit:adapter_requests", "Requests ended, by adapter.", [*labels, "adapter"],
+        self._adapter = Counter("lorakit:adapter_requests", "Requests ended, by adapter.",
+                                [*labels, "adapter"],
                                 registry=r)
         self.model_name = model_name
 

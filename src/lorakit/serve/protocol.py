@@ -105,7 +105,8 @@ class Message(_Request):
 
     def as_template_message(self) -> dict[str, str]:
         """{"role", "content"} for the chat template (text parts joined; "developer" is the new "system")."""
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        parts = self.content if isinstance(self.content, list) else []
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in parts)
         return {"role": "system" if self.role == "developer" else self.role, "content": content}
 
 
@@ -117,7 +118,8 @@ class ChatRequest(SamplingRequest):
 
     def check(self) -> None:
         if self.top_logprobs and not self.logprobs:
-            raise APIError(400, "Invalid value for 'top_logprobs': it needs logprobs=true.", param="top_logprobs",
+            raise APIError(400, "Invalid value for 'top_logprobs': it needs logprobs=true.",
+                           param="top_logprobs",
                            code="invalid_value")
 
     def token_limit(self) -> int | None:
@@ -148,7 +150,8 @@ def parse_body(raw: bytes, model: type[_Request]) -> Any:
             raise APIError(400, f"Missing required parameter: '{param}'.", param=param,
                            code="missing_required_parameter") from None
         # A value matching no member of a union (str | list[str]) gives one error per member: say them all.
-        reasons = dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in errors if _param(e["loc"]) == param)
+        reasons = dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in errors
+                                if _param(e["loc"]) == param)
         where = f"'{param}'" if param else "the request"
         raise APIError(400, f"Invalid value for {where}: {'; or '.join(reasons)}.", param=param,
                        code="invalid_value") from None

@@ -75,7 +75,8 @@ def chat_body(request_id: str, model: str, text: str, finish_reason: str, counts
                          "finish_reason": finish_reason}], "usage": counts}
 
 
-def completion_chunk(request_id: str, model: str, choice: dict | None, counts: dict[str, int] | None = None) -> dict:
+def completion_chunk(request_id: str, model: str, choice: dict | None,
+                     counts: dict[str, int] | None = None) -> dict:
     """A streamed piece of a completion; without `choice` the usage-only chunk that ends the stream."""
     return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": [choice] if choice else [], "usage": counts}
@@ -84,7 +85,8 @@ def completion_chunk(request_id: str, model: str, choice: dict | None, counts: d
 def chat_chunk(request_id: str, model: str, delta: dict[str, str], finish_reason: str | None = None,
                counts: dict[str, int] | None = None, logprobs: dict | None = None) -> dict:
     """A streamed piece of a chat answer (`delta` holds the role first, then content pieces)."""
-    choices = [] if counts else [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]
+    choices = [] if counts else [{"index": 0, "delta": delta, "logprobs": logprobs,
+                                  "finish_reason": finish_reason}]
     return {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
             "choices": choices, "usage": counts}
 

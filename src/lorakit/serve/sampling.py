@@ -73,7 +73,8 @@ def _top_p_mask(p: Tensor, top_p: Sequence[float]) -> Tensor:
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor, top: int) -> list[TokenLogprob]:
-    """For each row of `logits` (rows, vocab): the logprob of `tokens[row]` and the `top` best (id, logprob)."""
+    """For each row of `logits` (rows, vocab): the logprob of `tokens[row]` and the `top` best as
+    (id, logprob)."""
     logprobs = torch.log_softmax(logits, dim=-1)
     chosen = logprobs.gather(-1, tokens[:, None])[:, 0].tolist()
     best = logprobs.topk(top, dim=-1) if top > 0 else None

@@ -35,14 +35,16 @@ from lorakit.serve.metrics import Metrics
 
 log = logging.getLogger("lorakit.serve")
 SCHEDULERS = ("continuous", "static")
+RunStep = Callable[[Callable[[], StepReport]], Awaitable[StepReport]]  # runs a step on the model thread
 
 
 class Scheduler:
     """Admits waiting rows into `batch` and runs its steps on the model thread (`run_on_model`)."""
 
-    def __init__(self, batch: Batch, run_on_model: Callable[[Callable[[], StepReport]], Awaitable[StepReport]],
+    def __init__(self, batch: Batch, run_on_model: RunStep,
                  model: Callable[[], nn.Module], metrics: Metrics, *, policy: str = "continuous",
-                 max_batch_size: int = 16, max_prefill_tokens: int = 4096, batch_window_ms: float = 5.0) -> None:
+                 max_batch_size: int = 16, max_prefill_tokens: int = 4096,
+                 batch_window_ms: float = 5.0) -> None:
         if policy not in SCHEDULERS:
             raise ValueError(f"scheduler {policy!r}: use one of {', '.join(SCHEDULERS)}")
         self.batch, self.policy, self.metrics = batch, policy, metrics

@@ -49,7 +49,8 @@ class ModelThread:
 
 class Job:
     """A submitted row: its events as they come, and `close()` (idempotent) when the caller is done — which
-    cancels the row if it is still waiting or generating (it leaves at the next step) and unpins its adapter."""
+    cancels the row if it is still waiting or generating (it leaves at the next step) and unpins its
+    adapter."""
 
     def __init__(self, server: Server, row: Row, queue: asyncio.Queue[Event]) -> None:
         self._server, self.row, self._queue, self._closed = server, row, queue, False
@@ -66,13 +67,15 @@ class Job:
             self._closed = True
             self.row.cancelled = True
             self._server.pool.release(self.row.adapter)
-            self._queue.put_nowait(Finished("cancelled", len(self.row.prompt_ids), 0))  # wakes a waiting reader
+            # Wakes a reader still waiting for the row's events.
+            self._queue.put_nowait(Finished("cancelled", len(self.row.prompt_ids), 0))
 
 
 class Server:
     """A base model with adapters behind a batching scheduler; `app.create_app` puts HTTP in front."""
 
-    def __init__(self, model: nn.Module, tokenizer, base_names: Iterable[str], settings: ServeSettings) -> None:
+    def __init__(self, model: nn.Module, tokenizer, base_names: Iterable[str],
+                 settings: ServeSettings) -> None:
         self.tokenizer = tokenizer
         self.settings = settings
         self.model_thread = ModelThread()
@@ -81,13 +84,15 @@ class Server:
                                 settings.adapter_root)
         config = model.config
         self.vocab_size = int(config.vocab_size)
-        self.max_model_len = settings.max_model_len or getattr(config, "max_position_embeddings", None) or 2048
+        context = getattr(config, "max_position_embeddings", None) or 2048
+        self.max_model_len = settings.max_model_len or context
         self.max_prompt_chars = settings.max_prompt_chars or CHARS_PER_TOKEN_CAP * self.max_model_len
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.metrics = Metrics(self.base_name)
-        self.batch = Batch(tokenizer, int(pad) if pad is not None else 0, {int(t) for t in eos_ids if t is not None})
+        self.batch = Batch(tokenizer, int(pad) if pad is not None else 0,
+                           {int(t) for t in eos_ids if t is not None})
         self.scheduler = Scheduler(self.batch, self.model_thread.run, lambda: self.pool.model, self.metrics,
                                    policy=settings.scheduler, max_batch_size=settings.max_batch_size,
                                    max_prefill_tokens=settings.max_prefill_tokens,
@@ -131,8 +136,9 @@ class Server:
 
         def render() -> list[int]:
             try:
-                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            except Exception as err:  # no template, or the template rejects these messages (jinja raises its own)
+                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                          tokenize=False)
+            except Exception as err:  # no template, or it rejects these messages (jinja has its own errors)
                 raise APIError(400, f"Cannot apply the model's chat template to these messages: {err}",
                                param="messages", code="invalid_value") from None
             # The rendered template already holds the special tokens it needs.
@@ -147,7 +153,8 @@ class Server:
                                code="invalid_value")
             return prompt
         self._check_chars(len(prompt), "prompt")
-        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, self._tokenize, prompt)
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, self._tokenize,
+                                                                prompt)
 
     def _tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         # On the tokenizer thread; fast tokenizers let go of the GIL meanwhile, so the event loop runs on.
@@ -159,7 +166,8 @@ class Server:
                            f"{self.max_prompt_chars} (--max-prompt-chars).", param=param,
                            code="context_length_exceeded")
 
-    def token_budget(self, prompt_ids: list[int], requested: int | None, default: int | None, param: str) -> int:
+    def token_budget(self, prompt_ids: list[int], requested: int | None, default: int | None,
+                     param: str) -> int:
         """max_tokens for a request, checked against the context length. Without `requested`: `default`
         (None: unlimited) cut to what the context leaves."""
         if not prompt_ids:
@@ -170,9 +178,10 @@ class Server:
         if len(prompt_ids) + wanted > limit or (wanted < 1 and requested is None):
             asked = len(prompt_ids) + max(wanted, 1)
             raise APIError(
-                400, f"This model's maximum context length is {limit} tokens. However, you requested {asked} tokens "
-                f"({len(prompt_ids)} in the {param}, {max(wanted, 1)} in the completion). Please reduce the length "
-                f"of the {param} or completion.", param=param, code="context_length_exceeded")
+                400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{asked} tokens ({len(prompt_ids)} in the {param}, {max(wanted, 1)} in the completion). "
+                f"Please reduce the length of the {param} or completion.", param=param,
+                code="context_length_exceeded")
         return wanted
 
     # ---- rows ------------------------------------------------------------------------------------
