@@ -43,6 +43,7 @@ test_split: test
 doc_to_text: "{{{{question}}}}\\nAnswer:"
 doc_to_choice: choices
 doc_to_target: gold
+target_delimiter: ""
 metric_list:
   - metric: acc
   - metric: acc_norm
@@ -55,7 +56,8 @@ dataset_kwargs:
 output_type: generate_until
 test_split: test
 doc_to_text: "{{{{question}}}}\\nAnswer:"
-doc_to_target: " {{{{answer}}}}"
+doc_to_target: "{{{{answer}}}}"
+target_delimiter: ""
 generation_kwargs:
   until: ["\\n"]
   max_gen_toks: 16
@@ -73,7 +75,8 @@ def write_tasks(directory: Path, limit: int) -> None:
 
     rows = [json.loads(line)["messages"] for line in
             bundled_dataset_path("test").read_text(encoding="utf-8").splitlines()[:limit]]
-    docs = [{"question": m[1]["content"].split("\n\n")[-1], "answer": m[2]["content"]} for m in rows]
+    # Answers keep the space that follows "Answer:"; it also keeps the json loader from reading them as dates.
+    docs = [{"question": m[1]["content"].split("\n\n")[-1], "answer": " " + m[2]["content"]} for m in rows]
     with open(directory / "mc.jsonl", "w", encoding="utf-8") as mc, open(directory / "gen.jsonl", "w") as gen:
         for i, doc in enumerate(docs):
             others = [docs[(i + k) % len(docs)]["answer"] for k in (1, 2, 3)]
@@ -159,9 +162,8 @@ def main() -> None:
             server.terminate()
             server.wait(timeout=60)
         start = time.perf_counter()
-        local = evaluate("hf", {"pretrained": str(model_dir), "peft": str(adapter), "dtype": "float32"},
-                         tasks,
-                         batch_size=1)
+        local = evaluate("hf", {"pretrained": str(model_dir), "peft": str(adapter), "dtype": "float32",
+                                "device": "cpu"}, tasks, batch_size=1)
         local_s = time.perf_counter() - start
     report(served, local, served_s, local_s, args.limit)
 
