@@ -67,8 +67,8 @@ def _top_p_mask(p: Tensor, top_p: Sequence[float]) -> Tensor:
     limits = torch.tensor(top_p, dtype=torch.float64, device=p.device)[:, None]
     ordered, order = p.sort(dim=-1, descending=True)
     before = ordered.cumsum(dim=-1) - ordered  # mass of the tokens ranked above each token
+    # The top token has 0 above it and top_p · Σp >= top_p > 0 (its p is 1): it stays for any top_p.
     outside = before >= limits * ordered.sum(dim=-1, keepdim=True)
-    outside[:, 0] = False  # the top token always stays, however small top_p is
     return torch.ones_like(p).scatter(-1, order, (~outside).double())
 
 
