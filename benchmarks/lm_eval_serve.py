@@ -156,7 +156,7 @@ def main() -> None:
             served = evaluate("local-completions", {
                 "model": "dates", "base_url": f"http://127.0.0.1:{port}/v1/completions",
                 "tokenizer": str(model_dir), "tokenizer_backend": "huggingface", "num_concurrent": 8,
-                "max_retries": 1}, tasks, batch_size=4)
+                "max_retries": 1, "timeout": 3600}, tasks, batch_size=4)
             served_s = time.perf_counter() - start
         finally:
             server.terminate()

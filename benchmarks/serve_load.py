@@ -45,7 +45,7 @@ class Tally:
     cancelled: int = 0
     server_errors: int = 0
     other_errors: int = 0
-    lost: int = 0
+    lost: Counter[str] = field(default_factory=Counter)  # by exception
 
     def check(self, reference: dict[tuple, str]) -> tuple[int, int]:
         """(crossed, differs): answers that are another request's reference, or no request's."""
@@ -125,8 +125,8 @@ async def client(port: int, jobs: list, deadline: float, tally: Tally, rng: rand
                 continue
         try:
             status, text = await task
-        except (OSError, asyncio.TimeoutError, ValueError, IndexError):
-            tally.lost += 1
+        except (OSError, asyncio.TimeoutError, ValueError, IndexError) as err:
+            tally.lost[type(err).__name__] += 1
             continue
         if status >= 500:
             tally.server_errors += 1
@@ -200,7 +200,10 @@ async def delete(port: int, name: str) -> tuple[int, str]:
 
 
 def percentile(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else float("nan")
+    """The q-th percentile (q = 50: the median); NaN without data."""
+    if len(values) < 2:
+        return values[0] if values else float("nan")
+    return statistics.quantiles(values, n=100)[int(q) - 1]
 
 
 def make_adapters(directory: Path) -> None:
@@ -263,10 +266,13 @@ def report(rows: dict[str, tuple[Tally, float]], rss: list[tuple[int, float]], d
         short, long = t.latencies["short"], t.latencies["long"]
         crossed, differs = t.check(reference)
         print(f"| {name} | {len(t.answers)} | {t.cancelled} | {t.server_errors} | {t.other_errors} | "
-              f"{t.lost} | {crossed} | {differs} | "
-              f"{statistics.median(short):.2f} / {percentile(short, 95):.2f} | "
-              f"{statistics.median(long):.2f} / {percentile(long, 95):.2f} | {t.tokens / wall:.1f} | "
+              f"{sum(t.lost.values())} | {crossed} | {differs} | "
+              f"{percentile(short, 50):.2f} / {percentile(short, 95):.2f} | "
+              f"{percentile(long, 50):.2f} / {percentile(long, 95):.2f} | {t.tokens / wall:.1f} | "
               f"{len(t.answers) / wall:.2f} |")
+    for name, (t, _) in rows.items():
+        if t.lost:
+            print(f"{name}: lost requests by error: {dict(t.lost)}")
     if len(rows) == 2:
         (c, cw), (s, sw) = rows["continuous"], rows["static"]
         p95 = percentile(c.latencies["short"], 95) / percentile(s.latencies["short"], 95)
