@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -156,11 +157,13 @@ def references(tallies: list[Tally]) -> dict[tuple, str]:
     return {key: counts.most_common(1)[0][0] for key, counts in seen.items()}
 
 
-def start_server(adapters: Path, port: int, scheduler: str, log: Path) -> subprocess.Popen:
+def start_server(adapters: Path, port: int, scheduler: str, log: Path,
+                 threads: int | None) -> subprocess.Popen:
     command = [sys.executable, "-m", "lorakit", "serve", "--port", str(port), "--scheduler", scheduler,
                "--max-batch-size", "32", "--adapter-root", str(adapters), "--api-key", KEY,
                *(f"--adapter=a{i}={adapters / f'a{i}'}" for i in range(ADAPTERS))]
-    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     while True:
         try:
             health = urllib.request.Request(f"http://127.0.0.1:{port}/health",
@@ -234,6 +237,8 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=1000,
                         help="adapter load/unload cycles (continuous server)")
     parser.add_argument("--port", type=int, default=18231)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the server (OMP_NUM_THREADS); 1 on a busy shared machine")
     args = parser.parse_args()
     models = ["base", *(f"a{i}" for i in range(ADAPTERS))]
     jobs = [(m, p, kind) for m in models for p in range(len(PROMPTS)) for kind in ("short", "long")]
@@ -241,7 +246,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         make_adapters(Path(tmp))
         for scheduler in ("continuous", "static"):
-            server = start_server(Path(tmp), args.port, scheduler, Path(tmp) / f"{scheduler}.log")
+            log = Path(tmp) / f"{scheduler}.log"
+            server = start_server(Path(tmp), args.port, scheduler, log, args.threads)
             try:
                 print(f"{scheduler}: {CLIENTS} clients for {args.duration:.0f} s ...", file=sys.stderr,
                       flush=True)
