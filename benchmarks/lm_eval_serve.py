@@ -129,8 +129,14 @@ def evaluate(model: str, model_args: dict, tasks: Path, batch_size: int) -> dict
     return result
 
 
-def loglikelihoods(result: dict) -> list[float]:
-    return [float(r[0][0]) for s in result["samples"]["lorakit_dates_mc"] for r in s["resps"]]
+def loglikelihoods(result: dict) -> dict[tuple[int, int], float]:
+    """(document, choice) -> the loglikelihood lm-eval got for it."""
+    return {(s["doc_id"], i): float(r[0][0]) for s in result["samples"]["lorakit_dates_mc"]
+            for i, r in enumerate(s["resps"])}
+
+
+def generations(result: dict) -> dict[int, str]:
+    return {s["doc_id"]: s["filtered_resps"][0] for s in result["samples"]["lorakit_dates_gen"]}
 
 
 def main() -> None:
@@ -179,9 +185,12 @@ def report(served: dict, local: dict, served_s: float, local_s: float, limit: in
                 other = local["results"][task][key]
                 same &= value == other
                 print(f"| {task} | {key.split(',')[0]} | {value:.4f} | {other:.4f} | {value == other} |")
-    gap = max(abs(a - b) for a, b in zip(loglikelihoods(served), loglikelihoods(local)))
-    print(f"\nlargest difference between the two runs' loglikelihoods (all {len(loglikelihoods(served))} "
-          f"choices): {gap:.2e}")
+    ours, theirs = loglikelihoods(served), loglikelihoods(local)
+    gap = max(abs(ours[key] - theirs[key]) for key in theirs)
+    print(f"\nlargest difference between the two runs' loglikelihoods (all {len(theirs)} choices): {gap:.2e}")
+    texts, reference = generations(served), generations(local)
+    same_texts = sum(texts[d] == reference[d] for d in reference)
+    print(f"identical generations: {same_texts}/{len(reference)}; e.g. {texts[0]!r} and {reference[0]!r}")
     if not same:
         raise SystemExit("the scores differ")
 

@@ -3,14 +3,14 @@ cancellations, against the continuous and the static scheduler in the same run; 
 adapter load/unload cycles.
 
 Each scheduler gets its own `lorakit serve` process (the embedded SmolLM2-135M-Instruct, 4 random rank-8
-adapters, --max-batch-size 32, an API key, an adapter root) on 127.0.0.1, and the same client load for
+adapters, --max-batch-size 64, an API key, an adapter root) on 127.0.0.1, and the same client load for
 --duration seconds: every client loops over chat requests, greedy with `ignore_eos`, half "short" (8
 tokens) and half "long" (48 tokens), half of them streamed; 10 % are cancelled after 0.05–2 s (the
 client closes the connection). There are 60 distinct requests (6 prompts × 5 models × 2 lengths), each
 sent many times; greedy, so every answer to one request must be the same text. The reference answer of
 a request is the most common answer it got over both runs; an answer that differs from its reference but
 equals another request's is "crossed", any other difference "differs". A request that neither completes
-nor is cancelled by its client (timeout, reset) is "lost". Requests are bounded in time (120 s each) and
+nor is cancelled by its client (timeout, reset) is "lost". Requests are bounded in time (600 s each) and
 the run stops by itself.
 
     .venv/bin/python benchmarks/serve_load.py                  # ~15 minutes on 2 CPU cores
@@ -58,7 +58,7 @@ class Tally:
         return crossed, differs
 
 
-async def post(port: int, path: str, body: dict, timeout: float = 120) -> tuple[int, str]:
+async def post(port: int, path: str, body: dict, timeout: float = 600) -> tuple[int, str]:
     """(status, body) of one request on its own connection (closed on cancellation: the client leaves)."""
     data = json.dumps(body).encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -160,7 +160,7 @@ def references(tallies: list[Tally]) -> dict[tuple, str]:
 def start_server(adapters: Path, port: int, scheduler: str, log: Path,
                  threads: int | None) -> subprocess.Popen:
     command = [sys.executable, "-m", "lorakit", "serve", "--port", str(port), "--scheduler", scheduler,
-               "--max-batch-size", "32", "--adapter-root", str(adapters), "--api-key", KEY,
+               "--max-batch-size", str(CLIENTS), "--adapter-root", str(adapters), "--api-key", KEY,
                *(f"--adapter=a{i}={adapters / f'a{i}'}" for i in range(ADAPTERS))]
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
@@ -225,7 +225,7 @@ def prompts(count: int) -> list[list[dict[str, str]]]:
     from lorakit.train.data import bundled_dataset_path
 
     lines = bundled_dataset_path("test").read_text(encoding="utf-8").splitlines()[:count]
-    return [[m for m in json.loads(line)["messages"] if m["role"] != "assistant"] for line in lines]
+    return [[m for m in json.loads(line)["messages"] if m["role"] == "user"] for line in lines]
 
 
 PROMPTS = prompts(6)
@@ -263,7 +263,7 @@ def main() -> None:
 
 def report(rows: dict[str, tuple[Tally, float]], rss: list[tuple[int, float]], duration: float) -> None:
     print(f"\n{CLIENTS} clients, {ADAPTERS} adapters + base, {duration:.0f} s per scheduler, "
-          "--max-batch-size 32\n")
+          f"--max-batch-size {CLIENTS}\n")
     print("| scheduler | completed | cancelled | 5xx | other errors | lost | crossed | differs | "
           "short p50 / p95 (s) | long p50 / p95 (s) | completion tok/s | requests/s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
