@@ -69,6 +69,10 @@ metric_list:
 }
 
 
+# One worked example before each question, so that the small base model answers in the expected format.
+ONE_SHOT = "Normalize 3 January 2019 to YYYY-MM-DD.\nAnswer: 2019-01-03\n\n"
+
+
 def write_tasks(directory: Path, limit: int) -> None:
     """The two tasks' data (jsonl) and YAMLs, from the bundled test split."""
     from lorakit.train.data import bundled_dataset_path
@@ -82,11 +86,9 @@ def write_tasks(directory: Path, limit: int) -> None:
             others = [docs[(i + k) % len(docs)]["answer"] for k in (1, 2, 3)]
             gold = i % 4
             choices = others[:gold] + [doc["answer"]] + others[gold:]
-            mc.write(json.dumps({"question": f"Normalize {doc['question']} to YYYY-MM-DD.",
-                                 "choices": choices,
-                                 "gold": gold}) + "\n")
-            gen.write(json.dumps({"question": f"Normalize {doc['question']} to YYYY-MM-DD.",
-                                  "answer": doc["answer"]}) + "\n")
+            question = f"{ONE_SHOT}Normalize {doc['question']} to YYYY-MM-DD."
+            mc.write(json.dumps({"question": question, "choices": choices, "gold": gold}) + "\n")
+            gen.write(json.dumps({"question": question, "answer": doc["answer"]}) + "\n")
     for name, text in TASKS.items():
         (directory / f"{name}.yaml").write_text(text.format(data=directory), encoding="utf-8")
 
