@@ -177,7 +177,8 @@ def start_server(adapters: Path, port: int, scheduler: str, log: Path,
 
 
 async def adapter_cycles(port: int, pid: int, cycles: int) -> list[tuple[int, float]]:
-    """RSS (MB) of the server after each 100 load/unload cycles over 4 names and 4 directories."""
+    """RSS (MB) of the server after each 100 load/unload cycles over 4 names and 4 directories; every 20th
+    loaded adapter answers a request first (so mixed-batch stacks are built for it, then dropped)."""
     import psutil
 
     process, marks = psutil.Process(pid), []
@@ -185,6 +186,9 @@ async def adapter_cycles(port: int, pid: int, cycles: int) -> list[tuple[int, fl
         name = f"cycle{i % 4}"
         status, text = await post(port, "/v1/adapters", {"name": name, "path": f"a{i % ADAPTERS}"})
         assert status == 200, text
+        if i % 20 == 0:
+            status, text = await post(port, "/v1/chat/completions", request(name, PROMPTS[0], 2, False))
+            assert status == 200, text
         status, text = await delete(port, name)
         assert status == 200, text
         if i % 100 == 0:
