@@ -3,8 +3,8 @@ cancellations, against the continuous and the static scheduler in the same run; 
 adapter load/unload cycles.
 
 Each scheduler gets its own `lorakit serve` process (the embedded SmolLM2-135M-Instruct, 4 random rank-8
-adapters, --max-batch-size 64, an API key, an adapter root) on 127.0.0.1, and the same client load for
---duration seconds: every client loops over chat requests, greedy with `ignore_eos`, half "short" (8
+adapters, --max-batch-size 16 by default, an API key, an adapter root) on 127.0.0.1, and the same client
+load for --duration seconds: every client loops over chat requests, greedy with `ignore_eos`, half "short" (8
 tokens) and half "long" (48 tokens), half of them streamed; 10 % are cancelled after 0.05–2 s (the
 client closes the connection). There are 60 distinct requests (6 prompts × 5 models × 2 lengths), each
 sent many times; greedy, so every answer to one request must be the same text. The reference answer of
@@ -157,10 +157,10 @@ def references(tallies: list[Tally]) -> dict[tuple, str]:
     return {key: counts.most_common(1)[0][0] for key, counts in seen.items()}
 
 
-def start_server(adapters: Path, port: int, scheduler: str, log: Path,
-                 threads: int | None) -> subprocess.Popen:
+def start_server(adapters: Path, port: int, scheduler: str, log: Path, threads: int | None,
+                 max_batch_size: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "lorakit", "serve", "--port", str(port), "--scheduler", scheduler,
-               "--max-batch-size", str(CLIENTS), "--adapter-root", str(adapters), "--api-key", KEY,
+               "--max-batch-size", str(max_batch_size), "--adapter-root", str(adapters), "--api-key", KEY,
                *(f"--adapter=a{i}={adapters / f'a{i}'}" for i in range(ADAPTERS))]
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
@@ -241,6 +241,7 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=1000,
                         help="adapter load/unload cycles (continuous server)")
     parser.add_argument("--port", type=int, default=18231)
+    parser.add_argument("--max-batch-size", type=int, default=16, help="the server's (16 is its default)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of the server (OMP_NUM_THREADS); 1 on a busy shared machine")
     args = parser.parse_args()
@@ -251,7 +252,7 @@ def main() -> None:
         make_adapters(Path(tmp))
         for scheduler in ("continuous", "static"):
             log = Path(tmp) / f"{scheduler}.log"
-            server = start_server(Path(tmp), args.port, scheduler, log, args.threads)
+            server = start_server(Path(tmp), args.port, scheduler, log, args.threads, args.max_batch_size)
             try:
                 print(f"{scheduler}: {CLIENTS} clients for {args.duration:.0f} s ...", file=sys.stderr,
                       flush=True)
@@ -262,12 +263,13 @@ def main() -> None:
             finally:
                 server.terminate()
                 server.wait(timeout=60)
-    report(rows, rss if args.cycles else [], args.duration)
+    report(rows, rss if args.cycles else [], args.duration, args.max_batch_size)
 
 
-def report(rows: dict[str, tuple[Tally, float]], rss: list[tuple[int, float]], duration: float) -> None:
+def report(rows: dict[str, tuple[Tally, float]], rss: list[tuple[int, float]], duration: float,
+           max_batch_size: int) -> None:
     print(f"\n{CLIENTS} clients, {ADAPTERS} adapters + base, {duration:.0f} s per scheduler, "
-          f"--max-batch-size {CLIENTS}\n")
+          f"--max-batch-size {max_batch_size}\n")
     print("| scheduler | completed | cancelled | 5xx | other errors | lost | crossed | differs | "
           "short p50 / p95 (s) | long p50 / p95 (s) | completion tok/s | requests/s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
