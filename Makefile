@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup test test-fast demo lint bench clean
+.PHONY: setup test test-fast demo lint bench eval-serve clean
 
 setup: $(STAMP)
 
@@ -33,5 +33,16 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
+# lm-evaluation-harness through `lorakit serve` (local-completions) against transformers + PEFT (hf): equal
+# scores. lm-eval pulls ~40 packages lorakit does not need, so it gets its own venv, which sees .venv's
+# packages (torch, transformers, peft, lorakit) through a .pth file instead of installing them again.
+LMEVAL := .venv-lmeval
+eval-serve: $(STAMP)
+	test -x $(LMEVAL)/bin/python || $(PYTHON) -m venv $(LMEVAL)
+	$(PY) -c "import site; print(site.getsitepackages()[0])" > \
+		"$$($(LMEVAL)/bin/python -c 'import site; print(site.getsitepackages()[0])')/lorakit-venv.pth"
+	$(LMEVAL)/bin/python -m pip --disable-pip-version-check -q install -c constraints.txt 'lm-eval[api]==0.4.13'
+	$(LMEVAL)/bin/python benchmarks/lm_eval_serve.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache build dist src/*.egg-info
+	rm -rf $(VENV) $(LMEVAL) .pytest_cache build dist src/*.egg-info

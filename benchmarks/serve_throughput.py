@@ -56,7 +56,8 @@ def running_server(adapters: list[tuple[str, Path]], max_batch_size: int):
     import uvicorn
 
     from lorakit.serve.app import create_app
-    from lorakit.serve.server import Server, ServeSettings
+    from lorakit.serve.server import Server
+    from lorakit.serve.settings import ServeSettings
 
     server = Server.load(None, adapters, ServeSettings(max_batch_size=max_batch_size))
     with socket.socket() as probe:

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,16 +23,18 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-import uvicorn  # noqa: E402
 
-from lorakit import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from serve_support import Running, save_adapter  # noqa: E402
+
+from lorakit import PeftModel  # noqa: E402
 from lorakit.layers import BASE_ROW, LoraLayer, mixed  # noqa: E402
 from lorakit.models.sources import load_causal_lm, load_tokenizer  # noqa: E402
 from lorakit.serve.adapters import AdapterPool  # noqa: E402
-from lorakit.serve.app import create_app  # noqa: E402
-from lorakit.serve.engine import Delta, Finished, Row, TextTracker, generate_batch  # noqa: E402
-from lorakit.serve.protocol import APIError  # noqa: E402
-from lorakit.serve.server import Server, ServeSettings  # noqa: E402
+from lorakit.serve.batch import Batch  # noqa: E402
+from lorakit.serve.engine import Delta, Finished, Row, TextTracker  # noqa: E402
+from lorakit.serve.errors import APIError  # noqa: E402
+from lorakit.serve.server import Server  # noqa: E402
+from lorakit.serve.settings import ServeSettings  # noqa: E402
 
 ADAPTERS = {"alpha": 2, "beta": 4, "gamma": 8, "delta": 3}  # name -> rank
 EXTRA = {"extra1": 4, "extra2": 2}  # loaded at runtime
@@ -43,60 +43,17 @@ QUESTIONS = ["What is 2 + 2?", "Name a colour.", "Say hello.", "Write one word."
              "Which day is today?", "Spell cat.", "Pick a number."]
 
 
-def _save_adapter(model_dir: Path, out: Path, rank: int, seed: int) -> Path:
-    torch.manual_seed(seed)
-    model = get_peft_model(load_causal_lm(model_dir), LoraConfig(
-        r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj", "o_proj", "down_proj", "embed_tokens"],
-        init_lora_weights=False))
-    model.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def adapter_dirs(tiny_chat_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("serve-adapters")
-    return {name: _save_adapter(tiny_chat_model_dir, root / name, rank, seed)
+    return {name: save_adapter(tiny_chat_model_dir, root / name, rank, seed)
             for seed, (name, rank) in enumerate({**ADAPTERS, **EXTRA}.items())}
-
-
-class Running:
-    """A server in a background thread of this process, with an openai client and raw HTTP helpers."""
-
-    def __init__(self, server: Server) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.server = server
-        self._uvicorn = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=self.port,
-                                                      log_level="warning"))
-        self._thread = threading.Thread(target=self._uvicorn.run, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self._uvicorn.started:
-            assert self._thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="x", max_retries=0, timeout=60)
-
-    def raw(self, method: str, path: str, body: bytes | dict | None = None) -> tuple[int, dict]:
-        data = json.dumps(body).encode() if isinstance(body, dict) else body
-        request = urllib.request.Request(self.url + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read())
-
-    def stop(self) -> None:
-        self._uvicorn.should_exit = True
-        self._thread.join(timeout=30)
-        assert not self._thread.is_alive(), "server did not stop"
 
 
 @pytest.fixture(scope="module")
 def running(tiny_chat_model_dir: Path, adapter_dirs: dict[str, Path]):
-    settings = ServeSettings(max_batch_size=16, max_adapters=5, max_model_len=MAX_MODEL_LEN, batch_window_ms=20)
+    settings = ServeSettings(max_batch_size=16, max_adapters=5, max_model_len=MAX_MODEL_LEN, batch_window_ms=20,
+                             adapter_root=adapter_dirs["alpha"].parent)
     server = Server.load(str(tiny_chat_model_dir), [(n, adapter_dirs[n]) for n in ADAPTERS], settings)
     running = Running(server)
     yield running
@@ -187,7 +144,7 @@ def test_streaming_returns_the_same_text(running: Running) -> None:
 
 def test_batch_checks_adapters_once_per_set_of_rows_not_per_token(offline: Offline,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """The engine opens one row_adapters() block while the batch's rows stay the same."""
+    """The batch opens one row_adapters() block while its rows stay the same (and one per prefill)."""
     looked_up: list[str] = []
     real = mixed._factor_tensors
     monkeypatch.setattr(mixed, "_factor_tensors", lambda layer, name: looked_up.append(name) or real(layer, name))
@@ -195,12 +152,17 @@ def test_batch_checks_adapters_once_per_set_of_rows_not_per_token(offline: Offli
     rows = [Row(prompt_ids=ids[0], adapter="alpha", max_tokens=2, emit=lambda event: None),
             Row(prompt_ids=ids[1], adapter="beta", max_tokens=6, emit=lambda event: None)]
     tokenizer = offline.tokenizer
+    batch = Batch(tokenizer, tokenizer.pad_token_id, {tokenizer.eos_token_id})
     with torch.no_grad():
-        generate_batch(offline.model, tokenizer, rows, tokenizer.pad_token_id, {tokenizer.eos_token_id})
+        batch.step(offline.model, rows)
+        while batch.rows:
+            batch.step(offline.model, [])
+    batch.close()
     layers = sum(isinstance(m, LoraLayer) for m in offline.model.modules())  # each carries every adapter
     lengths = [len(row.tokens) for row in rows]
-    # Both rows while the shorter one runs, then the longer one alone: two blocks, however many tokens.
-    expected = 2 * layers + (layers if lengths[0] != lengths[1] else 0)
+    # The prefill of both rows, both rows while the shorter one runs, then the longer one alone: three blocks,
+    # however many tokens.
+    expected = 2 * layers + 2 * layers + (layers if lengths[0] != lengths[1] else 0)
     assert len(looked_up) == expected, (lengths, len(looked_up), layers)
     for row, ids_ in zip(rows, ids):
         text, _ = offline.answer(row.adapter, ids_, row.max_tokens)
@@ -211,12 +173,12 @@ def test_32_concurrent_requests_over_4_adapters_are_batched(running: Running) ->
     jobs = [(name, QUESTIONS[i % len(QUESTIONS)], 4 + i % 9) for i, name in enumerate(list(ADAPTERS) * 8)]
     alone = {job: _chat(running.client, job[0], job[1], max_tokens=job[2]).choices[0].message.content
              for job in set(jobs)}
-    before = running.server.stats["largest_batch"]
+    before = running.server.scheduler.largest_batch
     with ThreadPoolExecutor(len(jobs)) as pool:
         together = list(pool.map(lambda job: _chat(running.client, job[0], job[1], max_tokens=job[2]), jobs))
     for job, reply in zip(jobs, together):
         assert reply.choices[0].message.content == alone[job], job
-    assert before == 1 and running.server.stats["largest_batch"] > 4, running.server.stats
+    assert before == 1 and running.server.scheduler.largest_batch > 4, running.server.describe()
 
 
 def test_stop_strings_and_seeded_sampling(running: Running) -> None:
@@ -277,7 +239,8 @@ def test_pool_eviction_skips_pinned_adapters(tiny_chat_model_dir: Path, adapter_
     async def run_now(fn):
         return fn()
 
-    pool = AdapterPool(load_causal_lm(tiny_chat_model_dir), ["base"], run_now, max_adapters=2)
+    pool = AdapterPool(load_causal_lm(tiny_chat_model_dir), ["base"], run_now, max_adapters=2,
+                       adapter_root=adapter_dirs["alpha"].parent)
     pool.load_initial([("alpha", adapter_dirs["alpha"]), ("beta", adapter_dirs["beta"])])
     assert pool.acquire("alpha") == "alpha"  # alpha is pinned (by a running request) ...
     pool.release(pool.acquire("beta"))  # ... and the least recently used one; beta is idle
@@ -332,6 +295,8 @@ BAD_REQUESTS = [
     ("empty prompt", "/v1/completions", {"model": "alpha", "prompt": ""}, 400, "prompt", "invalid_value"),
     ("adapter without path", "/v1/adapters", {"name": "x"}, 400, "path", "missing_required_parameter"),
     ("adapter named like the base", "/v1/adapters", {"name": "base", "path": "/tmp"}, 400, "name", "invalid_value"),
+    ("adapter named like a module attribute", "/v1/adapters", {"name": "eval", "path": "alpha"}, 400, "name",
+     "invalid_value"),
 ]
 
 
@@ -364,9 +329,11 @@ def test_cli_serves_until_interrupted(tiny_chat_model_dir: Path, adapter_dirs: d
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "lorakit", "serve", "--model", str(tiny_chat_model_dir), "--port", str(port),
                "--adapter", f"alpha={adapter_dirs['alpha']}", "--max-model-len", "64"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # The API key comes from the environment, as a deployment would pass it (never on the command line).
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "LORAKIT_API_KEY": "cli-key"})
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=30)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="cli-key", max_retries=0, timeout=30)
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -377,6 +344,8 @@ def test_cli_serves_until_interrupted(tiny_chat_model_dir: Path, adapter_dirs: d
                 time.sleep(0.2)
         assert models == [tiny_chat_model_dir.name, "alpha"]
         assert _chat(client, "alpha", "Hi", max_tokens=3).usage.completion_tokens == 3
+        with pytest.raises(openai.AuthenticationError):
+            client.with_options(api_key="wrong").models.list()
     finally:
         process.send_signal(signal.SIGINT)
         try:

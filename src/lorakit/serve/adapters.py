@@ -7,6 +7,11 @@ the model thread through `run_on_model`, the same single thread that runs genera
 therefore never overlaps a batch. A request pins its adapter from acceptance to its last token, and pinned
 adapters are neither evicted nor deleted — which covers the running batch and the requests queued for
 the next one.
+
+Runtime loading (`POST /v1/adapters`) is off unless the server has an adapter root (`--adapter-root DIR`);
+then a path is taken relative to that root, resolved (symlinks followed, `..` collapsed), and refused
+unless the directory and the adapter files in it lie inside the root. Paths never leave the server: the
+pool keeps them for itself only.
 """
 
 from __future__ import annotations
@@ -22,18 +27,22 @@ from lorakit.errors import LorakitError
 from lorakit.io.pretrained import check_adapter_name
 from lorakit.layers import BASE_ROW
 from lorakit.model import PeftModel
-from lorakit.serve.protocol import APIError
+from lorakit.serve.errors import APIError
 
 T = TypeVar("T")
 RunOnModel = Callable[[Callable[[], T]], Awaitable[T]]
+MAX_PATH_CHARS = 1024
+MAX_NAME_BYTES = 255  # a path component, as most file systems limit it (NAME_MAX)
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
 class AdapterPool:
     """Named adapters on `model`; `base_names` are the names that select no adapter."""
 
     def __init__(self, model: nn.Module, base_names: Iterable[str], run_on_model: RunOnModel,
-                 max_adapters: int | None = None) -> None:
+                 max_adapters: int | None = None, adapter_root: Path | None = None) -> None:
         self.model = model
+        self.adapter_root = adapter_root.resolve(strict=True) if adapter_root is not None else None
         self.base_names = tuple(dict.fromkeys(base_names))
         self.max_adapters = max_adapters
         self._run = run_on_model
@@ -45,9 +54,6 @@ class AdapterPool:
 
     def names(self) -> list[str]:
         return list(self._paths)
-
-    def path(self, name: str) -> Path:
-        return self._paths[name]
 
     def acquire(self, requested: str) -> str:
         """The row name for a request's `model` (an adapter, or BASE_ROW), pinned until `release`."""
@@ -88,20 +94,27 @@ class AdapterPool:
         Returns the evicted names. The new adapter is loaded before anything is evicted, so a bad path
         leaves the pool as it was.
         """
+        if self.adapter_root is None:
+            raise APIError(403,
+                           "Loading adapters at runtime is off; start the server with --adapter-root DIR to "
+                           "allow it from inside DIR.", code="adapter_loading_disabled")
         self._check_new(name)
         if self.max_adapters is not None and self.max_adapters < 1:
             raise APIError(409, "This server holds no adapters (--max-adapters 0).", code="adapter_limit")
         if self._over_cap() and not self._idle():
             raise APIError(409, f"All {len(self._paths)} adapters are in use by requests; try again later.",
                            code="adapter_limit")
-        directory = Path(path).expanduser()
+        directory = self.resolve(path)
         if not (directory / "adapter_config.json").is_file():
-            raise APIError(400, f"{path}: no adapter_config.json there.", param="path", code="invalid_adapter")
+            raise APIError(400, f"{path}: no adapter_config.json there.", param="path",
+                           code="invalid_adapter")
         self._busy.add(name)
         try:
             await self._run(lambda: self._load_now(name, directory))
         except (LorakitError, ValueError, OSError) as err:
-            raise APIError(400, f"{path}: cannot load adapter: {err}", param="path", code="invalid_adapter") from None
+            reason = str(err).replace(str(self.adapter_root), "<adapter-root>")  # no server paths in answers
+            raise APIError(400, f"{path}: cannot load adapter: {reason}", param="path",
+                           code="invalid_adapter") from None
         finally:
             self._busy.discard(name)
         self._paths[name] = directory
@@ -111,17 +124,42 @@ class AdapterPool:
             if not idle:
                 # Every other adapter got pinned while this one loaded: take the new one back out.
                 await self.unload(name)
-                raise APIError(409, "All adapters are in use by requests; try again later.", code="adapter_limit")
+                raise APIError(409, "All adapters are in use by requests; try again later.",
+                               code="adapter_limit")
             evicted.append(idle[0])
             await self.unload(idle[0])
         return evicted
 
+    def resolve(self, path: str) -> Path:
+        """The adapter directory `path` names inside the adapter root, or APIError(400)."""
+        root = self.adapter_root
+        assert root is not None
+        if len(path) > MAX_PATH_CHARS or "\x00" in path:
+            raise APIError(400, f"The adapter path must be under {MAX_PATH_CHARS} characters, without NUL.",
+                           param="path", code="invalid_adapter_path")
+        if any(len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES for part in Path(path).parts):
+            raise APIError(400, f"A component of the adapter path is longer than {MAX_NAME_BYTES} bytes.",
+                           param="path", code="invalid_adapter_path")
+        # One answer for "missing" and "outside": clients cannot probe the file system beyond the root.
+        refused = APIError(400, f"{path}: no adapter directory of that name under the adapter root.",
+                           param="path", code="invalid_adapter_path")
+        try:
+            directory = (root / path).resolve(strict=True)
+            files = [(directory / f).resolve() for f in ADAPTER_FILES if (directory / f).is_symlink()]
+        except (OSError, RuntimeError, ValueError):
+            raise refused from None
+        if not all(p.is_relative_to(root) for p in [directory, *files]):
+            raise refused
+        return directory
+
     async def unload(self, name: str) -> None:
         """Delete adapter `name` from the model; refused while requests use it."""
         if name in self.base_names:
-            raise APIError(400, f"'{name}' is the base model, not an adapter.", param="name", code="invalid_adapter")
+            raise APIError(400, f"'{name}' is the base model, not an adapter.", param="name",
+                           code="invalid_adapter")
         if name not in self._paths or name in self._busy:
-            raise APIError(404, f"No adapter named '{name}' is loaded.", param="name", code="adapter_not_found")
+            raise APIError(404, f"No adapter named '{name}' is loaded.", param="name",
+                           code="adapter_not_found")
         if self._pins[name]:
             raise APIError(409, f"Adapter '{name}' is in use by {self._pins[name]} request(s).", param="name",
                            code="adapter_in_use")
@@ -141,11 +179,16 @@ class AdapterPool:
             check_adapter_name(name)
         except ValueError as err:
             raise APIError(400, str(err), param="name", code="invalid_value") from None
+        if hasattr(nn.ModuleDict, name):  # "eval", "train", ...: layers keep adapters in ModuleDicts
+            raise APIError(400,
+                           f"Adapter name '{name}' is reserved (a torch module attribute); pick another.",
+                           param="name", code="invalid_value")
         if name in self.base_names or name == BASE_ROW:
             raise APIError(400, f"'{name}' names the base model; pick another adapter name.", param="name",
                            code="invalid_value")
         if name in self._paths or name in self._busy:
-            raise APIError(409, f"An adapter named '{name}' is already loaded.", param="name", code="adapter_exists")
+            raise APIError(409, f"An adapter named '{name}' is already loaded.", param="name",
+                           code="adapter_exists")
 
     # ---- on the model thread ---------------------------------------------------------------------
 

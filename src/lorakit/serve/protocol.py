@@ -1,36 +1,31 @@
-"""The OpenAI wire format `lorakit serve` speaks: request validation, errors, response and chunk bodies.
+"""The OpenAI requests `lorakit serve` takes: validation, with every problem an `APIError` (400).
 
-Requests are validated strictly (a string where a number belongs is an error, not coerced) and every
-problem becomes an `APIError`, which the app turns into OpenAI's error body
-`{"error": {"message", "type", "param", "code"}}` with a 4xx status. Parameters of the OpenAI API that
-lorakit does not implement (penalties, logit_bias, user, ...) are accepted and ignored, as most
-OpenAI-compatible servers do, so that ordinary clients work unchanged.
+Requests are validated strictly (a string where a number belongs is an error, not coerced), and every
+sampling parameter is checked against its range before the request is queued, so that no value can fail
+the batch it would join: `seed` must fit in 64 bits, `temperature` lie in [0, 2], `top_p` in (0, 1],
+`logprobs`/`top_logprobs` in OpenAI's ranges. Parameters of the OpenAI API that lorakit does not
+implement (penalties, logit_bias, user, ...) are accepted and ignored, as most OpenAI-compatible servers
+do, so that ordinary clients work unchanged. Response bodies are in `responses`.
 """
 
 from __future__ import annotations
 
-import json
-import time
-import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from lorakit.serve.errors import APIError
+from lorakit.serve.limits import load_json
 
-class APIError(Exception):
-    """An error answered with OpenAI's error body and an HTTP status."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit integer, as OpenAI and vLLM take it
+MAX_PROMPTS = 64  # prompts in one /v1/completions request (each becomes a choice)
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
+
+    def check(self) -> None:
+        """Rules across parameters (APIError naming the parameter), after each one has been validated."""
 
 
 class StreamOptions(_Request):
@@ -46,9 +41,10 @@ class SamplingRequest(_Request):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = 1
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens whatever comes (benchmarks)
 
     @field_validator("n")
     @classmethod
@@ -69,18 +65,33 @@ class SamplingRequest(_Request):
         return tuple(self.stop or ())
 
 
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str]
+    prompt: Prompt
+    max_tokens: int | None = Field(default=None, ge=0)  # 0 only with echo: score the prompt
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    echo: bool = False
 
     @field_validator("prompt")
     @classmethod
-    def _single_prompt(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and len(value) != 1:
-            raise ValueError("give one prompt (a string, or a list holding one string)")
+    def _prompts(cls, value: Prompt) -> Prompt:
+        items = [value] if isinstance(value, str) or (value and isinstance(value[0], int)) else value
+        if not items or len(items) > MAX_PROMPTS:
+            raise ValueError(f"give 1 to {MAX_PROMPTS} prompts")
         return value
 
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def check(self) -> None:
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "Invalid value for 'max_tokens': 0 needs echo=true.", param="max_tokens",
+                           code="invalid_value")
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: text, or token ids."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]  # type: ignore[list-item]
+        return list(self.prompt)  # type: ignore[arg-type]
 
 
 class ContentPart(_Request):
@@ -94,17 +105,30 @@ class Message(_Request):
 
     def as_template_message(self) -> dict[str, str]:
         """{"role", "content"} for the chat template (text parts joined; "developer" is the new "system")."""
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        parts = self.content if isinstance(self.content, list) else []
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in parts)
         return {"role": "system" if self.role == "developer" else self.role, "content": content}
 
 
 class ChatRequest(SamplingRequest):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def check(self) -> None:
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, "Invalid value for 'top_logprobs': it needs logprobs=true.",
+                           param="top_logprobs",
+                           code="invalid_value")
 
     def token_limit(self) -> int | None:
         # max_completion_tokens is the newer name; max_tokens is deprecated but what most clients send.
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def logprob_count(self) -> int | None:
+        """None without logprobs, else how many alternatives to report per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class AdapterRequest(_Request):
@@ -114,14 +138,11 @@ class AdapterRequest(_Request):
 
 def parse_body(raw: bytes, model: type[_Request]) -> Any:
     """The validated request, or APIError(400) naming the parameter at fault."""
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise APIError(400, f"We could not parse the JSON body of your request ({err}).", code="invalid_json") from None
+    data = load_json(raw)
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
     try:
-        return model.model_validate(data)
+        request = model.model_validate(data)
     except ValidationError as err:
         errors = err.errors()
         param = _param(errors[0]["loc"])
@@ -129,9 +150,13 @@ def parse_body(raw: bytes, model: type[_Request]) -> Any:
             raise APIError(400, f"Missing required parameter: '{param}'.", param=param,
                            code="missing_required_parameter") from None
         # A value matching no member of a union (str | list[str]) gives one error per member: say them all.
-        reasons = dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in errors if _param(e["loc"]) == param)
-        raise APIError(400, f"Invalid value for '{param}': {'; or '.join(reasons)}.", param=param,
+        reasons = dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in errors
+                                if _param(e["loc"]) == param)
+        where = f"'{param}'" if param else "the request"
+        raise APIError(400, f"Invalid value for {where}: {'; or '.join(reasons)}.", param=param,
                        code="invalid_value") from None
+    request.check()
+    return request
 
 
 def _param(loc: tuple) -> str | None:
@@ -142,44 +167,3 @@ def _param(loc: tuple) -> str | None:
 
 
 _UNION_TAGS = {"str", "int", "float", "bool"}
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def completion_body(request_id: str, model: str, text: str, finish_reason: str, counts: dict[str, int]) -> dict:
-    return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}], "usage": counts}
-
-
-def chat_body(request_id: str, model: str, text: str, finish_reason: str, counts: dict[str, int]) -> dict:
-    return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": finish_reason}], "usage": counts}
-
-
-def completion_chunk(request_id: str, model: str, text: str, finish_reason: str | None = None,
-                     counts: dict[str, int] | None = None) -> dict:
-    """A streamed piece of a completion; with `counts` the usage-only chunk (no choices) that ends the stream."""
-    choices = [] if counts else [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]
-    return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": choices, "usage": counts}
-
-
-def chat_chunk(request_id: str, model: str, delta: dict[str, str], finish_reason: str | None = None,
-               counts: dict[str, int] | None = None) -> dict:
-    """A streamed piece of a chat answer (`delta` holds the role first, then content pieces)."""
-    choices = [] if counts else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
-    return {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": choices, "usage": counts}
-
-
-def sse(data: dict | str) -> str:
-    """One server-sent event carrying `data` (JSON, or a literal such as "[DONE]")."""
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"

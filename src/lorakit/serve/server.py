@@ -1,13 +1,10 @@
-"""The serving core: one model thread, a batching scheduler, and requests turned into batch rows.
+"""The serving core: the model thread, the scheduler, and requests turned into batch rows.
 
-Threads: the asyncio event loop (HTTP, tokenisation, bookkeeping) and one model thread that runs every
-generation batch and every adapter load/unload, one after another. The event loop never waits on the
-model, so it keeps answering (errors, /v1/models, new requests queueing) while a batch generates.
-
-Batching: requests queue up; the scheduler takes the first, waits a few milliseconds (`batch_window_ms`)
-for concurrent ones to arrive, and runs up to `max_batch_size` of them — whatever their adapters — as
-one batch (`engine.generate_batch`). Requests arriving during a batch form the next one (static batches,
-no joining a running batch).
+Threads: the asyncio event loop (HTTP, bookkeeping), one tokenizer thread (chat templates and tokenising,
+so a long prompt never stalls other clients), and one model thread that runs every batch step and every
+adapter load/unload, one after another. The event loop never waits on the model, so it keeps answering
+(errors, /v1/models, /health, new requests queueing) while the batch generates. See `scheduler` for the
+batching policy and `batch` for how rows join and leave the running batch.
 """
 
 from __future__ import annotations
@@ -16,32 +13,29 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from torch import nn
 
 from lorakit.serve.adapters import AdapterPool
-from lorakit.serve.engine import Event, Failed, Finished, Row, generate_batch
-from lorakit.serve.protocol import APIError, SamplingRequest
+from lorakit.serve.batch import Batch
+from lorakit.serve.engine import Event, Failed, Finished, Row
+from lorakit.serve.errors import APIError
+from lorakit.serve.metrics import Metrics
+from lorakit.serve.protocol import SamplingRequest
+from lorakit.serve.scheduler import Scheduler
+from lorakit.serve.settings import ServeSettings
 
 log = logging.getLogger("lorakit.serve")
 T = TypeVar("T")
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
-
-
-@dataclass
-class ServeSettings:
-    max_batch_size: int = 16
-    max_adapters: int | None = None
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    batch_window_ms: float = 5.0
+CHARS_PER_TOKEN_CAP = 64  # default prompt cap in characters: this many per token of the context length
 
 
 class ModelThread:
-    """The one thread that touches the model (generation and adapter changes, in submission order)."""
+    """The one thread that touches the model (batch steps and adapter changes, in submission order)."""
 
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-model")
@@ -54,8 +48,9 @@ class ModelThread:
 
 
 class Job:
-    """A submitted request: its events as they come, and `close()` (idempotent) when the caller is done —
-    which cancels the row if it is still generating and unpins its adapter."""
+    """A submitted row: its events as they come, and `close()` (idempotent) when the caller is done — which
+    cancels the row if it is still waiting or generating (it leaves at the next step) and unpins its
+    adapter."""
 
     def __init__(self, server: Server, row: Row, queue: asyncio.Queue[Event]) -> None:
         self._server, self.row, self._queue, self._closed = server, row, queue, False
@@ -72,26 +67,36 @@ class Job:
             self._closed = True
             self.row.cancelled = True
             self._server.pool.release(self.row.adapter)
+            # Wakes a reader still waiting for the row's events.
+            self._queue.put_nowait(Finished("cancelled", len(self.row.prompt_ids), 0))
 
 
 class Server:
     """A base model with adapters behind a batching scheduler; `app.create_app` puts HTTP in front."""
 
-    def __init__(self, model: nn.Module, tokenizer, base_names: Iterable[str], settings: ServeSettings) -> None:
+    def __init__(self, model: nn.Module, tokenizer, base_names: Iterable[str],
+                 settings: ServeSettings) -> None:
         self.tokenizer = tokenizer
         self.settings = settings
         self.model_thread = ModelThread()
-        self.pool = AdapterPool(model, base_names, self.model_thread.run, settings.max_adapters)
+        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-tokenize")
+        self.pool = AdapterPool(model, base_names, self._change_adapters, settings.max_adapters,
+                                settings.adapter_root)
         config = model.config
-        self.max_model_len = settings.max_model_len or getattr(config, "max_position_embeddings", None) or 2048
+        self.vocab_size = int(config.vocab_size)
+        context = getattr(config, "max_position_embeddings", None) or 2048
+        self.max_model_len = settings.max_model_len or context
+        self.max_prompt_chars = settings.max_prompt_chars or CHARS_PER_TOKEN_CAP * self.max_model_len
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
-        self.eos_ids = {int(t) for t in eos_ids if t is not None}
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.pad_id = int(pad) if pad is not None else 0
-        self._queue: asyncio.Queue[Row] = asyncio.Queue()  # bound to the event loop on first use
-        self._running: list[Row] = []
-        self.stats = {"batches": 0, "rows": 0, "largest_batch": 0}
+        self.metrics = Metrics(self.base_name)
+        self.batch = Batch(tokenizer, int(pad) if pad is not None else 0,
+                           {int(t) for t in eos_ids if t is not None})
+        self.scheduler = Scheduler(self.batch, self.model_thread.run, lambda: self.pool.model, self.metrics,
+                                   policy=settings.scheduler, max_batch_size=settings.max_batch_size,
+                                   max_prefill_tokens=settings.max_prefill_tokens,
+                                   batch_window_ms=settings.batch_window_ms)
 
     @classmethod
     def load(cls, model: str | None, adapters: Iterable[tuple[str, Path]], settings: ServeSettings,
@@ -115,84 +120,94 @@ class Server:
     def base_name(self) -> str:
         return self.pool.base_names[0]
 
-    # ---- requests -> rows ------------------------------------------------------------------------
+    async def _change_adapters(self, fn: Callable[[], T]) -> T:
+        # Between two steps, on the model thread; the batch leaves its row_adapters() block first, so layers
+        # look at their adapters afresh at the next step.
+        def change() -> T:
+            self.batch.close()
+            return fn()
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as err:  # no template, or the template rejects these messages (jinja raises its own)
-            raise APIError(400, f"Cannot apply the model's chat template to these messages: {err}",
-                           param="messages", code="invalid_value") from None
-        # The rendered template already holds the special tokens it needs.
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return await self.model_thread.run(change)
 
-    def completion_prompt(self, prompt: str) -> list[int]:
-        return self.tokenizer(prompt)["input_ids"]
+    # ---- prompts ---------------------------------------------------------------------------------
 
-    def token_budget(self, prompt_ids: list[int], requested: int | None, default: int | None, param: str) -> int:
+    async def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        self._check_chars(sum(len(m["content"]) for m in messages), "messages")
+
+        def render() -> list[int]:
+            try:
+                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                          tokenize=False)
+            except Exception as err:  # no template, or it rejects these messages (jinja has its own errors)
+                raise APIError(400, f"Cannot apply the model's chat template to these messages: {err}",
+                               param="messages", code="invalid_value") from None
+            # The rendered template already holds the special tokens it needs.
+            return self._tokenize(text, add_special_tokens=False)
+
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, render)
+
+    async def completion_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, list):  # token ids
+            if any(not 0 <= t < self.vocab_size for t in prompt):
+                raise APIError(400, f"Token ids must lie in [0, {self.vocab_size}).", param="prompt",
+                               code="invalid_value")
+            return prompt
+        self._check_chars(len(prompt), "prompt")
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, self._tokenize,
+                                                                prompt)
+
+    def _tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        # On the tokenizer thread; fast tokenizers let go of the GIL meanwhile, so the event loop runs on.
+        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def _check_chars(self, count: int, param: str) -> None:
+        if count > self.max_prompt_chars:
+            raise APIError(400, f"The {param} hold {count} characters; this server takes at most "
+                           f"{self.max_prompt_chars} (--max-prompt-chars).", param=param,
+                           code="context_length_exceeded")
+
+    def token_budget(self, prompt_ids: list[int], requested: int | None, default: int | None,
+                     param: str) -> int:
         """max_tokens for a request, checked against the context length. Without `requested`: `default`
         (None: unlimited) cut to what the context leaves."""
         if not prompt_ids:
             raise APIError(400, "The prompt is empty.", param=param, code="invalid_value")
         limit, left = self.max_model_len, self.max_model_len - len(prompt_ids)
         wanted = requested if requested is not None else min(default or left, left)
-        if wanted < 1 or len(prompt_ids) + wanted > limit:
+        # requested == 0 only comes with echo (protocol.py): scoring the prompt needs no room after it.
+        if len(prompt_ids) + wanted > limit or (wanted < 1 and requested is None):
             asked = len(prompt_ids) + max(wanted, 1)
             raise APIError(
-                400, f"This model's maximum context length is {limit} tokens. However, you requested {asked} tokens "
-                f"({len(prompt_ids)} in the {param}, {max(wanted, 1)} in the completion). Please reduce the length "
-                f"of the {param} or completion.", param=param, code="context_length_exceeded")
+                400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{asked} tokens ({len(prompt_ids)} in the {param}, {max(wanted, 1)} in the completion). "
+                f"Please reduce the length of the {param} or completion.", param=param,
+                code="context_length_exceeded")
         return wanted
 
-    def start(self, adapter: str, prompt_ids: list[int], max_tokens: int, request: SamplingRequest) -> Job:
-        """Queue a row for the next batch; `adapter` comes pinned from `pool.acquire` (the job unpins it)."""
+    # ---- rows ------------------------------------------------------------------------------------
+
+    def start(self, adapter: str, prompt_ids: list[int], max_tokens: int, request: SamplingRequest,
+              logprobs: int | None = None, prompt_logprobs: bool = False) -> Job:
+        """Queue a row; `adapter` comes pinned from `pool.acquire` (the job unpins it)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
         row = Row(prompt_ids=prompt_ids, adapter=adapter, max_tokens=max_tokens,
                   emit=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event),
-                  temperature=request.temperature, top_p=request.top_p, stop=request.stop_strings(), seed=request.seed)
-        self._queue.put_nowait(row)
+                  temperature=request.temperature, top_p=request.top_p, stop=request.stop_strings(),
+                  seed=request.seed, ignore_eos=request.ignore_eos, logprobs=logprobs,
+                  prompt_logprobs=prompt_logprobs)
+        self.scheduler.submit(row)
         return Job(self, row, queue)
 
-    # ---- the scheduler ---------------------------------------------------------------------------
-
-    async def run_scheduler(self) -> None:
-        """Form and run batches until cancelled (started by the app's lifespan)."""
-        size, window = self.settings.max_batch_size, self.settings.batch_window_ms / 1000
-        while True:
-            batch = [await self._queue.get()]
-            if self._queue.qsize() < size - 1:
-                await asyncio.sleep(window)  # let requests sent at the same moment join this batch
-            while len(batch) < size and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            batch = [row for row in batch if not row.cancelled]
-            if batch:
-                self._running = batch
-                self.stats["batches"] += 1
-                self.stats["rows"] += len(batch)
-                self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
-                try:
-                    await self.model_thread.run(lambda rows=batch: self._run_batch(rows))
-                finally:
-                    self._running = []
-
-    def _run_batch(self, rows: list[Row]) -> None:
-        try:
-            generate_batch(self.pool.model, self.tokenizer, rows, self.pad_id, self.eos_ids)
-        except Exception as err:  # one bad batch must not stop the server: its requests get the error
-            log.exception("generation failed for a batch of %d", len(rows))
-            for row in rows:
-                if not row.done:
-                    row.done = True
-                    row.emit(Failed(err))
-
     def shutdown(self) -> None:
-        """Stop generating: the running batch ends after its current step, queued requests are dropped."""
-        for row in self._running:
-            row.cancelled = True
+        """Stop generating: running and queued rows end at the next step."""
+        self.scheduler.cancel_all()
         self.model_thread.close()
+        self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
 
     def describe(self) -> dict[str, Any]:
         return {"base": self.base_name, "adapters": self.pool.names(), "max_model_len": self.max_model_len,
                 "max_batch_size": self.settings.max_batch_size, "max_adapters": self.settings.max_adapters,
-                **self.stats}
+                "scheduler": self.settings.scheduler, "running": len(self.scheduler.running),
+                "waiting": self.scheduler.waiting, "steps": self.scheduler.steps,
+                "largest_batch": self.scheduler.largest_batch}
