@@ -13,8 +13,9 @@ exactly s · B A. For the `llama` architecture B's rows (the update's output row
 reordered as the base weights are (see `architecture`).
 
 What such a file cannot carry is refused in one line: DoRA, lora_bias, tensors saved whole
-(modules_to_save, trained biases) and updates that would untie tied embeddings; export the merged model
-for those.
+(modules_to_save, trained biases, a changed copy of a base tensor) and updates that would untie tied
+embeddings; export the merged model for those. Unchanged copies of base tensors (PEFT saves the embedding
+beside an embedding adapter) are left out, as llama.cpp's converter does.
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ from lorakit.errors import AdapterFileError
 from lorakit.export.architecture import Architecture, describe
 from lorakit.export.tensor_types import encode, parse_type, tensor_type
 from lorakit.export.writer import ExportReport, PlannedTensor, gguf_output, report, write_tensors
-from lorakit.io.checkpoint import open_checkpoint
+from lorakit.io.checkpoint import TensorReader, open_checkpoint
 from lorakit.merge.adapter_file import AdapterFile, LoraModule, open_adapter
-from lorakit.merge.plan import build_plan, describe_base
+from lorakit.merge.plan import MergePlan, ReplaceOp, build_plan, describe_base
+
+MERGED_HINT = "; export the merged model instead (lorakit export --format gguf without --adapter-only)"
 
 
 def export_adapter_gguf(
@@ -62,6 +65,7 @@ def export_adapter_gguf(
     with open_adapter(adapter) as opened:
         plan = build_plan(open_checkpoint(base_dir), describe_base(base_dir, architecture.config), [opened], [1.0])
         modules = _lora_modules(opened, plan.untie_embeddings)
+        _check_saved_copies(opened, plan)
         alpha = float(opened.config.lora_alpha)
         tensors = _tensors(opened, modules, architecture, alpha)
         planned = [PlannedTensor(name, tuple(value.shape), tensor_type(tuple(value.shape), requested))
@@ -82,22 +86,36 @@ def export_adapter_gguf(
 def _lora_modules(adapter: AdapterFile, unties: bool) -> list[LoraModule]:
     """The adapter's LoRA modules, refusing what a GGUF LoRA adapter cannot express."""
     modules, saved = adapter.layout()
-    merged_hint = "; export the merged model instead (lorakit export --format gguf without --adapter-only)"
     if adapter.config.use_dora:
-        raise AdapterFileError(f"{adapter.directory}: DoRA adapters have no llama.cpp LoRA form{merged_hint}")
-    if saved:
-        raise AdapterFileError(f"{adapter.file}: saves whole tensors ({saved[0].key!r}...), which a GGUF LoRA "
-                               f"adapter cannot hold{merged_hint}")
+        raise AdapterFileError(f"{adapter.directory}: DoRA adapters have no llama.cpp LoRA form{MERGED_HINT}")
+    whole = next((tensor for tensor in saved if tensor.whole_module), None)
+    if whole is not None:
+        raise AdapterFileError(f"{adapter.file}: saves whole tensors ({whole.key!r}...), which a GGUF LoRA "
+                               f"adapter cannot hold{MERGED_HINT}")
     with_bias = next((m for m in modules if m.lora_bias is not None), None)
     if with_bias is not None:
         raise AdapterFileError(f"{adapter.file}: module {with_bias.name!r} has a lora_B.bias (lora_bias), which "
-                               f"llama.cpp's LoRA adapters lack{merged_hint}")
+                               f"llama.cpp's LoRA adapters lack{MERGED_HINT}")
     if unties:
         raise AdapterFileError(f"{adapter.directory}: changes the embedding or output projection of a base that "
-                               f"ties them; llama.cpp would apply it to both{merged_hint}")
+                               f"ties them; llama.cpp would apply it to both{MERGED_HINT}")
     if not modules:
         raise AdapterFileError(f"{adapter.file}: no LoRA tensors")
     return modules
+
+
+def _check_saved_copies(adapter: AdapterFile, plan: MergePlan) -> None:
+    """Base tensors the adapter carries must equal the base's: a GGUF adapter cannot replace them."""
+    with TensorReader(plan.checkpoint.directory) as reader:
+        for name, tensor_plan in plan.tensors.items():
+            for op in tensor_plan.ops:
+                if not isinstance(op, ReplaceOp):
+                    continue
+                info = plan.checkpoint.tensors[tensor_plan.source]
+                base = reader.get(info.file, info.name)
+                if not torch.equal(adapter.get(op.key).to(base.dtype), base):
+                    raise AdapterFileError(f"{adapter.file}: {op.key!r} differs from the base's {name!r} (resized or "
+                                           f"trained), which a GGUF LoRA adapter cannot hold{MERGED_HINT}")
 
 
 def _tensors(adapter: AdapterFile, modules: list[LoraModule], architecture: Architecture,
