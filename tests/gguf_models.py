@@ -22,6 +22,15 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# family, tokenizer style, tied embeddings, embedding rows beyond the tokenizer
+CASES = {
+    "llama": ("llama", "llama-bpe", False, 5),
+    "mistral": ("mistral", "gpt-2", False, 0),
+    "qwen2": ("qwen2", "qwen2", True, 3),
+    "smollm2": ("llama", "smollm2", True, 0),
+}
+PROMPTS = 4
+NEW_TOKENS = 8
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -134,3 +143,64 @@ def dequantized(path: Path) -> dict[str, torch.Tensor]:
 
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def build_family(name: str, root: Path, smollm_dir: Path) -> dict:
+    """A tiny base of CASES[name] with its tokenizer, an all-linear adapter, the float32 merged checkpoint,
+    and the bundled test prompts as token ids."""
+    from transformers import AutoTokenizer
+
+    from lorakit.merge.streaming import merge_checkpoint
+
+    model_family, tokenizer, tied, extra = CASES[name]
+    base = make_base(root / "base", model_family, tokenizer, tied, extra, smollm_dir=smollm_dir)
+    save_adapter(base, root / "adapter", r=4, lora_alpha=8)
+    merge_checkpoint(root / "base", [root / "adapter"], root / "merged", verify=False)
+    tok = AutoTokenizer.from_pretrained(root / "base")
+    prompts = [tok(text, add_special_tokens=False)["input_ids"] for text in bundled_prompts(tok)]
+    return {"name": name, "root": root, "tokenizer": tok, "prompts": prompts, "tied": tied, "extra": extra}
+
+
+def load_gguf(path: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with quiet():
+        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def load_dir(path: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with quiet():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def bundled_prompts(tokenizer) -> list[list[int]]:
+    """The first bundled test prompts as text, chat template applied."""
+    from lorakit.train.data import bundled_dataset_path, load_records, prompt_messages
+
+    records = load_records(bundled_dataset_path("test"))[:PROMPTS]
+    return [tokenizer.apply_chat_template(prompt_messages(r), tokenize=False, add_generation_prompt=True)
+            for r in records]
+
+
+@torch.no_grad()
+def round_matrices(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Round every matrix once to `dtype` and back, as the GGUF export stores them (vectors stay f32)."""
+    for param in model.parameters():
+        if param.dim() == 2:
+            param.copy_(param.to(dtype).float())
+
+
+@torch.no_grad()
+def greedy(model: torch.nn.Module, ids: list[int]) -> list[int]:
+    """NEW_TOKENS greedy tokens (no stop); the mask is explicit, as the prompt contains the pad id."""
+    tensor = torch.tensor([ids])
+    out = model.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=NEW_TOKENS, do_sample=False,
+                         pad_token_id=2, eos_token_id=None)
+    return out[0, len(ids):].tolist()
+
+
+@torch.no_grad()
+def prompt_logits(model: torch.nn.Module, prompts: list[list[int]]) -> torch.Tensor:
+    return torch.cat([model(torch.tensor([ids])).logits[0] for ids in prompts])

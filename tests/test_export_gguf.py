@@ -16,7 +16,20 @@ from pathlib import Path
 import gguf
 import pytest
 import torch
-from gguf_models import dequantized, gguf_fields, make_base, save_adapter
+from gguf_models import (
+    CASES,
+    build_family,
+    bundled_prompts,
+    dequantized,
+    gguf_fields,
+    greedy,
+    load_dir,
+    load_gguf,
+    make_base,
+    prompt_logits,
+    round_matrices,
+    save_adapter,
+)
 from tiny_models import quiet, tiny_gpt2
 
 from lorakit.cli.main import main
@@ -24,76 +37,13 @@ from lorakit.errors import AdapterFileError, LorakitError
 from lorakit.export import export_adapter_gguf, export_gguf
 from lorakit.merge.streaming import merge_checkpoint
 
-# family, tokenizer style, tied embeddings, embedding rows beyond the tokenizer
-CASES = {
-    "llama": ("llama", "llama-bpe", False, 5),
-    "mistral": ("mistral", "gpt-2", False, 0),
-    "qwen2": ("qwen2", "qwen2", True, 3),
-    "smollm2": ("llama", "smollm2", True, 0),
-}
 # max |Δlogit| against the float32 merge (see the module docstring)
 TOLERANCE = {"f32": 1e-5, "f16": 1e-2}
-PROMPTS = 4
-NEW_TOKENS = 8
-
-
-def load_gguf(path: Path) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    with quiet():
-        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-
-
-def load_dir(path: Path) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    with quiet():
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def bundled_prompts(tokenizer) -> list[list[int]]:
-    """The first bundled test prompts, chat template applied, as token ids."""
-    from lorakit.train.data import bundled_dataset_path, load_records, prompt_messages
-
-    records = load_records(bundled_dataset_path("test"))[:PROMPTS]
-    return [tokenizer.apply_chat_template(prompt_messages(r), tokenize=False, add_generation_prompt=True)
-            for r in records]
-
-
-@torch.no_grad()
-def round_matrices(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Round every matrix once to `dtype` and back, as the GGUF export stores them (vectors stay f32)."""
-    for param in model.parameters():
-        if param.dim() == 2:
-            param.copy_(param.to(dtype).float())
-
-
-@torch.no_grad()
-def greedy(model: torch.nn.Module, ids: list[int]) -> list[int]:
-    out = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=2,
-                         eos_token_id=None)
-    return out[0, len(ids):].tolist()
-
-
-@torch.no_grad()
-def prompt_logits(model: torch.nn.Module, prompts: list[list[int]]) -> torch.Tensor:
-    return torch.cat([model(torch.tensor([ids])).logits[0] for ids in prompts])
 
 
 @pytest.fixture(scope="module", params=list(CASES))
 def family(request, tmp_path_factory, default_model_dir) -> dict:
-    """A tiny base with its tokenizer, an all-linear adapter, and the merged safetensors checkpoints."""
-    from transformers import AutoTokenizer
-
-    name = request.param
-    model_family, tokenizer, tied, extra = CASES[name]
-    root = tmp_path_factory.mktemp(f"gguf-{name}")
-    base = make_base(root / "base", model_family, tokenizer, tied, extra, smollm_dir=default_model_dir)
-    save_adapter(base, root / "adapter", r=4, lora_alpha=8)
-    merge_checkpoint(root / "base", [root / "adapter"], root / "merged", verify=False)
-    tok = AutoTokenizer.from_pretrained(root / "base")
-    prompts = [tok(text, add_special_tokens=False)["input_ids"] for text in bundled_prompts(tok)]
-    return {"name": name, "root": root, "tokenizer": tok, "prompts": prompts, "tied": tied, "extra": extra}
+    return build_family(request.param, tmp_path_factory.mktemp(f"gguf-{request.param}"), default_model_dir)
 
 
 @pytest.mark.parametrize("kind", ["f32", "f16"])
