@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from lorakit.cli.app import ConfigOption, app
-from lorakit.cli.merge import _parse_weights
 from lorakit.cli.options import split_commas
 
 if TYPE_CHECKING:
@@ -48,6 +47,8 @@ def export_command(
     The model file carries the hyperparameters and tokenizer (vocabulary, merges, special tokens, chat
     template) llama.cpp needs; Llama, Mistral, Qwen2 and SmolLM2 bases.
     """
+    # merge's --weights parser, imported here so that `merge` keeps its place in the command list
+    from lorakit.cli.merge import _parse_weights
     from lorakit.errors import LorakitError
     from lorakit.export import export_adapter_gguf, export_gguf
 
