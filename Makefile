@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup test test-fast demo lint bench clean
+.PHONY: setup test test-fast demo lint bench bench-gguf llama-cpp test-llama-cpp clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,22 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
+
+# llama.cpp for the GGUF export checks, built from the llama-cpp-python sdist (it vendors llama.cpp):
+# about 20 minutes on 2 cores, so not part of `make test`; pip caches the built wheel afterwards.
+LLAMA_CPP_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+
+llama-cpp: $(STAMP)
+	CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" \
+		$(PIP) install -c constraints.txt --no-binary llama-cpp-python llama-cpp-python diskcache
+
+test-llama-cpp: llama-cpp
+	$(PY) -m pytest -q -ra tests/test_export_llama_cpp.py tests/test_export_gguf_date_task.py $(PYTEST_ARGS)
+
+# Fine-tune the embedded model, merge, export to GGUF, score in transformers (and llama.cpp if built).
+bench-gguf: $(STAMP)
+	$(PY) benchmarks/gguf_export.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist src/*.egg-info
