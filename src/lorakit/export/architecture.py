@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,10 @@ class Architecture:
     def head_dim(self) -> int:
         return int(self.config.get("head_dim") or self.config["hidden_size"] // self.heads)
 
+    @cached_property
+    def _names(self) -> gguf.TensorNameMap:
+        return gguf.get_tensor_name_map(self.arch, int(self.config["num_hidden_layers"]))
+
     def gguf_name(self, name: str) -> str | None:
         """The GGUF name of a checkpoint tensor, or None for one that is not a parameter (rotary caches).
 
@@ -68,8 +73,7 @@ class Architecture:
         """
         if name.endswith(_IGNORED_SUFFIXES):
             return None
-        names = gguf.get_tensor_name_map(self.arch, int(self.config["num_hidden_layers"]))
-        mapped = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        mapped = self._names.get_name(name, try_suffixes=(".weight", ".bias"))
         if mapped is None:
             raise LorakitError(f"tensor {name!r} has no GGUF name in llama.cpp's {self.name!r} architecture")
         return mapped

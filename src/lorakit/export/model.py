@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -105,7 +105,7 @@ def _plan_tensors(plan: MergePlan, architecture: Architecture,
     return tensors
 
 
-def _assemble(blocks, tensor: PlannedTensor, order: torch.Tensor | None) -> np.ndarray:
+def _assemble(blocks: Iterable[torch.Tensor], tensor: PlannedTensor, order: torch.Tensor | None) -> np.ndarray:
     """Encode consecutive row blocks into the stored array; with a row order, stored row i goes to the
     GGUF row r where order[r] = i (every GGUF type encodes rows independently, so this commutes)."""
     shape, dtype = stored_shape(tensor.shape, tensor.qtype)

@@ -22,7 +22,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from lorakit.export.tensor_types import FLOAT_TYPES, stored_shape, type_name
+from lorakit.export.tensor_types import stored_shape, type_name
 from lorakit.io.atomic import atomic_file
 
 
@@ -117,7 +117,3 @@ def report(kind: str, base: Path, adapters: Sequence[Path], weights: Sequence[fl
         architecture=architecture, type=requested, tensors=len(plan), types=file_type_counts(plan),
         total_bytes=output.stat().st_size, seconds=round(time.perf_counter() - start, 3), notes=list(notes),
     )
-
-
-def is_float(qtype: gguf.GGMLQuantizationType) -> bool:
-    return qtype in FLOAT_TYPES
