@@ -1,4 +1,4 @@
-"""GGUF in, GGUF out: the embedded model fine-tuned, merged and exported answers the date task as the merge does.
+"""GGUF in, GGUF out: the embedded model, fine-tuned, merged and exported, answers the date task as the merge.
 
     .venv/bin/python benchmarks/gguf_export.py [--max-steps N] [--rows N] [--adapter DIR] [--output DIR]
 
@@ -36,8 +36,9 @@ def train_adapter(output: Path, max_steps: int | None) -> Path:
     from lorakit.train.sft import train
 
     config = TrainConfig(output=str(output), data=str(bundled_dataset_path("train")), r=8, lora_alpha=16,
-                         target_modules=["all-linear"], batch_size=8, epochs=1, learning_rate=1e-3, warmup_steps=10,
-                         lr_scheduler="cosine", eval_every=10_000, max_steps=max_steps, overwrite=True)
+                         target_modules=["all-linear"], batch_size=8, epochs=1, learning_rate=1e-3,
+                         warmup_steps=10, lr_scheduler="cosine", eval_every=10_000, max_steps=max_steps,
+                         overwrite=True)
     return train(config).adapter_dir
 
 
@@ -87,9 +88,9 @@ def llama_cpp_exact_match(model_path: Path, records, lora: Path | None = None) -
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument("--rows", type=int, default=None, help="Score the first N test rows (default: all 100).")
+    parser.add_argument("--rows", type=int, default=None, help="Score the first N test rows (default: all).")
     parser.add_argument("--adapter", type=Path, default=None, help="A trained adapter of the embedded model.")
-    parser.add_argument("--output", type=Path, default=None, help="Working directory (default: a temporary one).")
+    parser.add_argument("--output", type=Path, default=None, help="Working directory (default: a new one).")
     args = parser.parse_args()
     work = args.output or Path(tempfile.mkdtemp(prefix="gguf-export-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -120,9 +121,9 @@ def run(work: Path, args: argparse.Namespace) -> dict:
     conversations = [prompt_messages(r) for r in records]
     references = [reference_answer(r) for r in records]
     merged = load_causal_lm(str(work / "merged")).eval()
+    merged_tokenizer = load_tokenizer(str(work / "merged"))
     result = {"rows": len(records), "max_steps": args.max_steps, "train_seconds": round(train_seconds, 1),
-              "exact_match_merged": score_exact_match(merged, load_tokenizer(str(work / "merged")), conversations,
-                                                      references)[0]}
+              "exact_match_merged": score_exact_match(merged, merged_tokenizer, conversations, references)[0]}
     for kind, report in reports.items():
         model, tokenizer = load_gguf(work / f"model-{kind}.gguf")
         stats = token_statistics(model, merged, tokenizer, records)
@@ -135,7 +136,8 @@ def run(work: Path, args: argparse.Namespace) -> dict:
     else:
         result["llama_cpp"] = {
             "exact_match_f16": llama_cpp_exact_match(work / "model-f16.gguf", records),
-            "exact_match_base_plus_adapter": llama_cpp_exact_match(work / "base-f32.gguf", records, work / "adapter.gguf"),
+            "exact_match_base_plus_adapter": llama_cpp_exact_match(work / "base-f32.gguf", records,
+                                                                   work / "adapter.gguf"),
         }
     return result
 

@@ -16,7 +16,8 @@ from tiny_models import clone_model, lk_config, perturb_adapter, quiet, seeded
 import lorakit
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+          "'<|im_end|>' + '\n'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -59,8 +60,8 @@ def bpe_tokenizer(directory: Path, pre: str, vocab_size: int = 400):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(demo_texts(), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   unk_token="<|endoftext|>", pad_token="<|im_end|>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|im_start|>",
+                                   eos_token="<|im_end|>", unk_token="<|endoftext|>", pad_token="<|im_end|>")
     fast.chat_template = CHATML
     fast.save_pretrained(directory)
     return fast
@@ -82,7 +83,8 @@ def tiny_model(family: str, vocab: int, tied: bool, seed: int = 0) -> torch.nn.M
     config_class, model_class = classes[family]
     config = config_class(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                          tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=2, rope_theta=5000.0)
+                          tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                          rope_theta=5000.0)
     torch.manual_seed(seed)
     model = model_class(config)
     with torch.no_grad():
@@ -165,7 +167,8 @@ def load_gguf(path: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     with quiet():
-        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model.eval()
 
 
 def load_dir(path: Path) -> torch.nn.Module:
@@ -196,8 +199,8 @@ def round_matrices(model: torch.nn.Module, dtype: torch.dtype) -> None:
 def greedy(model: torch.nn.Module, ids: list[int]) -> list[int]:
     """NEW_TOKENS greedy tokens (no stop); the mask is explicit, as the prompt contains the pad id."""
     tensor = torch.tensor([ids])
-    out = model.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=NEW_TOKENS, do_sample=False,
-                         pad_token_id=2, eos_token_id=None)
+    out = model.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=NEW_TOKENS,
+                         do_sample=False, pad_token_id=2, eos_token_id=None)
     return out[0, len(ids):].tolist()
 
 

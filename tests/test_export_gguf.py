@@ -70,7 +70,8 @@ def test_q8_0_stays_close_to_the_merged_model(family) -> None:
     expected = prompt_logits(load_dir(root / "merged"), prompts)
     assert (got - expected).abs().max().item() <= 0.1
     agreement = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
-    assert agreement >= 0.8  # random tiny models have near-ties; the embedded model's figure is in the slow test
+    # random tiny models have near-ties; the embedded model's ≥ 99 % is in the slow date-task test
+    assert agreement >= 0.8
 
 
 def test_tokenizer_metadata_round_trips(family) -> None:
@@ -82,8 +83,8 @@ def test_tokenizer_metadata_round_trips(family) -> None:
     export_gguf(root / "base", path, type="f32")
     fields = gguf_fields(path)["fields"]
     assert fields["tokenizer.ggml.model"] == "gpt2"
-    assert fields["tokenizer.ggml.pre"] == {"smollm2": "gpt-2", "mistral": "gpt-2"}.get(family["name"], family["name"]
-                                                                                          .replace("llama", "llama-bpe"))
+    expected_pre = {"llama": "llama-bpe", "mistral": "gpt-2", "qwen2": "qwen2", "smollm2": "gpt-2"}
+    assert fields["tokenizer.ggml.pre"] == expected_pre[family["name"]]
     assert fields["tokenizer.ggml.tokens"] == len(tok) + family["extra"]
     assert fields["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
     assert fields["tokenizer.ggml.add_bos_token"] is False
@@ -104,7 +105,8 @@ def test_export_of_a_merged_checkpoint_equals_the_direct_export(family, tmp_path
     assert (tmp_path / "a" / "m.gguf").read_bytes() == (tmp_path / "b" / "m.gguf").read_bytes()
 
 
-def llama_cpp_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, alpha: float, embedding: bool) -> torch.Tensor:
+def llama_cpp_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, alpha: float,
+                    embedding: bool) -> torch.Tensor:
     """The update llama.cpp adds (src/llama-graph.cpp): (alpha / r) · B A with r = B's columns; for
     token_embd it looks up rows of lora_a (vocab, r), so the update of row t is (alpha / r) · lora_a[t] Bᵀ."""
     scale = alpha / lora_b.shape[1] if alpha else 1.0
@@ -131,7 +133,8 @@ def test_adapter_export_reproduces_the_merge_under_llama_cpp_maths(tmp_path, def
     for name, expected in merged.items():
         got = weights[name]
         if name in adapted:
-            got = got + llama_cpp_delta(lora[f"{name}.lora_a"], lora[f"{name}.lora_b"], 8.0, name == "token_embd.weight")
+            a, b = lora[f"{name}.lora_a"], lora[f"{name}.lora_b"]
+            got = got + llama_cpp_delta(a, b, 8.0, name == "token_embd.weight")
         assert torch.allclose(got, expected, atol=1e-6, rtol=0), name
 
 
@@ -183,7 +186,8 @@ def test_cli_writes_a_model_and_an_adapter_and_reports_them(llama_dir, capsys) -
     code, out, _ = run(capsys, "export", "--format", "gguf", "--model", llama_dir / "base", "--adapter",
                        llama_dir / "adapter", "-o", llama_dir / "m.gguf", "--type", "q8_0")
     assert code == 0 and "q8_0" in out and "tensors" in out and "kB" in out
-    assert gguf_fields(llama_dir / "m.gguf")["fields"]["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q8_0)
+    fields = gguf_fields(llama_dir / "m.gguf")["fields"]
+    assert fields["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q8_0)
     code, out, _ = run(capsys, "export", "--model", llama_dir / "base", "--adapter", llama_dir / "adapter",
                        "--adapter-only", "-o", llama_dir / "a.gguf")
     assert code == 0 and "GGUF LoRA adapter" in out
@@ -207,14 +211,16 @@ def test_adapter_for_another_base_is_refused(llama_dir, tmp_path, capsys, adapte
     config = AutoConfig.from_pretrained(llama_dir / "base")
     config.hidden_size, config.head_dim = 64, 16
     save_adapter(LlamaForCausalLM(config), tmp_path / "wide-adapter", r=4, lora_alpha=8)
-    args = ["export", "--model", llama_dir / "base", "--adapter", tmp_path / "wide-adapter", "-o", tmp_path / "x.gguf"]
+    args = ["export", "--model", llama_dir / "base", "--adapter", tmp_path / "wide-adapter",
+            "-o", tmp_path / "x.gguf"]
     code, _, err = run(capsys, *args, *(["--adapter-only"] if adapter_only else []))
     assert code == 1
     only_error_line(err, "adapter_model.safetensors", "another base model")
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".x.gguf*"))
 
 
-def test_existing_output_needs_overwrite_and_a_failed_export_leaves_it_whole(llama_dir, capsys, monkeypatch) -> None:
+def test_existing_output_needs_overwrite_and_a_failed_export_leaves_it_whole(llama_dir, capsys,
+                                                                             monkeypatch) -> None:
     out = llama_dir / "m.gguf"
     out.write_bytes(b"previous")
     code, _, err = run(capsys, "export", "--model", llama_dir / "base", "-o", out)

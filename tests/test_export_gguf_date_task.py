@@ -23,9 +23,11 @@ ROWS = 40
 
 
 @pytest.mark.slow
-def test_fine_tuned_embedded_model_exported_to_gguf_answers_like_the_merge(tmp_path, default_model_dir) -> None:
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gguf_export.py"), "--max-steps", "40",
-                           "--rows", str(ROWS), "--output", str(tmp_path)], capture_output=True, text=True, timeout=1800)
+def test_fine_tuned_embedded_model_exported_to_gguf_answers_like_the_merge(tmp_path,
+                                                                            default_model_dir) -> None:
+    script = REPO / "benchmarks" / "gguf_export.py"
+    done = subprocess.run([sys.executable, str(script), "--max-steps", "40", "--rows", str(ROWS),
+                           "--output", str(tmp_path)], capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     print(json.dumps(result, indent=2))

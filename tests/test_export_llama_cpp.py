@@ -30,7 +30,8 @@ def llama_cpp():
 
 @pytest.fixture(scope="module", params=list(CASES))
 def family(request, tmp_path_factory, default_model_dir, llama_cpp) -> dict:
-    return build_family(request.param, tmp_path_factory.mktemp(f"llama-cpp-{request.param}"), default_model_dir)
+    root = tmp_path_factory.mktemp(f"llama-cpp-{request.param}")
+    return build_family(request.param, root, default_model_dir)
 
 
 def llama_greedy(model, ids: list[int]) -> tuple[list[int], np.ndarray]:
@@ -58,7 +59,8 @@ def test_llama_cpp_runs_the_merged_model_and_the_adapter(family, llama_cpp) -> N
     merged = load_dir(root / "merged")
     with quiet():
         adapted = lorakit.PeftModel.from_pretrained(load_dir(root / "base"), root / "adapter").eval()
-    runs = {"merged": (root / "merged.gguf", None), "base + adapter": (root / "base.gguf", root / "adapter.gguf")}
+    runs = {"merged": (root / "merged.gguf", None),
+            "base + adapter": (root / "base.gguf", root / "adapter.gguf")}
     for ids in family["prompts"]:
         text = tok.decode(ids)
         expected = greedy(merged, ids)

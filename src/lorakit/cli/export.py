@@ -34,11 +34,20 @@ class GgufType(str, enum.Enum):
 def export_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="The .gguf file to write.")],
     format: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.gguf,
-    model: Annotated[str, typer.Option("--model", help="Base model (or a merged model): local directory, .gguf file or 'default' (embedded SmolLM2-135M-Instruct).")] = "default",
-    adapter: Annotated[Optional[list[Path]], typer.Option("--adapter", help="Adapter directory to merge in; repeat for several. None: export --model as it is.")] = None,  # noqa: UP045 - Typer reads the annotation at runtime
-    weights: Annotated[Optional[list[str]], typer.Option("--weights", help="Weight per adapter, comma-separated (e.g. 0.7,0.3) (default: 1 each).")] = None,  # noqa: UP045
-    type: Annotated[GgufType, typer.Option("--type", help="Tensor type of the matrices (vectors stay f32); q* are llama.cpp's block quantizations.")] = GgufType.f16,
-    adapter_only: Annotated[bool, typer.Option("--adapter-only", help="Write the one --adapter as a GGUF LoRA adapter (llama.cpp --lora) instead of a merged model.")] = False,
+    model: Annotated[str, typer.Option(
+        "--model", help="Base model (or a merged model): local directory, .gguf file or 'default' "
+                        "(embedded SmolLM2-135M-Instruct).")] = "default",
+    adapter: Annotated[Optional[list[Path]], typer.Option(  # noqa: UP045 - Typer reads the annotation at runtime
+        "--adapter", help="Adapter directory to merge in; repeat for several. None: export --model as it "
+                          "is.")] = None,
+    weights: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
+        "--weights", help="Weight per adapter, comma-separated (e.g. 0.7,0.3) (default: 1 each).")] = None,
+    type: Annotated[GgufType, typer.Option(
+        "--type", help="Tensor type of the matrices (vectors stay f32); q* are llama.cpp's block "
+                       "quantizations.")] = GgufType.f16,
+    adapter_only: Annotated[bool, typer.Option(
+        "--adapter-only", help="Write the one --adapter as a GGUF LoRA adapter (llama.cpp --lora) instead of "
+                               "a merged model.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
     config: Annotated[Optional[Path], ConfigOption] = None,  # noqa: UP045
 ) -> None:
@@ -56,10 +65,11 @@ def export_command(
     if adapter_only:
         if len(adapters) != 1 or weights:
             raise LorakitError("--adapter-only: give exactly one --adapter and no --weights")
-        report = export_adapter_gguf(model, adapters[0], output, type=type.value, overwrite=overwrite, progress=True)
+        report = export_adapter_gguf(model, adapters[0], output, type=type.value, overwrite=overwrite,
+                                     progress=True)
     else:
-        report = export_gguf(model, output, adapters, weights=_parse_weights(split_commas(weights)), type=type.value,
-                             overwrite=overwrite, progress=True)
+        report = export_gguf(model, output, adapters, weights=_parse_weights(split_commas(weights)),
+                             type=type.value, overwrite=overwrite, progress=True)
     _print_report(report)
 
 

@@ -63,7 +63,8 @@ def export_adapter_gguf(
     base_dir = resolve_model_source(base)
     architecture = describe(base_dir)
     with open_adapter(adapter) as opened:
-        plan = build_plan(open_checkpoint(base_dir), describe_base(base_dir, architecture.config), [opened], [1.0])
+        base_model = describe_base(base_dir, architecture.config)
+        plan = build_plan(open_checkpoint(base_dir), base_model, [opened], [1.0])
         modules = _lora_modules(opened, plan.untie_embeddings)
         _check_saved_copies(opened, plan)
         alpha = float(opened.config.lora_alpha)
@@ -80,7 +81,8 @@ def export_adapter_gguf(
                 return encode(tensors[tensor.name], tensor.qtype)
 
             write_tensors(writer, planned, produce, progress)
-    return report("adapter", base_dir, [opened.directory], [1.0], output, architecture.name, type, planned, start)
+    return report("adapter", base_dir, [opened.directory], [1.0], output, architecture.name, type, planned,
+                  start)
 
 
 def _lora_modules(adapter: AdapterFile, unties: bool) -> list[LoraModule]:
@@ -94,11 +96,11 @@ def _lora_modules(adapter: AdapterFile, unties: bool) -> list[LoraModule]:
                                f"adapter cannot hold{MERGED_HINT}")
     with_bias = next((m for m in modules if m.lora_bias is not None), None)
     if with_bias is not None:
-        raise AdapterFileError(f"{adapter.file}: module {with_bias.name!r} has a lora_B.bias (lora_bias), which "
-                               f"llama.cpp's LoRA adapters lack{MERGED_HINT}")
+        raise AdapterFileError(f"{adapter.file}: module {with_bias.name!r} has a lora_B.bias (lora_bias), "
+                               f"which llama.cpp's LoRA adapters lack{MERGED_HINT}")
     if unties:
-        raise AdapterFileError(f"{adapter.directory}: changes the embedding or output projection of a base that "
-                               f"ties them; llama.cpp would apply it to both{MERGED_HINT}")
+        raise AdapterFileError(f"{adapter.directory}: changes the embedding or output projection of a base "
+                               f"that ties them; llama.cpp would apply it to both{MERGED_HINT}")
     if not modules:
         raise AdapterFileError(f"{adapter.file}: no LoRA tensors")
     return modules
@@ -114,8 +116,9 @@ def _check_saved_copies(adapter: AdapterFile, plan: MergePlan) -> None:
                 info = plan.checkpoint.tensors[tensor_plan.source]
                 base = reader.get(info.file, info.name)
                 if not torch.equal(adapter.get(op.key).to(base.dtype), base):
-                    raise AdapterFileError(f"{adapter.file}: {op.key!r} differs from the base's {name!r} (resized or "
-                                           f"trained), which a GGUF LoRA adapter cannot hold{MERGED_HINT}")
+                    raise AdapterFileError(f"{adapter.file}: {op.key!r} differs from the base's {name!r} "
+                                           f"(resized or trained), which a GGUF LoRA adapter cannot hold"
+                                           f"{MERGED_HINT}")
 
 
 def _tensors(adapter: AdapterFile, modules: list[LoraModule], architecture: Architecture,
@@ -125,12 +128,13 @@ def _tensors(adapter: AdapterFile, modules: list[LoraModule], architecture: Arch
     for module in modules:
         name = architecture.gguf_name(f"{module.name}.weight")
         if name is None:
-            raise AdapterFileError(f"{adapter.file}: module {module.name!r} is not a weight llama.cpp can adapt")
+            raise AdapterFileError(f"{adapter.file}: module {module.name!r} is not a weight llama.cpp "
+                                   "can adapt")
         a = adapter.get(module.lora_A).float()
         b = adapter.get(module.lora_B).float()
         # llama.cpp scales by alpha / r; fold any difference from lorakit's scaling into B.
-        correction = adapter.scaling(module.name) / (alpha / module.rank) if alpha else adapter.scaling(module.name)
-        b = b * correction
+        scaling = adapter.scaling(module.name)
+        b = b * (scaling / (alpha / module.rank) if alpha else scaling)
         if module.embedding:
             a = a.T  # (vocab, r): llama.cpp looks up rows of lora_a for the token ids
         else:

@@ -31,7 +31,9 @@ import torch
 from lorakit.errors import LorakitError
 
 # transformers model_type → llama.cpp architecture.
-ARCHITECTURES = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
+ARCHITECTURES = {
+    "llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2,
+}
 # Names that name no parameter (rotary caches some old checkpoints saved).
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -139,4 +141,5 @@ def describe(directory: Path) -> Architecture:
     if model_type != "qwen2" and (config.get("attention_bias") or config.get("mlp_bias")):
         raise LorakitError(f"{file}: {model_type} with attention_bias/mlp_bias is not exported to GGUF "
                            "(transformers' GGUF loader would drop the biases)")
-    return Architecture(model_type, ARCHITECTURES[model_type], config, bool(config.get("tie_word_embeddings", False)))
+    tied = bool(config.get("tie_word_embeddings", False))
+    return Architecture(model_type, ARCHITECTURES[model_type], config, tied)

@@ -65,17 +65,19 @@ def export_gguf(
         tensors = _plan_tensors(plan, architecture, requested)
         planned = [t for t, _, _ in tensors]
         sources = {t.name: (name, info) for t, name, info in tensors}
-        with gguf_output(output, architecture.name, overwrite) as writer, TensorReader(checkpoint.directory) as reader:
-            _add_metadata(writer, architecture, output, type)
-            add_tokenizer(writer, base_dir, int(architecture.config["vocab_size"]))
+        writer = stack.enter_context(gguf_output(output, architecture.name, overwrite))
+        reader = stack.enter_context(TensorReader(checkpoint.directory))
+        _add_metadata(writer, architecture, output, type)
+        add_tokenizer(writer, base_dir, int(architecture.config["vocab_size"]))
 
-            def produce(tensor: PlannedTensor) -> np.ndarray:
-                name, info = sources[tensor.name]
-                target = FLOAT_TYPES.get(tensor.qtype, torch.float32)
-                blocks = merged_blocks(reader.get(info.file, info.name), plan.tensors.get(name), plan.adapters, target)
-                return _assemble(blocks, tensor, architecture.row_order(tensor.name, tensor.shape[0]))
+        def produce(tensor: PlannedTensor) -> np.ndarray:
+            name, info = sources[tensor.name]
+            target = FLOAT_TYPES.get(tensor.qtype, torch.float32)
+            stored = reader.get(info.file, info.name)
+            blocks = merged_blocks(stored, plan.tensors.get(name), plan.adapters, target)
+            return _assemble(blocks, tensor, architecture.row_order(tensor.name, tensor.shape[0]))
 
-            write_tensors(writer, planned, produce, progress)
+        write_tensors(writer, planned, produce, progress)
     return report("model", base_dir, [a.directory for a in opened], weights, output, architecture.name, type,
                   planned, start, _notes(plan, architecture, planned, requested))
 
@@ -105,7 +107,8 @@ def _plan_tensors(plan: MergePlan, architecture: Architecture,
     return tensors
 
 
-def _assemble(blocks: Iterable[torch.Tensor], tensor: PlannedTensor, order: torch.Tensor | None) -> np.ndarray:
+def _assemble(blocks: Iterable[torch.Tensor], tensor: PlannedTensor,
+              order: torch.Tensor | None) -> np.ndarray:
     """Encode consecutive row blocks into the stored array; with a row order, stored row i goes to the
     GGUF row r where order[r] = i (every GGUF type encodes rows independently, so this commutes)."""
     shape, dtype = stored_shape(tensor.shape, tensor.qtype)
@@ -142,8 +145,10 @@ def _notes(plan: MergePlan, architecture: Architecture, planned: list[PlannedTen
     if architecture.tied_embeddings and "output.weight" not in names:
         notes.append("tied embeddings: no output.weight, token_embd serves both")
     if plan.untie_embeddings:
-        notes.append("the adapters change the output projection apart from the embedding: output.weight written")
-    fallback = [t.name for t in planned if t.qtype == gguf.GGMLQuantizationType.F16 and requested not in FLOAT_TYPES]
+        notes.append("the adapters change the output projection apart from the embedding: "
+                     "output.weight written")
+    quantized = requested not in FLOAT_TYPES
+    fallback = [t.name for t in planned if quantized and t.qtype == gguf.GGMLQuantizationType.F16]
     if fallback:
         notes.append(f"{len(fallback)} matri{'x' if len(fallback) == 1 else 'ces'} kept in f16: rows are not "
                      f"whole {requested.name.lower()} blocks ({fallback[0]}...)")

@@ -26,8 +26,8 @@ from lorakit.errors import LorakitError
 
 # tokenizer.json Split patterns of the byte-level BPE families llama.cpp knows, by llama.cpp's name.
 SPLIT_PATTERNS = {
-    "llama-bpe": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                  r"|\s*[\r\n]+|\s+(?!\S)|\s+"),
+    "llama-bpe": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
     "qwen2": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
               r"|\s*[\r\n]+|\s+(?!\S)|\s+"),
 }
@@ -46,15 +46,17 @@ def pre_tokenizer_name(pre_tokenizer: dict[str, Any] | None, file: Path) -> str:
     kinds = [part.get("type") for part in parts]
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
         return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
+    digits = kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits")
+    if digits and parts[1].get("use_regex", True):
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
         pattern = (parts[0].get("pattern") or {}).get("Regex")
         for name, regex in SPLIT_PATTERNS.items():
             if pattern == regex:
                 return name
-    raise LorakitError(f"{file}: pre-tokenizer {'+'.join(map(str, kinds)) or 'none'} is not one lorakit can name "
-                       f"for llama.cpp (it names gpt-2, smollm, {', '.join(SPLIT_PATTERNS)})")
+    named = "+".join(map(str, kinds)) or "none"
+    raise LorakitError(f"{file}: pre-tokenizer {named} is not one lorakit can name for llama.cpp "
+                       f"(it names gpt-2, smollm, {', '.join(SPLIT_PATTERNS)})")
 
 
 def add_tokenizer(writer: gguf.GGUFWriter, directory: Path, vocab_size: int) -> None:
@@ -65,13 +67,15 @@ def add_tokenizer(writer: gguf.GGUFWriter, directory: Path, vocab_size: int) -> 
     try:
         spec = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise LorakitError(f"{file}: not found; a GGUF model carries its tokenizer, save it beside the weights") from None
+        raise LorakitError(f"{file}: not found; a GGUF model carries its tokenizer, "
+                           "save it beside the weights") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise LorakitError(f"{file}: not valid JSON ({err})") from None
     model, decoder = spec.get("model") or {}, spec.get("decoder") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
         raise LorakitError(f"{file}: a {model.get('type')} vocabulary with a {decoder.get('type')} decoder; "
-                           "lorakit exports byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2, SmolLM style) only")
+                           "lorakit exports byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2, SmolLM style) "
+                           "only")
     pre = pre_tokenizer_name(spec.get("pre_tokenizer"), file)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     tokens, types = _tokens(tokenizer, vocab_size, file)
@@ -94,7 +98,8 @@ def _tokens(tokenizer: Any, vocab_size: int, file: Path) -> tuple[list[str], lis
     """Tokens and their types for ids 0..vocab_size-1 (ids the tokenizer lacks become "[PAD<id>]")."""
     by_id = {index: token for token, index in tokenizer.get_vocab().items()}
     if by_id and max(by_id) >= vocab_size:
-        raise LorakitError(f"{file}: token id {max(by_id)} does not fit the model's {vocab_size} embedding rows")
+        raise LorakitError(f"{file}: token id {max(by_id)} does not fit the model's {vocab_size} "
+                           "embedding rows")
     added = tokenizer.added_tokens_decoder
     tokens: list[str] = []
     types: list[gguf.TokenType] = []

@@ -87,17 +87,20 @@ def write_tensors(writer: gguf.GGUFWriter, plan: Sequence[PlannedTensor],
 
     for tensor in plan:
         shape, dtype = stored_shape(tensor.shape, tensor.qtype)
-        raw = None if tensor.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) else tensor.qtype
+        plain = tensor.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+        raw = None if plain else tensor.qtype
         writer.add_tensor_info(tensor.name, shape, dtype, tensor.nbytes, raw_dtype=raw)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    bar = tqdm(total=sum(t.nbytes for t in plan), unit="B", unit_scale=True, desc="exporting", disable=not progress)
+    bar = tqdm(total=sum(t.nbytes for t in plan), unit="B", unit_scale=True, desc="exporting",
+               disable=not progress)
     try:
         for tensor in plan:
             array = produce(tensor)
             if array.shape != tensor.array_shape or array.nbytes != tensor.nbytes:
-                raise RuntimeError(f"{tensor.name}: produced {array.dtype} {array.shape}, planned {tensor.array_shape}")
+                raise RuntimeError(f"{tensor.name}: produced {array.dtype} {array.shape}, "
+                                   f"planned {tensor.array_shape}")
             writer.write_tensor_data(array)
             bar.update(tensor.nbytes)
     finally:
@@ -113,7 +116,8 @@ def report(kind: str, base: Path, adapters: Sequence[Path], weights: Sequence[fl
            architecture: str, requested: str, plan: Sequence[PlannedTensor], start: float,
            notes: Sequence[str] = ()) -> ExportReport:
     return ExportReport(
-        kind=kind, base=str(base), adapters=[str(a) for a in adapters], weights=list(weights), output=str(output),
-        architecture=architecture, type=requested, tensors=len(plan), types=file_type_counts(plan),
+        kind=kind, base=str(base), adapters=[str(a) for a in adapters], weights=list(weights),
+        output=str(output), architecture=architecture, type=requested, tensors=len(plan),
+        types=file_type_counts(plan),
         total_bytes=output.stat().st_size, seconds=round(time.perf_counter() - start, 3), notes=list(notes),
     )
