@@ -103,6 +103,10 @@ def main() -> int:
     return 0
 
 
+def stage(text: str) -> None:
+    print(f"== {text}", file=sys.stderr, flush=True)
+
+
 def run(work: Path, args: argparse.Namespace) -> dict:
     from lorakit.export import export_adapter_gguf, export_gguf
     from lorakit.merge.streaming import merge_checkpoint
@@ -112,6 +116,7 @@ def run(work: Path, args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     adapter = args.adapter or train_adapter(work / "train", args.max_steps)
     train_seconds = time.perf_counter() - start
+    stage("merge and export")
     merge_checkpoint(None, [adapter], work / "merged", overwrite=True)
     reports = {kind: export_gguf(None, work / f"model-{kind}.gguf", [adapter], type=kind, overwrite=True)
                for kind in ("f16", "q8_0")}
@@ -120,11 +125,13 @@ def run(work: Path, args: argparse.Namespace) -> dict:
     records = load_records(bundled_dataset_path("test"))[: args.rows]
     conversations = [prompt_messages(r) for r in records]
     references = [reference_answer(r) for r in records]
+    stage("score the merged model")
     merged = load_causal_lm(str(work / "merged")).eval()
     merged_tokenizer = load_tokenizer(str(work / "merged"))
     result = {"rows": len(records), "max_steps": args.max_steps, "train_seconds": round(train_seconds, 1),
               "exact_match_merged": score_exact_match(merged, merged_tokenizer, conversations, references)[0]}
     for kind, report in reports.items():
+        stage(f"score the {kind} GGUF in transformers")
         model, tokenizer = load_gguf(work / f"model-{kind}.gguf")
         stats = token_statistics(model, merged, tokenizer, records)
         result[kind] = {"exact_match": score_exact_match(model, tokenizer, conversations, references)[0],
@@ -134,6 +141,7 @@ def run(work: Path, args: argparse.Namespace) -> dict:
     except ImportError:
         result["llama_cpp"] = None
     else:
+        stage("score in llama.cpp")
         result["llama_cpp"] = {
             "exact_match_f16": llama_cpp_exact_match(work / "model-f16.gguf", records),
             "exact_match_base_plus_adapter": llama_cpp_exact_match(work / "base-f32.gguf", records,
