@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup test test-fast demo lint bench eval-serve clean
+.PHONY: setup test test-fast demo lint bench eval-serve bench-gguf llama-cpp test-llama-cpp clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,22 @@ eval-serve: $(STAMP)
 		"$$($(LMEVAL)/bin/python -c 'import site; print(site.getsitepackages()[0])')/lorakit-venv.pth"
 	$(LMEVAL)/bin/python -m pip --disable-pip-version-check -q install -c constraints.txt 'lm-eval[api]==0.4.13'
 	$(LMEVAL)/bin/python benchmarks/lm_eval_serve.py
+
+# llama.cpp for the GGUF export checks, built from the llama-cpp-python sdist (it vendors llama.cpp):
+# about 20 minutes on 2 cores, so not part of `make test`; pip caches the built wheel afterwards.
+LLAMA_CPP_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+
+llama-cpp: $(STAMP)
+	CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" \
+		$(PIP) install -c constraints.txt --no-binary llama-cpp-python llama-cpp-python diskcache
+
+test-llama-cpp: llama-cpp
+	$(PY) -m pytest -q -ra tests/test_export_llama_cpp.py tests/test_export_gguf_date_task.py $(PYTEST_ARGS)
+
+# Fine-tune the embedded model, merge, export to GGUF, score in transformers (and llama.cpp if built).
+bench-gguf: $(STAMP)
+	$(PY) benchmarks/gguf_export.py
 
 clean:
 	rm -rf $(VENV) $(LMEVAL) .pytest_cache build dist src/*.egg-info

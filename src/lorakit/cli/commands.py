@@ -1,3 +1,3 @@
 """Imports every command module so that each registers its command on the app."""
 
-from lorakit.cli import compare, demo, dpo, eval, generate, inspect, merge, serve, train, version  # noqa: F401
+from lorakit.cli import compare, demo, dpo, eval, export, generate, inspect, merge, serve, train, version  # noqa: F401
