@@ -199,14 +199,21 @@ def test_bad_combinations_fail_before_the_model_loads(tmp_path, options, env, me
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["train", "dpo"])
-def test_embedded_model_shards_like_one_process(command, tmp_path, default_model_dir) -> None:
-    """The embedded SmolLM2-135M-Instruct, 2 steps of SFT or DPO on the bundled data: sharded over 2
-    processes, and in one process with twice the batch."""
+def test_embedded_model_shards_like_data_parallel_and_one_process(command, tmp_path, default_model_dir) -> None:
+    """The embedded SmolLM2-135M-Instruct, 2 steps of SFT or DPO on the bundled data: sharded over 2 processes,
+    data parallel over 2 processes, and in one process with twice the batch.
+
+    Sharded and data parallel runs compute the same sums in the same order: measured identical (difference
+    0.0). One process pads its rows to other lengths and sums in another order: over 30 layers and two AdamW
+    steps that moved one of 2.4 M SFT adapter entries by 1.8e-5 (median 3e-7), hence its looser bound.
+    """
     options = dict(max_steps=2, eval_every=10, batch_size=2, warmup_steps=0, seed=3, lora_dropout=0.0)
     if command == "train":
         options.update(eval_limit=2, eval_max_new_tokens=4)
-    sharded = _torchrun(command, {**options, "fsdp": True}, tmp_path / "fsdp", timeout=1200)
+    sharded = _torchrun(command, {**options, "fsdp": True}, tmp_path / "fsdp", timeout=1800)
+    replicated = _torchrun(command, options, tmp_path / "ddp", timeout=1800)
     run = train if command == "train" else train_dpo
     config_class = TrainConfig if command == "train" else DPOConfig
     single = run(config_class.from_options({**options, "batch_size": 4, "output": str(tmp_path / "one")}))
-    _close(sharded[0], _trainable(single.model))
+    _close(sharded[0], replicated[0], atol=1e-5)
+    _close(sharded[0], _trainable(single.model), atol=5e-5)
