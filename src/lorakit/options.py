@@ -6,7 +6,8 @@ A config is a dataclass whose field annotations say what each option accepts (`i
 to its annotation and `read_yaml` reads an option file. A config class derives from `Options`, which checks
 every field when the config is built and reads flat options with `from_options`: `lorakit merge --config
 merge.yaml`, `MergeConfig.from_yaml` and `MergeConfig.from_options` all go through them, so a file, a flag
-and a dict are judged the same way. The CLI's commands are generated from these classes (`lorakit.cli.options`).
+and a dict are judged the same way. The CLI's commands are generated from these classes
+(`lorakit.cli.options`).
 
 Errors are `OptionError`s (a ValueError): one line naming the option in its command-line form (`--seed`)
 or, for a file, the file and key (`run.yaml: key 'seed'`), what it accepts and what it got.
@@ -20,7 +21,7 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -177,8 +178,11 @@ def field_help(field: dataclasses.Field) -> str:
     return field.metadata.get("help", "")
 
 
-TRUST_REMOTE_CODE_HELP = ("Allow a model that ships its own Python code (auto_map) to run it; only for sources "
-                          "you trust.")
+TRUST_REMOTE_CODE_HELP = ("Allow a model that ships its own Python code (auto_map) to run it; only for "
+                          "sources you trust.")
+
+
+C = TypeVar("C", bound="Options")
 
 
 class Options:
@@ -201,12 +205,12 @@ class Options:
         return [field.name for field in dataclasses.fields(cls)]  # type: ignore[arg-type]
 
     @classmethod
-    def from_values(cls, values: dict[str, Any]) -> Self:
+    def from_values(cls: type[C], values: dict[str, Any]) -> C:
         """Build from option values keyed by option name (all of them known)."""
         return cls(**values)
 
     @classmethod
-    def from_options(cls, options: Mapping[str, Any], source: str | None = None) -> Self:
+    def from_options(cls: type[C], options: Mapping[str, Any], source: str | None = None) -> C:
         """Build from flat options (CLI flags, YAML keys, dict keys; dash or underscore form).
 
         `source` names the file the options came from; errors then name it and the key.
@@ -231,7 +235,7 @@ class Options:
             raise ValueError(f"{source}: {err}") from None
 
     @classmethod
-    def from_yaml(cls, path: str | Path, **overrides: Any) -> Self:
+    def from_yaml(cls: type[C], path: str | Path, **overrides: Any) -> C:
         """Read a YAML option file (the file `--config` takes); `overrides` win over its keys."""
         return cls.from_options({**read_yaml(path), **overrides}, source=str(path))
 

@@ -18,7 +18,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, TypeVar
 
 from lorakit.config import LoraConfig
 from lorakit.options import (
@@ -42,6 +42,9 @@ LORA_OPTIONS = (
     "use_dora", "bias", "lora_bias", "modules_to_save", "layers_to_transform", "rank_pattern", "alpha_pattern",
 )
 """LoraConfig fields that trainers take as options (`--r`, `r:` in YAML); they build `TuningConfig.lora`."""
+
+T = TypeVar("T", bound="TuningConfig")
+
 
 def default_lora() -> LoraConfig:
     """The adapter a trainer adds when no LoRA option says otherwise: r=8, alpha 16, every linear layer."""
@@ -121,7 +124,7 @@ class TuningConfig(Options):
         return names
 
     @classmethod
-    def from_values(cls, values: dict[str, Any]) -> Self:
+    def from_values(cls: type[T], values: dict[str, Any]) -> T:
         """Build from option values keyed by option name, the LoRA ones gathered into `lora`."""
         own = {name: value for name, value in values.items() if name not in LORA_OPTIONS}
         lora = {name: value for name, value in values.items() if name in LORA_OPTIONS}
