@@ -119,6 +119,14 @@ def test_trainer_options_from_yaml_equal_the_flags(tmp_path: Path) -> None:
     assert (lora.target_modules, lora.modules_to_save) == (["q_proj", "v_proj"], ["lm_head"])
 
 
+def test_required_options_missing_from_a_file_or_dict_are_named(tmp_path: Path) -> None:
+    (tmp_path / "run.yaml").write_text("path: p\n")
+    with pytest.raises(ValueError, match="run.yaml: key 'out': required, not given"):
+        Example.from_yaml(tmp_path / "run.yaml")
+    with pytest.raises(ValueError, match="--path: required, not given"):
+        Example.from_options({"out": "x"})
+
+
 def test_merge_config_checks_before_anything_is_read(tmp_path: Path) -> None:
     with pytest.raises(OptionError, match="--adapter: expected at least one adapter"):
         MergeConfig(adapter=[], output="out")

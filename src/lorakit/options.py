@@ -223,6 +223,11 @@ class Options:
                 raise ValueError(f"{source or 'options'}: unknown key {key!r}; valid keys: "
                                  f"{', '.join(sorted(known))}")
             values[name] = value
+        for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+            required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+            if required and field.name not in values:
+                where = f"{source}: key {field.name!r}" if source else flag(field.name)
+                raise ValueError(f"{where}: required, not given")
         try:
             return cls.from_values(values)
         except OptionError as err:
