@@ -62,7 +62,7 @@ def test_flags_build_the_config(args: list[str], expected: dict) -> None:
     (["p"], "Missing option '--out'"),
     (["-o", "x"], "Missing argument"),
     (["p", "-o", "x", "--kind", "c"], "Invalid value for '--kind'"),
-    (["p", "-o", "x", "--weights", "0.5,half"], "expected numbers separated by commas"),
+    (["p", "-o", "x", "--weights", "0.5,half"], "expected numbers, comma-separated (e.g. 0.7,0.3), got"),
     (["p", "-o", "x", "--pattern", "q"], "expected NAME=VALUE"),
     (["p", "-o", "x", "--no-json"], "No such option"),
 ])

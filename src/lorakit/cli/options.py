@@ -99,11 +99,12 @@ def _comma_separated(item_type: type) -> Callable[[Any], list[Any]]:
         try:
             return [item_type(part) for part in parts]
         except ValueError:
-            words = {int: "integers", float: "numbers"}.get(item_type, "values")
-            raise typer.BadParameter(f"expected {words} separated by commas (e.g. 0.7,0.3), got {value!r}") \
-                from None
+            raise typer.BadParameter(f"expected {_NUMBERS[item_type]}, got {value!r}") from None
 
     return parse
+
+
+_NUMBERS = {int: "integers, comma-separated (e.g. 0,1)", float: "numbers, comma-separated (e.g. 0.7,0.3)"}
 
 
 def cli_values(cls: type, values: dict[str, Any]) -> dict[str, Any]:
@@ -152,8 +153,9 @@ def _key_value(item: str, name: str, yaml: Any) -> tuple[str, Any]:
 def _cli_type(annotation: Any) -> Any:
     """The type Typer parses for an option: a mapping or a union with a list becomes a repeatable list of
     strings (or ints), `bool | str` a string; None stays allowed where the field allows it."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)] if _is_union(annotation) else \
-        [annotation]
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if not _is_union(annotation):
+        args = [annotation]
     if _mapping(annotation):
         base: Any = list[str]
     elif any(typing.get_origin(a) is list for a in args):
