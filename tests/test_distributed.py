@@ -62,7 +62,8 @@ def test_two_cpu_processes_train_like_one_process_with_twice_the_batch(tmp_path,
         lora_dropout=0.0, eval_limit=4, eval_max_new_tokens=4, seed=3,
     )
     config = tmp_path / "two.yaml"
-    config.write_text(yaml.safe_dump({**options, "output": str(tmp_path / "two"), "batch_size": 4}))
+    config.write_text(yaml.safe_dump({**options, "output": str(tmp_path / "two"), "batch_size": 4,
+                                      "report_to": ["tensorboard"]}))
     # One thread per process: the two processes share the machine's cores.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
@@ -84,6 +85,14 @@ def test_two_cpu_processes_train_like_one_process_with_twice_the_batch(tmp_path,
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     two_train = [r["loss"] for r in records if r["kind"] == "train"]
     assert len(two_train) == 8 and two_train[-1] < two_train[0]
+    # Only the main process logged to TensorBoard: one event file, holding each step once.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert len(list((out / "logs" / "two").glob("events.out.tfevents.*"))) == 1
+    events = EventAccumulator(str(out / "logs" / "two"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(two_train, rel=1e-6)
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
     # One process with batch 8 sees the same global batches: same losses and weights up to float rounding

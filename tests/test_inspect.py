@@ -21,8 +21,8 @@ from tiny_models import (
 
 import lorakit
 from lorakit.cli.main import main
+from lorakit.inject import lora_layers
 from lorakit.inspect import inspect_adapter
-from lorakit.layers import LoraLayer
 
 PREFIX = "base_model.model."
 
@@ -56,7 +56,7 @@ def test_summary_matches_the_adapter_model(tmp_path: Path) -> None:
     )
     summary = inspect_adapter(tmp_path / "adapter")
     tensors = file_tensors(tmp_path / "adapter")
-    layers = {name: m for name, m in model._adapter_modules() if isinstance(m, LoraLayer)}
+    layers = dict(lora_layers(model.get_base_model()))
     assert [m.name for m in summary.modules] == sorted(layers)
     for module in summary.modules:
         layer = layers[module.name]

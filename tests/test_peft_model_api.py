@@ -12,6 +12,7 @@ from torch import nn
 
 import lorakit
 from lorakit import BASE_ROW, LoraConfig, PeftModel, get_peft_model
+from lorakit.inject import lora_layers
 from lorakit.layers import LoraLayer, ModulesToSaveWrapper
 
 GPT2 = {"fan_in_fan_out": True}
@@ -360,7 +361,7 @@ def test_merge_and_unload_safe_merge_refuses_nan_adapter() -> None:
     # Nothing was merged or unloaded: the layers merged before the bad one were restored.
     after = _base_state(model.get_base_model())
     assert max(max_diff(before[k], after[k]) for k in before) <= 1e-6
-    assert all(not layer.merged for layer in model._lora_layers())
+    assert all(not layer.merged for _, layer in lora_layers(model.get_base_model()))
     assert isinstance(model.get_base_model().model.layers[0].self_attn.q_proj, LoraLayer)
     with torch.no_grad():
         model.get_base_model().model.layers[1].self_attn.v_proj.lora_B["default"].weight[0, 0] = 0.0

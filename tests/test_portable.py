@@ -120,10 +120,12 @@ def test_saved_factors_are_the_trained_and_initial_blocks(tmp_path):
     assert len(layers) == 5
     for name, layer in layers:
         a, b = layer.factors("default")
-        a_key, b_key = (f"{PREFIX}{name}.{key}" for key in layer._disk_names)
+        embedding = name.endswith("embed_tokens")
+        keys = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+        a_key, b_key = (f"{PREFIX}{name}.{key}" for key in keys)
         assert saved[a_key].shape == (8, a.shape[1]) and saved[b_key].shape == (b.shape[0], 8)
         assert torch.equal(saved[a_key][:4], a.detach()) and torch.equal(saved[b_key][:, :4], b.detach())
-        if name.endswith("embed_tokens"):
+        if embedding:
             # Embeddings keep their base (PEFT's zero-A/normal-B init): zero blocks pad them to rank 2r.
             assert "default" not in layer.initial_factors
             assert not saved[a_key][4:].any() and not saved[b_key][:, 4:].any()

@@ -5,12 +5,17 @@
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
+from lorakit.auto import AutoModelForCausalLM, AutoPeftModelForCausalLM
 from lorakit.config import LoraConfig, TaskType
 from lorakit.errors import AdapterFileError, DataError, LorakitError, MissingDependencyError
 from lorakit.layers import BASE_ROW
 from lorakit.model import PeftModel, PeftModelForCausalLM
+from lorakit.models.default import default_model_path
+from lorakit.quant import prepare_for_kbit_training, prepare_model_for_kbit_training
 
 __version__ = "0.1.0"
 
@@ -23,31 +28,12 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     use the base layer's dtype (False).
     """
     if kwargs:
-        import warnings
-
         warnings.warn(f"get_peft_model: ignoring unsupported argument(s) {sorted(kwargs)}", stacklevel=2)
     return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
 
 
-def __getattr__(name: str):
-    # Heavier entry points import transformers' auto classes / the model cache only when used.
-    if name in ("AutoPeftModelForCausalLM", "AutoModelForCausalLM"):
-        from lorakit import auto
-
-        return getattr(auto, name)
-    if name in ("prepare_model_for_kbit_training", "prepare_for_kbit_training"):
-        from lorakit import quant
-
-        return getattr(quant, name)
-    if name == "default_model_path":
-        from lorakit.models.default import default_model_path
-
-        return default_model_path
-    raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
-
-
 __all__ = [
-    "AdapterFileError", "AutoModelForCausalLM", "AutoPeftModelForCausalLM", "BASE_ROW", "DataError", "LoraConfig", "LorakitError",
-    "MissingDependencyError", "PeftModel", "PeftModelForCausalLM", "TaskType", "default_model_path", "get_peft_model",
-    "prepare_for_kbit_training", "prepare_model_for_kbit_training",
+    "AdapterFileError", "AutoModelForCausalLM", "AutoPeftModelForCausalLM", "BASE_ROW", "DataError",
+    "LoraConfig", "LorakitError", "MissingDependencyError", "PeftModel", "PeftModelForCausalLM", "TaskType",
+    "default_model_path", "get_peft_model", "prepare_for_kbit_training", "prepare_model_for_kbit_training",
 ]

@@ -22,9 +22,11 @@ class AutoPeftModelForCausalLM:
         directory = adapter_directory(pretrained_model_name_or_path, subfolder)
         config = LoraConfig.from_pretrained(directory)
         if not config.base_model_name_or_path:
-            raise AdapterFileError(f"{directory}: adapter_config.json names no base_model_name_or_path; load the base yourself")
+            raise AdapterFileError(f"{directory}: adapter_config.json names no base_model_name_or_path; "
+                                   "load the base yourself")
         model = load_causal_lm(config.base_model_name_or_path, **kwargs)
-        return PeftModel.from_pretrained(model, directory, adapter_name=adapter_name, is_trainable=is_trainable)
+        return PeftModel.from_pretrained(model, directory, adapter_name=adapter_name,
+                                         is_trainable=is_trainable)
 
 
 class AutoModelForCausalLM:
@@ -41,17 +43,20 @@ class AutoModelForCausalLM:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None = None, *,
-                        peft_config: LoraConfig | None = None, load_in_8bit: bool = False, load_in_4bit: bool = False,
+                        peft_config: LoraConfig | None = None, load_in_8bit: bool = False,
+                        load_in_4bit: bool = False,
                         **kwargs: Any):
         from lorakit.models.sources import load_causal_lm
 
         quantized = load_in_8bit or load_in_4bit
         if quantized:
             if "quantization_config" in kwargs:
-                raise ValueError("from_pretrained: pass either load_in_8bit/load_in_4bit or quantization_config, not both")
+                raise ValueError("from_pretrained: pass either load_in_8bit/load_in_4bit or "
+                                 "quantization_config, not both")
             from lorakit.quant import quantization_config
 
-            kwargs["quantization_config"] = quantization_config(load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
+            kwargs["quantization_config"] = quantization_config(load_in_8bit=load_in_8bit,
+                                                                load_in_4bit=load_in_4bit)
         kwargs.setdefault("dtype", kwargs.pop("torch_dtype", "auto"))
         model = load_causal_lm(pretrained_model_name_or_path, **kwargs)
         if peft_config is None:
@@ -60,6 +65,4 @@ class AutoModelForCausalLM:
             from lorakit.quant import prepare_for_kbit_training
 
             prepare_for_kbit_training(model)
-        from lorakit import get_peft_model
-
-        return get_peft_model(model, peft_config)
+        return PeftModel(model, peft_config)

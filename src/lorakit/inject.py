@@ -6,15 +6,17 @@ that holds the original module as `base_layer` (and `unload` puts the original b
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.init import init_embedding, init_zeros, initialiser, moves_base_weight
+from lorakit.io.peft_keys import in_modules_to_save
 from lorakit.layers import (
     AdapterModule,
     AdapterSpec,
@@ -90,13 +92,15 @@ def resolve_target_modules(model: nn.Module, config: LoraConfig) -> list[str] | 
     if targets is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in DEFAULT_TARGET_MODULES:
-            raise ValueError(f"target_modules: no default for model type {model_type!r}; pass target_modules explicitly")
+            raise ValueError(f"target_modules: no default for model type {model_type!r}; "
+                             "pass target_modules explicitly")
         return DEFAULT_TARGET_MODULES[model_type]
     if targets == ALL_LINEAR:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         names = {name.rsplit(".", 1)[-1] for name, module in base_modules(model)
                  if is_linear_like(module) and module is not head and name}
-        head_names = {name.rsplit(".", 1)[-1] for name, module in base_modules(model) if module is head and name}
+        head_names = {name.rsplit(".", 1)[-1] for name, module in base_modules(model)
+                      if module is head and name}
         return sorted(names - head_names)
     return targets
 
@@ -123,11 +127,12 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             if not hits:
                 continue
             seen_entries.update(hits)
-            if layers is not None and name not in targets and _layer_index(name, config.layers_pattern) not in layers:
+            # A full module name is taken whatever its layer.
+            if not (layers is None or name in targets or _layer_index(name, config.layers_pattern) in layers):
                 continue
         # Exclusions come after the match, so an entry whose modules are all excluded (e.g. "all-linear"
         # minus exclude_modules) still counts as matched.
-        if any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in saved):
+        if in_modules_to_save(name, saved):
             continue
         if config.exclude_modules and _name_matches(name, config.exclude_modules):
             continue
@@ -137,20 +142,22 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     entries = [targets] if isinstance(targets, str) else targets
     missing = [t for t in entries if t not in seen_entries]
     if missing:
-        sample = sorted({n.rsplit(".", 1)[-1] for n, m in base_modules(model) if n and is_linear_like(m)})[:12]
+        linear = {n.rsplit(".", 1)[-1] for n, m in base_modules(model) if n and is_linear_like(m)}
+        sample = sorted(linear)[:12]
         raise ValueError(
             f"target_modules: {', '.join(map(repr, missing))} matched no module of {type(model).__name__}; "
             f"linear modules available include: {', '.join(sample)}"
         )
     if not found:
         raise ValueError(
-            f"target_modules: every module matching {config.target_modules!r} is excluded (by exclude_modules, "
-            "layers_to_transform or modules_to_save); nothing is left to adapt"
+            f"target_modules: every module matching {config.target_modules!r} is excluded (by "
+            "exclude_modules, layers_to_transform or modules_to_save); nothing is left to adapt"
         )
     return found
 
 
-def adapter_spec(config: LoraConfig, name: str, base: nn.Module, autocast_adapter_dtype: bool = True) -> AdapterSpec:
+def adapter_spec(config: LoraConfig, name: str, base: nn.Module,
+                 autocast_adapter_dtype: bool = True) -> AdapterSpec:
     """Resolve rank, alpha, scaling and dtype of one adapter on one module."""
     r, alpha = config.rank_for(name), config.alpha_for(name)
     weight = getattr(base, "weight", None)
@@ -173,11 +180,13 @@ def _wrap(module: nn.Module, name: str, config: LoraConfig) -> LoraLayer:
     if is_conv1d(module):
         if not config.fan_in_fan_out:
             # One message for all such layers (the text carries no module name, so Python shows it once).
-            warnings.warn("Conv1D layers store weights as (in, out); using fan_in_fan_out=True for them", stacklevel=4)
+            warnings.warn("Conv1D layers store weights as (in, out); using fan_in_fan_out=True for them",
+                          stacklevel=4)
         return LoraLinear(module, name, fan_in_fan_out=True)
     if isinstance(module, nn.Linear):
         if config.fan_in_fan_out:
-            warnings.warn("nn.Linear layers store weights as (out, in); using fan_in_fan_out=False for them", stacklevel=4)
+            warnings.warn("nn.Linear layers store weights as (out, in); using fan_in_fan_out=False for them",
+                          stacklevel=4)
         return LoraLinear(module, name, fan_in_fan_out=False)
     raise ValueError(
         f"{name}: cannot adapt a {type(module).__name__}; LoRA supports nn.Linear, Conv1D and nn.Embedding "
@@ -191,18 +200,37 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def new_adapter_config(model: nn.Module, adapter_name: str, config: LoraConfig,
+                       existing: Mapping[str, LoraConfig]) -> LoraConfig:
+    """The config to keep for a new adapter `adapter_name` next to the `existing` ones, or ValueError why it
+    cannot be added. It is a copy (the caller's config is never changed) in which None and "all-linear"
+    targets become the concrete module names, as PEFT records them, so that the saved config means the same
+    to every loader (including on a model that already carries LoRA layers)."""
+    if adapter_name in existing:
+        raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
+    if config.bias != "none":
+        others = [n for n, c in existing.items() if c.bias != "none"]
+        if others:
+            # The base biases are shared: two adapters training (and saving) them would overwrite each
+            # other.
+            raise ValueError(f"adapter {adapter_name!r}: bias={config.bias!r}, but adapter {others[0]!r} "
+                             "already trains the base biases; only one adapter may use bias other than "
+                             "'none' (as in PEFT)")
+    if config.target_modules is None or config.target_modules == ALL_LINEAR:
+        return dataclasses.replace(config, target_modules=list(resolve_target_modules(model, config)))
+    return dataclasses.replace(config)
+
+
 def inject_adapter(
-    model: nn.Module, config: LoraConfig, adapter_name: str, *, autocast_adapter_dtype: bool = True, for_loading: bool = False
+    model: nn.Module, config: LoraConfig, adapter_name: str, *, autocast_adapter_dtype: bool = True,
+    low_cpu_mem_usage: bool = False,
 ) -> list[str]:
     """Add adapter `adapter_name` to every module `config` targets; returns the adapted module names.
 
-    With `for_loading`, factors start at zero (they are about to be overwritten by saved weights) unless
-    the init moves the base weight (OLoRA, PiSSA), whose residual must be recomputed from the base.
+    With `low_cpu_mem_usage` (PEFT's name for an adapter about to receive saved weights) the factors start
+    at zero, skipping the random init, unless the init moves the base weight (OLoRA, PiSSA), whose residual
+    must be recomputed from the base.
     """
-    if config.target_modules is None or config.target_modules == ALL_LINEAR:
-        # Record the concrete names, as PEFT does: the saved config then means the same to every loader,
-        # including on a model that already carries LoRA layers.
-        config.target_modules = list(resolve_target_modules(model, config))
     targets = find_targets(model, config)
     method = config.init_lora_weights
     for name in targets:
@@ -211,7 +239,7 @@ def inject_adapter(
             module = _wrap(module, name, config)
             _set_submodule(model, name, module)
         spec = adapter_spec(config, name, module.base_layer, autocast_adapter_dtype)
-        if for_loading and not moves_base_weight(method):
+        if low_cpu_mem_usage and not moves_base_weight(method):
             init = init_zeros
         elif isinstance(module, LoraEmbedding) and method is not False:
             init = init_embedding
@@ -245,12 +273,30 @@ def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:
             yield name, module
 
 
+def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
+    """(name, layer) of every LoRA layer in the model (adapter modules other than modules_to_save)."""
+    return [(name, module) for name, module in adapter_modules(model) if isinstance(module, LoraLayer)]
+
+
+def remove_adapter(model: nn.Module, adapter_name: str, unwrap_empty: bool) -> None:
+    """Delete adapter `adapter_name` from every module; with `unwrap_empty` (rolling back a failed add),
+    modules left with no adapter at all go back to being their original module."""
+    for _, module in list(adapter_modules(model)):
+        module.delete_adapter(adapter_name)
+    if unwrap_empty:
+        for name, module in list(adapter_modules(model)):
+            if not module.adapter_names():
+                original = module.base_layer if isinstance(module, LoraLayer) else module.original_module
+                _set_submodule(model, name, original)
+
+
 def remove_adapter_modules(model: nn.Module, keep_saved_copy: bool) -> None:
     """Put original modules back: LoRA layers become their base layer; a modules_to_save wrapper
-    becomes its active copy (`keep_saved_copy`) or the original module."""
+    becomes its active copy (`keep_saved_copy`, even inside `disable_adapter`) or the original module."""
     for name, module in list(adapter_modules(model)):
         if isinstance(module, LoraLayer):
             replacement = module.base_layer
         else:
+            module.set_disabled(False)
             replacement = module.current_module() if keep_saved_copy else module.original_module
         _set_submodule(model, name, replacement)

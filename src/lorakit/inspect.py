@@ -65,7 +65,7 @@ class AdapterSummary:
 
 
 def inspect_adapter(path: str | Path) -> AdapterSummary:
-    """Read an adapter directory (config + weights) and summarise it; raises AdapterFileError if unreadable."""
+    """Read an adapter directory (config + weights) and summarise it; AdapterFileError if unreadable."""
     with open_adapter(path) as adapter:
         config = adapter.config
         modules_found, saved = adapter.layout()
@@ -77,18 +77,23 @@ def inspect_adapter(path: str | Path) -> AdapterSummary:
                 name=module.name, kind="embedding" if module.embedding else "linear", r=module.rank,
                 alpha=config.alpha_for(module.name), scaling=adapter.scaling(module.name),
                 shape=(a[1], b[0]) if module.embedding else (b[0], a[1]),
-                parameters=sum(math.prod(adapter.shapes[k]) for k in keys), delta_norm=adapter.delta_norm(module),
+                parameters=sum(math.prod(adapter.shapes[k]) for k in keys),
+                delta_norm=adapter.delta_norm(module),
                 dora=module.magnitude is not None, lora_bias=module.lora_bias is not None,
             ))
         return AdapterSummary(
             directory=str(adapter.directory), file=adapter.file.name, file_bytes=adapter.size_bytes,
-            base_model=config.base_model_name_or_path, task_type=config.task_type, r=config.r, lora_alpha=config.lora_alpha,
-            use_rslora=config.use_rslora, use_dora=config.use_dora, bias=config.bias, init_lora_weights=config.init_lora_weights,
+            base_model=config.base_model_name_or_path, task_type=config.task_type, r=config.r,
+            lora_alpha=config.lora_alpha, use_rslora=config.use_rslora, use_dora=config.use_dora,
+            bias=config.bias, init_lora_weights=config.init_lora_weights,
             target_modules=config.target_modules, modules_to_save=config.modules_to_save,
             rank_pattern=dict(config.rank_pattern), alpha_pattern=dict(config.alpha_pattern),
             dtypes=sorted({str(d).removeprefix("torch.") for d in adapter.dtypes.values()}),
             parameters=sum(math.prod(shape) for shape in adapter.shapes.values()),
             modules=modules,
-            saved_tensors=[SavedTensorSummary(t.param, adapter.shapes[t.key], math.prod(adapter.shapes[t.key]), t.whole_module)
-                           for t in sorted(saved, key=lambda t: t.param)],
+            saved_tensors=[
+                SavedTensorSummary(t.param, adapter.shapes[t.key], math.prod(adapter.shapes[t.key]),
+                                   t.whole_module)
+                for t in sorted(saved, key=lambda t: t.param)
+            ],
         )

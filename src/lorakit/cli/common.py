@@ -7,7 +7,7 @@ from pathlib import Path
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.model import check_adapter_name
+from lorakit.io.pretrained import check_adapter_name
 
 
 def parse_adapter_specs(specs: list[str] | None) -> list[tuple[str, Path]]:

@@ -38,7 +38,8 @@ MAPPED_BYTES_LIMIT = 32 * 2**20
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
@@ -94,13 +95,14 @@ def open_checkpoint(directory: str | Path) -> Checkpoint:
         try:
             weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-            raise AdapterFileError(f"{index_file}: not a safetensors index (expected a JSON object with a weight_map; {err})") from None
+            raise AdapterFileError(f"{index_file}: not a safetensors index (expected a JSON object with a "
+                                   f"weight_map; {err})") from None
         files = sorted(set(weight_map.values()))
     elif (directory / SAFE_WEIGHTS_NAME).is_file():
         weight_map, files = None, [SAFE_WEIGHTS_NAME]
     elif any((directory / name).is_file() for name in PICKLE_WEIGHTS):
-        raise AdapterFileError(f"{directory}: only pickled pytorch_model.bin weights; re-save the model with safetensors "
-                               "(model.save_pretrained) before merging")
+        raise AdapterFileError(f"{directory}: only pickled pytorch_model.bin weights; re-save the model with "
+                               "safetensors (model.save_pretrained) before merging")
     else:
         raise AdapterFileError(f"{directory}: no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} found")
     tensors: dict[str, TensorInfo] = {}
@@ -110,11 +112,13 @@ def open_checkpoint(directory: str | Path) -> Checkpoint:
             raise AdapterFileError(f"{path}: shard named in {SAFE_WEIGHTS_INDEX_NAME} is missing")
         for info in file_tensors(path):
             if weight_map is not None and weight_map.get(info.name) != file:
-                raise AdapterFileError(f"{path}: holds tensor {info.name!r}, which {SAFE_WEIGHTS_INDEX_NAME} does not place there")
+                raise AdapterFileError(f"{path}: holds tensor {info.name!r}, which {SAFE_WEIGHTS_INDEX_NAME} "
+                                       "does not place there")
             tensors[info.name] = info
     missing = sorted(set(weight_map or ()) - set(tensors))
     if missing:
-        raise AdapterFileError(f"{directory / weight_map[missing[0]]}: lacks tensor {missing[0]!r} named in {SAFE_WEIGHTS_INDEX_NAME}")
+        raise AdapterFileError(f"{directory / weight_map[missing[0]]}: lacks tensor {missing[0]!r} named in "
+                               f"{SAFE_WEIGHTS_INDEX_NAME}")
     return Checkpoint(directory, tensors)
 
 
@@ -127,11 +131,13 @@ def file_tensors(path: Path) -> list[TensorInfo]:
                 view = handle.get_slice(name)
                 dtype = DTYPES.get(view.get_dtype())
                 if dtype is None:
-                    raise AdapterFileError(f"{path}: tensor {name!r} has dtype {view.get_dtype()}, which lorakit cannot merge")
+                    raise AdapterFileError(f"{path}: tensor {name!r} has dtype {view.get_dtype()}, which "
+                                           "lorakit cannot merge")
                 infos.append(TensorInfo(name, path.name, dtype, tuple(view.get_shape())))
             return infos
     except SafetensorError as err:
-        raise AdapterFileError(f"{path}: not a readable safetensors file (truncated or corrupt? {err})") from None
+        raise AdapterFileError(f"{path}: not a readable safetensors file (truncated or corrupt? "
+                               f"{err})") from None
 
 
 class TensorReader:
@@ -187,7 +193,8 @@ class OutputTensor:
 
 
 def shard_layout(tensors: Iterable[OutputTensor], max_shard_size: int) -> list[list[OutputTensor]]:
-    """Split tensors, in order, into shards of at most `max_shard_size` bytes (a larger tensor gets its own)."""
+    """Split tensors, in order, into shards of at most `max_shard_size` bytes (a larger tensor gets its
+    own)."""
     shards: list[list[OutputTensor]] = [[]]
     size = 0
     for tensor in tensors:
@@ -236,8 +243,10 @@ class ShardedWriter:
         for block in [tensor] if isinstance(tensor, Tensor) else tensor:
             shape = tuple(block.shape)
             if block.dtype != planned.dtype or (shape[1:] if planned.shape else shape) != planned.shape[1:]:
-                raise RuntimeError(f"ShardedWriter: {name}: got {block.dtype} {shape}, planned {planned.dtype} {planned.shape}")
-            self._fh.write(memoryview(block.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+                raise RuntimeError(f"ShardedWriter: {name}: got {block.dtype} {shape}, "
+                                   f"planned {planned.dtype} {planned.shape}")
+            data = block.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            self._fh.write(memoryview(data.numpy()))
             rows += shape[0] if shape else 1
         if rows != (planned.shape[0] if planned.shape else 1):
             raise RuntimeError(f"ShardedWriter: {name}: wrote {rows} rows of the planned {planned.shape}")
@@ -268,7 +277,8 @@ class ShardedWriter:
         """Finish the last shard and write the index (when sharded); returns the file names written."""
         self._finish_shard()
         if self._next != len(self._pending):
-            raise RuntimeError(f"ShardedWriter: {len(self._pending) - self._next} planned tensor(s) were never written")
+            unwritten = len(self._pending) - self._next
+            raise RuntimeError(f"ShardedWriter: {unwritten} planned tensor(s) were never written")
         if len(self.files) == 1:
             return list(self.files)
         weight_map = {tensor.name: self.files[i] for i, tensor in self._pending}
@@ -277,7 +287,8 @@ class ShardedWriter:
                          "total_parameters": sum(math.prod(t.shape) for _, t in self._pending)},
             "weight_map": dict(sorted(weight_map.items())),
         }
-        (self.directory / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        text = json.dumps(index, indent=2) + "\n"
+        (self.directory / SAFE_WEIGHTS_INDEX_NAME).write_text(text, encoding="utf-8")
         return [*self.files, SAFE_WEIGHTS_INDEX_NAME]
 
     def abort(self) -> None:

@@ -3,7 +3,7 @@
 Tensor names are the in-memory names under `PeftModel` with the adapter name dropped, e.g.
 `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`, `...embed_tokens.lora_embedding_A`,
 `...lora_magnitude_vector` (DoRA), `base_model.model.lm_head.weight` (modules_to_save) and
-`...c_attn.base_layer.bias` (bias="all" / "lora_only").
+`...c_attn.base_layer.bias` (bias="all" / "lora_only"); `lorakit.io.peft_keys` spells them.
 """
 
 from __future__ import annotations
@@ -17,16 +17,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lorakit.config import CONFIG_NAME, LoraConfig
+from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError
-from lorakit.inject import ALL_LINEAR, adapter_modules, base_modules
+from lorakit.inject import ALL_LINEAR, adapter_modules, base_modules, lora_layers
 from lorakit.io.atomic import atomic_file
+from lorakit.io.peft_keys import BASE_LAYER, PREFIX, names_lora_tensor, parse_key
 from lorakit.layers import LoraLayer, ModulesToSaveWrapper
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
-PREFIX = "base_model.model."
-# Module names whose targeting makes PEFT save the base embedding weights (peft.utils.other.EMBEDDING_LAYER_NAMES).
+# Module names whose targeting makes PEFT save the base embedding weights
+# (peft.utils.other.EMBEDDING_LAYER_NAMES).
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
@@ -36,14 +37,16 @@ def bias_tensors(model: nn.Module, config: LoraConfig, adapter_name: str) -> dic
         return {}
     if config.bias == "lora_only":
         return {
-            f"{name}.base_layer.bias": module.base_layer.bias
-            for name, module in adapter_modules(model)
-            if isinstance(module, LoraLayer) and adapter_name in module.r and getattr(module.base_layer, "bias", None) is not None
+            f"{name}.{BASE_LAYER}.bias": layer.base_layer.bias for name, layer in lora_layers(model)
+            if adapter_name in layer.r and getattr(layer.base_layer, "bias", None) is not None
         }
-    skip = tuple(f"{name}." for name, module in adapter_modules(model) if isinstance(module, ModulesToSaveWrapper))
+    # Every bias but the adapters' own parameters (lora_bias) and the modules_to_save wrappers' tensors.
+    modules = list(adapter_modules(model))
+    own = {id(p) for _, m in modules for n in m.adapter_names() for p in m.adapter_parameters(n)}
+    skip = tuple(f"{name}." for name, module in modules if isinstance(module, ModulesToSaveWrapper))
     return {
         name: param for name, param in model.named_parameters()
-        if name.endswith("bias") and "lora_" not in name and not name.startswith(skip)
+        if name.endswith("bias") and id(param) not in own and not name.startswith(skip)
     }
 
 
@@ -75,7 +78,8 @@ def _vocab_resized(model: nn.Module, config: LoraConfig) -> bool:
     return saved is not None and saved != vocab
 
 
-def embedding_tensors(model: nn.Module, config: LoraConfig, save_embedding_layers: bool | str) -> dict[str, Tensor]:
+def embedding_tensors(model: nn.Module, config: LoraConfig,
+                      save_embedding_layers: bool | str) -> dict[str, Tensor]:
     """The base embedding weights PEFT saves with an adapter, keyed relative to `model`.
 
     "auto" saves them when target_modules names `embed_tokens`/`lm_head` (then only the base weights of the
@@ -90,10 +94,10 @@ def embedding_tensors(model: nn.Module, config: LoraConfig, save_embedding_layer
     layers = [model.get_input_embeddings(), model.get_output_embeddings()]
     tensors: dict[str, Tensor] = {}
     for name, module in base_modules(model):
-        if not name or not any(module is layer for layer in layers) or isinstance(module, ModulesToSaveWrapper):
+        if not name or isinstance(module, ModulesToSaveWrapper) or all(module is not x for x in layers):
             continue
         if isinstance(module, LoraLayer):
-            tensors.update({f"{name}.base_layer.{k}": v for k, v in module.base_layer.named_parameters()})
+            tensors.update({f"{name}.{BASE_LAYER}.{k}": v for k, v in module.base_layer.named_parameters()})
         elif not named:
             tensors.update({f"{name}.{k}": v for k, v in module.named_parameters()})
     return tensors
@@ -148,7 +152,8 @@ def read_adapter_weights(directory: Path) -> dict[str, Tensor]:
         try:
             state = torch.load(legacy, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any unpickling failure means the file is refused
-            raise AdapterFileError(f"{legacy}: refused: not a plain tensor file ({type(err).__name__}); lorakit never runs pickled code") from None
+            raise AdapterFileError(f"{legacy}: refused: not a plain tensor file ({type(err).__name__}); "
+                                   "lorakit never runs pickled code") from None
         if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
             raise AdapterFileError(f"{legacy}: expected a mapping of names to tensors")
         return state
@@ -161,8 +166,7 @@ def load_adapter_tensors(
     """Copy saved tensors into adapter `adapter_name` of `model` (already injected), checking every key
     and shape; errors name the file, the module and both shapes."""
     expected = adapter_tensors(model, config, adapter_name, save_embedding_layers=True)
-    embeddings = {PREFIX + k for k in embedding_tensors(model, config, True)}
-    optional = {k for k in expected if k in embeddings or k.endswith(".base_layer.weight") or k.endswith(".base_layer.bias") or (config.bias == "all" and k.endswith("bias") and "lora_" not in k)}
+    optional = _optional_keys(model, config, expected)
     model_name = type(model).__name__
     for key, value in saved.items():
         if key not in expected:
@@ -178,15 +182,27 @@ def load_adapter_tensors(
             raise AdapterFileError(f"{source}: {key}: holds NaN or infinite values; the adapter is broken")
         if tuple(value.shape) != tuple(target.shape):
             raise AdapterFileError(
-                f"{source}: {key}: saved shape {tuple(value.shape)} does not fit the model's {tuple(target.shape)}; "
-                "is the adapter for another base model?"
+                f"{source}: {key}: saved shape {tuple(value.shape)} does not fit the model's "
+                f"{tuple(target.shape)}; is the adapter for another base model?"
             )
     missing = sorted(k for k in expected if k not in saved and k not in optional)
     if missing:
-        raise AdapterFileError(f"{source}: missing {len(missing)} tensor(s), e.g. {missing[0]}; the file does not match its config")
+        raise AdapterFileError(f"{source}: missing {len(missing)} tensor(s), e.g. {missing[0]}; the file "
+                               "does not match its config")
     with torch.no_grad():
         for key, value in saved.items():
             expected[key].copy_(value)
+
+
+def _optional_keys(model: nn.Module, config: LoraConfig, expected: dict[str, Tensor]) -> set[str]:
+    """The expected keys a saved adapter may lack: base tensors (embeddings, base_layer weights and biases),
+    which PEFT saves only in some cases, and with bias="all" every bias that is not a LoRA tensor."""
+    embeddings = {PREFIX + k for k in embedding_tensors(model, config, True)}
+    return {
+        key for key in expected
+        if key in embeddings or parse_key(key).role == "base"
+        or (config.bias == "all" and key.endswith("bias") and not names_lora_tensor(key))
+    }
 
 
 def adapter_directory(path: str | Path, subfolder: str | None = None) -> Path:
@@ -200,9 +216,3 @@ def adapter_directory(path: str | Path, subfolder: str | None = None) -> Path:
 
     root = download_snapshot(str(path), allow_patterns=[f"{subfolder + '/' if subfolder else ''}*"])
     return root / subfolder if subfolder else root
-
-
-__all__ = [
-    "CONFIG_NAME", "PREFIX", "WEIGHTS_NAME", "adapter_directory", "adapter_tensors", "bias_tensors", "load_adapter_tensors",
-    "read_adapter_weights", "save_adapter_files",
-]

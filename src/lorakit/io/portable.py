@@ -12,9 +12,9 @@ the user having to save the initial adapter first.
 Layers whose base did not move (embeddings, which keep PEFT's zero-A init) get zero blocks, A' = [A; 0],
 B' = [B, 0], so every layer has the doubled rank the config announces.
 
-DoRA carries over as is: its magnitude m rescales the columns of W_res + s·BA = W + s·B'A', the same matrix, so
-m / ‖W + s·B'A'‖_c · (W + s·B'A') is the trained layer. Biases (lora_bias, bias="all") are not moved by the
-init and are saved unchanged.
+DoRA carries over as is: its magnitude m rescales the columns of W_res + s·BA = W + s·B'A', the same matrix,
+so m / ‖W + s·B'A'‖_c · (W + s·B'A') is the trained layer. Biases (lora_bias, bias="all") are not moved by
+the init and are saved unchanged.
 
 The saved config says `init_lora_weights: true`, so any loader (PEFT, vLLM, lorakit) uses it as a plain
 LoRA. lorakit keeps A₀, B₀ on each layer from the moment of init; the user never saves them.
@@ -29,22 +29,21 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.config import LoraConfig
-from lorakit.inject import adapter_modules
-from lorakit.layers import LoraLayer
-
-PREFIX = "base_model.model."
+from lorakit.inject import lora_layers
+from lorakit.io.peft_keys import factor_names, saved_key
+from lorakit.layers import LoraEmbedding
 
 
 def portable_adapter(
     model: nn.Module, adapter_name: str, config: LoraConfig, tensors: dict[str, Tensor]
 ) -> tuple[LoraConfig, dict[str, Tensor]]:
     """The (config, tensors) to save for `adapter_name`; unchanged unless its init moved the base."""
-    layers = [(n, m) for n, m in adapter_modules(model) if isinstance(m, LoraLayer) and adapter_name in m.r]
+    layers = [(n, m) for n, m in lora_layers(model) if adapter_name in m.r]
     if not any(adapter_name in m.initial_factors for _, m in layers):
         return config, tensors
     out = dict(tensors)
     for name, layer in layers:
-        a_key, b_key = (f"{PREFIX}{name}.{key}" for key in layer._disk_names)
+        a_key, b_key = (saved_key(name, key) for key in factor_names(isinstance(layer, LoraEmbedding)))
         a, b = tensors[a_key].detach(), tensors[b_key].detach()
         a0, b0 = layer.initial_factors.get(adapter_name, (torch.zeros_like(a), torch.zeros_like(b)))
         out[a_key] = torch.cat([a, a0.to(a)], dim=0)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.init import Initialiser, LoraInit, init_zeros, moves_base_weight
+from lorakit.io.peft_keys import LINEAR_FACTORS
 from lorakit.merge.delta import add_delta, dora_merge, dora_norm, dora_unmerge
 from lorakit.quant import weights as quant
 
@@ -154,7 +155,7 @@ class LoraLayer(nn.Module):
     """
 
     feature_axis: int = 0
-    _disk_names: tuple[str, str] = ("lora_A.weight", "lora_B.weight")
+    _disk_names: tuple[str, str] = LINEAR_FACTORS
 
     def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
         super().__init__()

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorakit.init import LoraInit
+from lorakit.io.peft_keys import EMBEDDING_FACTORS
 from lorakit.layers import dora, mixed
 from lorakit.layers.base import AdapterSpec, LoraLayer, row_groups, rows_for_batch
 from lorakit.layers.linear import _device_of
@@ -19,7 +20,7 @@ from lorakit.merge.delta import lora_delta
 
 class LoraEmbedding(LoraLayer):
     feature_axis = 1
-    _disk_names = ("lora_embedding_A", "lora_embedding_B")
+    _disk_names = EMBEDDING_FACTORS
 
     def __init__(self, base_layer: nn.Embedding, module_name: str = "") -> None:
         super().__init__(base_layer, module_name)

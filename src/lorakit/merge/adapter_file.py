@@ -1,20 +1,15 @@
 """A saved adapter read lazily: its config, its tensors by name (shape known before reading), and the
 tensors grouped into what they mean for the base model.
 
-PEFT's on-disk names (see `lorakit.io.peft_format`) say it all:
-
-- `<module>.lora_A.weight` / `lora_B.weight` (+ `lora_B.bias` with lora_bias): LoRA on a Linear/Conv1D;
-- `<module>.lora_embedding_A` / `lora_embedding_B`: LoRA on an embedding;
-- `<module>.lora_magnitude_vector`: DoRA's magnitude for that module;
-- `<module>.base_layer.<param>`: a base tensor saved with the adapter (biases, resized embeddings), loaded
-  into the base parameter in place;
-- `<module>.<param>` of a `modules_to_save` module: the trained copy that replaces the whole module;
-  other `<module>.<param>` tensors (bias="all") are base biases loaded in place.
+PEFT's on-disk names (`lorakit.io.peft_keys`) say it all: LoRA factors, lora_bias and DoRA magnitudes
+of a module; `<module>.base_layer.<param>`, a base tensor saved with the adapter (biases, resized
+embeddings), loaded into the base parameter in place; `<module>.<param>` of a `modules_to_save` module,
+the trained copy that replaces the whole module; other `<module>.<param>` tensors (bias="all"), base
+biases loaded in place.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,13 +19,8 @@ from torch import Tensor
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError
 from lorakit.io.checkpoint import TensorReader, file_tensors
-from lorakit.io.peft_format import PREFIX, WEIGHTS_NAME, adapter_directory, read_adapter_weights
-
-_ROLES = {
-    ".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_B.bias": "bias",
-    ".lora_embedding_A": "A", ".lora_embedding_B": "B",
-    ".lora_magnitude_vector": "magnitude", ".lora_magnitude_vector.weight": "magnitude",
-}
+from lorakit.io.peft_format import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, adapter_directory, read_adapter_weights
+from lorakit.io.peft_keys import in_modules_to_save, parse_key
 
 
 @dataclass(frozen=True)
@@ -73,7 +63,7 @@ class AdapterFile:
         else:
             # Legacy pickled weights (read with weights_only=True); small enough to hold.
             self._loaded = read_adapter_weights(directory)
-            self.file = directory / "adapter_model.bin"
+            self.file = directory / PICKLE_WEIGHTS_NAME
             self.shapes = {key: tuple(value.shape) for key, value in self._loaded.items()}
             self.dtypes = {key: value.dtype for key, value in self._loaded.items()}
 
@@ -103,41 +93,39 @@ class AdapterFile:
         embedding: set[str] = set()
         saved: list[SavedTensor] = []
         for key in self.shapes:
-            if not key.startswith(PREFIX):
-                raise AdapterFileError(f"{self.file}: tensor {key!r} is not under {PREFIX!r}; not a PEFT LoRA adapter")
-            rest = key[len(PREFIX):]
-            suffix = next((s for s in _ROLES if rest.endswith(s)), None)
-            if suffix is not None:
-                module = rest[: -len(suffix)]
-                roles.setdefault(module, {})[_ROLES[suffix]] = key
-                if "embedding" in suffix:
-                    embedding.add(module)
-            elif "lora_" in rest:
-                raise AdapterFileError(f"{self.file}: tensor {key!r} is not a LoRA tensor lorakit knows")
-            elif ".base_layer." in rest:
-                module, param = rest.split(".base_layer.", 1)
-                saved.append(SavedTensor(f"{module}.{param}", key, whole_module=False))
+            try:
+                parsed = parse_key(key)
+            except ValueError as err:
+                raise AdapterFileError(f"{self.file}: {err}") from None
+            if parsed.role in ("base", "tensor"):
+                # A tensor of a modules_to_save module is its trained copy; any other is loaded in place.
+                whole = parsed.role == "tensor" and in_modules_to_save(parsed.module,
+                                                                       self.config.modules_to_save)
+                saved.append(SavedTensor(parsed.parameter, key, whole_module=whole))
             else:
-                saved.append(SavedTensor(rest, key, whole_module=self._in_modules_to_save(rest.rpartition(".")[0])))
+                roles.setdefault(parsed.module, {})[parsed.role] = key
+                if parsed.embedding:
+                    embedding.add(parsed.module)
         return [self._module(name, parts, name in embedding) for name, parts in roles.items()], saved
-
-    def _in_modules_to_save(self, module: str) -> bool:
-        return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", module) for m in self.config.modules_to_save or [])
 
     def _module(self, name: str, parts: dict[str, str], embedding: bool) -> LoraModule:
         missing = [role for role in ("A", "B") if role not in parts]
         if missing:
             raise AdapterFileError(f"{self.file}: module {name!r} lacks its lora_{missing[0]} tensor")
         if self.config.use_dora != ("magnitude" in parts):
-            raise AdapterFileError(f"{self.file}: module {name!r} {'lacks' if self.config.use_dora else 'has'} a DoRA "
-                                   f"magnitude vector but the config says use_dora={self.config.use_dora}")
+            state = "lacks" if self.config.use_dora else "has"
+            raise AdapterFileError(f"{self.file}: module {name!r} {state} a DoRA magnitude vector but the "
+                                   f"config says use_dora={self.config.use_dora}")
         a, b = self.shapes[parts["A"]], self.shapes[parts["B"]]
         if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
-            raise AdapterFileError(f"{self.file}: module {name!r}: lora_A {a} and lora_B {b} are not (r, in) and (out, r)")
+            raise AdapterFileError(f"{self.file}: module {name!r}: lora_A {a} and lora_B {b} are not (r, in) "
+                                   "and (out, r)")
         expected = self.config.rank_for(name)
         if a[0] != expected:
-            raise AdapterFileError(f"{self.file}: module {name!r} has rank {a[0]} but its config gives r={expected}")
-        return LoraModule(name, embedding, parts["A"], parts["B"], parts.get("magnitude"), parts.get("bias"), a[0])
+            raise AdapterFileError(f"{self.file}: module {name!r} has rank {a[0]} but its config gives "
+                                   f"r={expected}")
+        return LoraModule(name, embedding, parts["A"], parts["B"], parts.get("magnitude"), parts.get("bias"),
+                          a[0])
 
     def scaling(self, module: str) -> float:
         """s for one module, from the config's r/alpha (patterns applied) and rsLoRA."""

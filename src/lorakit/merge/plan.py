@@ -30,7 +30,7 @@ from torch import Tensor
 
 from lorakit.errors import AdapterFileError
 from lorakit.io.checkpoint import Checkpoint, TensorInfo
-from lorakit.merge.adapter_file import AdapterFile
+from lorakit.merge.adapter_file import AdapterFile, LoraModule, SavedTensor
 from lorakit.merge.delta import add_delta, dora_merge, lora_delta
 
 # Architectures whose linear layers are transformers' Conv1D (weight stored (in, out)); used only when
@@ -42,7 +42,8 @@ BLOCK_ELEMENTS = 2**22
 
 @dataclass(frozen=True)
 class LoraOp:
-    """Add (or DoRA-merge) adapter `adapter`'s update of `module`, scaling already multiplied by its weight."""
+    """Add (or DoRA-merge) adapter `adapter`'s update of `module`, scaling already multiplied by its
+    weight."""
 
     adapter: int
     module: str
@@ -132,7 +133,9 @@ def _meta_model(directory: Path) -> torch.nn.Module:
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return architecture(config) if isinstance(architecture, type) else AutoModelForCausalLM.from_config(config)
+            if isinstance(architecture, type):
+                return architecture(config)
+            return AutoModelForCausalLM.from_config(config)
     finally:
         transformers.logging.set_verbosity(verbosity)
 
@@ -164,7 +167,8 @@ class _Names:
     def direct(self, param: str) -> str | None:
         candidates = [param]
         if self.prefix:
-            candidates += [param[len(self.prefix):]] if param.startswith(self.prefix) else [self.prefix + param]
+            prefixed = param.startswith(self.prefix)
+            candidates.append(param[len(self.prefix):] if prefixed else self.prefix + param)
         return next((name for name in candidates if name in self.stored_names), None)
 
     def resolve(self, param: str) -> tuple[str, bool] | None:
@@ -179,97 +183,121 @@ class _Names:
         return next((g for name, g in self.groups.items() if self.direct(name) == stored), ())
 
 
-def build_plan(checkpoint: Checkpoint, base: BaseModel, adapters: Sequence[AdapterFile], weights: Sequence[float]) -> MergePlan:
+def build_plan(checkpoint: Checkpoint, base: BaseModel, adapters: Sequence[AdapterFile],
+               weights: Sequence[float]) -> MergePlan:
     """Validate every adapter against the base checkpoint and plan the merge.
 
     Raises AdapterFileError naming the adapter file and module for anything that does not fit.
     """
-    names = _Names(checkpoint, base)
-    in_place: dict[str, list[Op]] = {}  # stored name → loads shared by every tied member
-    own: dict[str, list[Op]] = {}  # model parameter name → operations on that parameter only
-    resolved: dict[str, tuple[str, bool]] = {}
-    whole: dict[str, int] = {}
     trained_bias = [a for a in adapters if a.config.bias != "none"]
     if len(trained_bias) > 1:
-        raise AdapterFileError(f"{trained_bias[1].directory}: only one adapter may carry trained biases (bias="
-                               f"{trained_bias[1].config.bias!r}; {trained_bias[0].directory} does too)")
-
-    def locate(adapter: AdapterFile, param: str, what: str) -> tuple[str, TensorInfo]:
-        found = names.resolve(param)
-        if found is None:
-            raise AdapterFileError(f"{adapter.file}: {what} is not in the base model {checkpoint.directory} "
-                                   f"(no tensor {param!r}); is the adapter for another base model?")
-        resolved[param] = found
-        return found[0], checkpoint.tensors[found[0]]
-
-    def check(adapter: AdapterFile, what: str, got: tuple[int, ...], info: TensorInfo) -> None:
-        if tuple(got) != info.shape:
-            raise AdapterFileError(f"{adapter.file}: {what}: the adapter gives shape {tuple(got)} but the base tensor "
-                                   f"{info.name!r} has shape {info.shape}; is the adapter for another base model?")
-
+        first, second = trained_bias[:2]
+        raise AdapterFileError(f"{second.directory}: only one adapter may carry trained biases "
+                               f"(bias={second.config.bias!r}; {first.directory} does too)")
+    planner = _Planner(checkpoint, base, adapters)
     for index, (adapter, weight) in enumerate(zip(adapters, weights)):
         modules, saved = adapter.layout()
         for tensor in saved:
-            stored, info = locate(adapter, tensor.param, f"saved tensor {tensor.key!r}")
-            check(adapter, f"saved tensor {tensor.key!r}", adapter.shapes[tensor.key], info)
-            if not tensor.whole_module:
-                in_place.setdefault(stored, []).append(ReplaceOp(index, tensor.key))
-                continue
-            if whole.setdefault(tensor.param, index) != index:
-                raise AdapterFileError(f"{adapter.file}: {tensor.param!r} is also saved (modules_to_save) by "
-                                       f"{adapters[whole[tensor.param]].directory}; merge such adapters one at a time")
-            own.setdefault(tensor.param, []).append(ReplaceOp(index, tensor.key))
+            planner.add_saved(index, tensor)
         for module in modules:
-            if module.magnitude is not None and weight != 1.0:
-                raise AdapterFileError(f"{adapter.directory}: DoRA adapters cannot be weighted (weight {weight}); "
-                                       "the magnitude rescaling is not linear in the update")
-            param = f"{module.name}.weight"
-            stored, info = locate(adapter, param, f"module {module.name!r}")
-            a, b = adapter.shapes[module.lora_A], adapter.shapes[module.lora_B]
-            transpose = module.embedding or base.is_conv1d(module.name, adapter.config.fan_in_fan_out)
-            update = (a[1], b[0]) if transpose else (b[0], a[1])
-            check(adapter, f"module {module.name!r}", update, info)
-            axis = 1 if transpose else 0
-            if module.magnitude is not None:
-                check(adapter, f"module {module.name!r} magnitude", adapter.shapes[module.magnitude],
-                      TensorInfo(info.name, info.file, info.dtype, (info.shape[axis],)))
-            scaling = adapter.scaling(module.name) * weight
-            own.setdefault(param, []).append(LoraOp(index, module.name, module.lora_A, module.lora_B, scaling, transpose,
-                                                    axis, module.magnitude))
-            if module.lora_bias is not None:
-                bias = f"{module.name}.bias"
-                if names.direct(bias) is None:
-                    raise AdapterFileError(f"{adapter.file}: module {module.name!r} has a lora_B.bias but the base has no {bias!r}")
-                _, bias_info = locate(adapter, bias, f"bias of {module.name!r}")
-                check(adapter, f"module {module.name!r} lora_B.bias", adapter.shapes[module.lora_bias], bias_info)
-                own.setdefault(bias, []).append(BiasOp(index, module.lora_bias, scaling))
-    return _finish(checkpoint, base, names, adapters, in_place, own, resolved)
+            planner.add_module(index, module, weight)
+    return planner.finish()
 
 
-def _finish(checkpoint: Checkpoint, base: BaseModel, names: _Names, adapters: Sequence[AdapterFile],
-            in_place: dict[str, list[Op]], own: dict[str, list[Op]], resolved: dict[str, tuple[str, bool]]) -> MergePlan:
-    """Turn per-parameter operations into per-output-tensor plans, untying groups the adapters split."""
-    tensors: dict[str, TensorPlan] = {}
-    untie = False
-    by_stored: dict[str, dict[str, list[Op]]] = {}
-    for param, ops in own.items():
-        by_stored.setdefault(resolved[param][0], {})[param] = ops
-    for stored in dict.fromkeys([*in_place, *by_stored]):
-        shared = in_place.get(stored, [])
-        members = by_stored.get(stored, {})
-        group = names.group_of(stored)
-        absent = [m for m in group if names.direct(m) is None]
-        direct = [op for param, ops in members.items() if not resolved[param][1] for op in ops]
-        if absent and members:
-            # The adapters change the members differently: write each absent member explicitly.
-            untie = True
-            for alias in absent:
-                tensors[alias] = TensorPlan(alias, stored, _ordered(shared + members.get(alias, [])))
-        elif group and members and base.config.get("tie_word_embeddings", False):
-            untie = True  # every member is stored and one now differs: keep transformers from re-tying
-        if shared or direct:
-            tensors[stored] = TensorPlan(stored, stored, _ordered(shared + direct))
-    return MergePlan(checkpoint, list(adapters), tensors, untie)
+class _Planner:
+    """The operations of every adapter, collected by what they touch, then turned into a `MergePlan`."""
+
+    def __init__(self, checkpoint: Checkpoint, base: BaseModel, adapters: Sequence[AdapterFile]) -> None:
+        self.checkpoint, self.base, self.adapters = checkpoint, base, adapters
+        self.names = _Names(checkpoint, base)
+        self.in_place: dict[str, list[Op]] = {}  # stored name → loads shared by every tied member
+        self.own: dict[str, list[Op]] = {}  # model parameter name → operations on that parameter only
+        self.resolved: dict[str, tuple[str, bool]] = {}
+        self.whole: dict[str, int] = {}  # modules_to_save parameter → the adapter that replaces it
+
+    def locate(self, adapter: AdapterFile, param: str, what: str) -> TensorInfo:
+        found = self.names.resolve(param)
+        if found is None:
+            raise AdapterFileError(f"{adapter.file}: {what} is not in the base model "
+                                   f"{self.checkpoint.directory} (no tensor {param!r}); is the adapter for "
+                                   "another base model?")
+        self.resolved[param] = found
+        return self.checkpoint.tensors[found[0]]
+
+    @staticmethod
+    def check(adapter: AdapterFile, what: str, got: tuple[int, ...], info: TensorInfo) -> None:
+        if tuple(got) != info.shape:
+            raise AdapterFileError(f"{adapter.file}: {what}: the adapter gives shape {tuple(got)} but the "
+                                   f"base tensor {info.name!r} has shape {info.shape}; is the adapter for "
+                                   "another base model?")
+
+    def add_saved(self, index: int, tensor: SavedTensor) -> None:
+        """A whole tensor: loaded in place, or (modules_to_save) replacing that parameter only."""
+        adapter = self.adapters[index]
+        info = self.locate(adapter, tensor.param, f"saved tensor {tensor.key!r}")
+        self.check(adapter, f"saved tensor {tensor.key!r}", adapter.shapes[tensor.key], info)
+        if not tensor.whole_module:
+            self.in_place.setdefault(info.name, []).append(ReplaceOp(index, tensor.key))
+            return
+        if self.whole.setdefault(tensor.param, index) != index:
+            other = self.adapters[self.whole[tensor.param]].directory
+            raise AdapterFileError(f"{adapter.file}: {tensor.param!r} is also saved (modules_to_save) by "
+                                   f"{other}; merge such adapters one at a time")
+        self.own.setdefault(tensor.param, []).append(ReplaceOp(index, tensor.key))
+
+    def add_module(self, index: int, module: LoraModule, weight: float) -> None:
+        """A module's LoRA update (with DoRA magnitude, lora_bias), scaled by the adapter's merge weight."""
+        adapter = self.adapters[index]
+        if module.magnitude is not None and weight != 1.0:
+            raise AdapterFileError(f"{adapter.directory}: DoRA adapters cannot be weighted (weight "
+                                   f"{weight}); the magnitude rescaling is not linear in the update")
+        param = f"{module.name}.weight"
+        info = self.locate(adapter, param, f"module {module.name!r}")
+        a, b = adapter.shapes[module.lora_A], adapter.shapes[module.lora_B]
+        transpose = module.embedding or self.base.is_conv1d(module.name, adapter.config.fan_in_fan_out)
+        self.check(adapter, f"module {module.name!r}", (a[1], b[0]) if transpose else (b[0], a[1]), info)
+        axis = 1 if transpose else 0
+        if module.magnitude is not None:
+            self.check(adapter, f"module {module.name!r} magnitude", adapter.shapes[module.magnitude],
+                       TensorInfo(info.name, info.file, info.dtype, (info.shape[axis],)))
+        scaling = adapter.scaling(module.name) * weight
+        self.own.setdefault(param, []).append(
+            LoraOp(index, module.name, module.lora_A, module.lora_B, scaling, transpose, axis,
+                   module.magnitude))
+        if module.lora_bias is not None:
+            bias = f"{module.name}.bias"
+            if self.names.direct(bias) is None:
+                raise AdapterFileError(f"{adapter.file}: module {module.name!r} has a lora_B.bias but the "
+                                       f"base has no {bias!r}")
+            bias_info = self.locate(adapter, bias, f"bias of {module.name!r}")
+            self.check(adapter, f"module {module.name!r} lora_B.bias", adapter.shapes[module.lora_bias],
+                       bias_info)
+            self.own.setdefault(bias, []).append(BiasOp(index, module.lora_bias, scaling))
+
+    def finish(self) -> MergePlan:
+        """Turn per-parameter operations into per-output-tensor plans, untying groups the adapters split."""
+        names, resolved = self.names, self.resolved
+        tensors: dict[str, TensorPlan] = {}
+        untie = False
+        by_stored: dict[str, dict[str, list[Op]]] = {}
+        for param, ops in self.own.items():
+            by_stored.setdefault(resolved[param][0], {})[param] = ops
+        for stored in dict.fromkeys([*self.in_place, *by_stored]):
+            shared = self.in_place.get(stored, [])
+            members = by_stored.get(stored, {})
+            group = names.group_of(stored)
+            absent = [m for m in group if names.direct(m) is None]
+            direct = [op for param, ops in members.items() if not resolved[param][1] for op in ops]
+            if absent and members:
+                # The adapters change the members differently: write each absent member explicitly.
+                untie = True
+                for alias in absent:
+                    tensors[alias] = TensorPlan(alias, stored, _ordered(shared + members.get(alias, [])))
+            elif group and members and self.base.config.get("tie_word_embeddings", False):
+                untie = True  # every member is stored and one now differs: keep transformers from re-tying
+            if shared or direct:
+                tensors[stored] = TensorPlan(stored, stored, _ordered(shared + direct))
+        return MergePlan(self.checkpoint, list(self.adapters), tensors, untie)
 
 
 def _ordered(ops: list[Op]) -> list[Op]:
@@ -282,7 +310,8 @@ def target_dtype(stored: torch.dtype, requested: torch.dtype | None) -> torch.dt
     return requested if requested is not None and stored.is_floating_point else stored
 
 
-def merged_blocks(base: Tensor, plan: TensorPlan | None, adapters: Sequence[AdapterFile], dtype: torch.dtype) -> Iterator[Tensor]:
+def merged_blocks(base: Tensor, plan: TensorPlan | None, adapters: Sequence[AdapterFile],
+                  dtype: torch.dtype) -> Iterator[Tensor]:
     """One output tensor, in `dtype`, as consecutive blocks of rows (dim 0): the base (a saved copy replaces
     it, cast to the base dtype as loading does), with the planned updates applied in float32 and rounded once.
 
@@ -301,7 +330,9 @@ def merged_blocks(base: Tensor, plan: TensorPlan | None, adapters: Sequence[Adap
     if not updates:
         yield current.to(dtype)
         return
-    if current.dim() == 0 or any(isinstance(op, LoraOp) and op.magnitude is not None and op.feature_axis != 0 for op in updates):
+    column_norms = any(isinstance(op, LoraOp) and op.magnitude is not None and op.feature_axis != 0
+                       for op in updates)
+    if current.dim() == 0 or column_norms:
         yield _updated(current, updates, adapters, None).to(dtype)
         return
     step = max(1, BLOCK_ELEMENTS // max(1, math.prod(current.shape[1:])))
@@ -310,7 +341,8 @@ def merged_blocks(base: Tensor, plan: TensorPlan | None, adapters: Sequence[Adap
         yield _updated(current[rows], updates, adapters, rows).to(dtype)
 
 
-def _updated(weight: Tensor, updates: list[Op], adapters: Sequence[AdapterFile], rows: slice | None) -> Tensor:
+def _updated(weight: Tensor, updates: list[Op], adapters: Sequence[AdapterFile],
+             rows: slice | None) -> Tensor:
     """`weight` (all rows, or the block `rows`) with the updates applied, in float32."""
     weight = weight.float()
     for op in updates:
@@ -322,7 +354,8 @@ def _updated(weight: Tensor, updates: list[Op], adapters: Sequence[AdapterFile],
             delta = lora_delta(a, b, op.scaling, op.transpose)
             if op.magnitude is not None:
                 magnitude = adapter.get(op.magnitude)
-                weight, _ = dora_merge(weight, delta, magnitude if rows is None else magnitude[rows], op.feature_axis)
+                magnitude = magnitude if rows is None else magnitude[rows]
+                weight, _ = dora_merge(weight, delta, magnitude, op.feature_axis)
             else:
                 weight = add_delta(weight, delta)
         elif isinstance(op, BiasOp):

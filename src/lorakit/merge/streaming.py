@@ -103,12 +103,7 @@ def merge_checkpoint(
     """
     start = time.perf_counter()
     _reset_peak_rss()
-    paths = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
-    if not paths:
-        raise ValueError("merge: give at least one adapter")
-    weights = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(paths):
-        raise ValueError(f"merge: {len(paths)} adapter(s) but {len(weights)} weight(s)")
+    paths, weights = _adapters_and_weights(adapters, weights)
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
     shard_bytes = parse_size(max_shard_size)
@@ -128,17 +123,31 @@ def merge_checkpoint(
             _write_config(tmp / "config.json", config, target, plan.untie_embeddings)
             check = verify_checkpoint(tmp, plan, target, progress=progress) if verify else None
             if check is not None and not check.passed:
-                raise VerificationError(f"{output}: verification failed, nothing written: {check.failures[0]}")
-            outputs = compare_outputs(base_dir, [a.directory for a in opened], weights, tmp) if verify_outputs else None
+                raise VerificationError(f"{output}: verification failed, nothing written: "
+                                        f"{check.failures[0]}")
+            directories = [a.directory for a in opened]
+            outputs = compare_outputs(base_dir, directories, weights, tmp) if verify_outputs else None
             report = MergeReport(
-                base=str(base_dir), adapters=[str(a.directory) for a in opened], weights=weights, output=str(output),
-                dtype=dtype if target is not None else _dtype_names(checkpoint),
-                shards=sum(f.endswith(".safetensors") for f in files), total_bytes=sum((tmp / f).stat().st_size for f in files),
+                base=str(base_dir), adapters=[str(d) for d in directories], weights=weights,
+                output=str(output),
+                dtype=dtype if target is not None else _dtype_names(checkpoint), **_file_counts(tmp, files),
                 **_tensor_counts(plan), untied_embeddings=plan.untie_embeddings, peak_rss_bytes=_peak_rss(),
                 seconds=round(time.perf_counter() - start, 3), verification=check, outputs=outputs,
             )
             atomic_write_text(tmp / REPORT_NAME, json.dumps(report.to_dict(), indent=2) + "\n")
     return report
+
+
+def _adapters_and_weights(adapters: str | os.PathLike | Sequence[str | os.PathLike],
+                          weights: Sequence[float] | None) -> tuple[list[str | os.PathLike], list[float]]:
+    """The adapter paths as a list and one weight per adapter (1.0 each by default)."""
+    paths = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
+    if not paths:
+        raise ValueError("merge: give at least one adapter")
+    weights = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(paths):
+        raise ValueError(f"merge: {len(paths)} adapter(s) but {len(weights)} weight(s)")
+    return paths, weights
 
 
 def _resolve_base(base: str | os.PathLike | None) -> Path:
@@ -159,24 +168,29 @@ def _read_config(base_dir: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise AdapterFileError(f"{file}: expected a JSON object")
     if config.get("quantization_config"):
-        method = config["quantization_config"].get("quant_method", "unknown") if isinstance(config["quantization_config"], dict) else "unknown"
-        raise LorakitError(f"{file}: the base is quantized ({method}); merging into quantized checkpoints is not supported yet, "
-                           "merge into the unquantized model")
+        quantization = config["quantization_config"]
+        method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else "unknown"
+        raise LorakitError(f"{file}: the base is quantized ({method}); merging into quantized checkpoints is "
+                           "not supported yet, merge into the unquantized model")
     return config
 
 
-def _write_tensors(directory: Path, plan: MergePlan, dtype: torch.dtype | None, shard_bytes: int, progress: bool) -> list[str]:
+def _write_tensors(directory: Path, plan: MergePlan, dtype: torch.dtype | None, shard_bytes: int,
+                   progress: bool) -> list[str]:
     """Compute and write every output tensor in checkpoint order; returns the files written."""
     from tqdm.auto import tqdm
 
     outputs = list(plan.outputs())
     targets = [(name, info, target_dtype(info.dtype, dtype)) for name, info in outputs]
-    writer = ShardedWriter(directory, shard_layout([OutputTensor(n, d, i.shape) for n, i, d in targets], shard_bytes))
-    bar = tqdm(total=sum(i.nbytes for _, i, _ in targets), unit="B", unit_scale=True, desc="merging", disable=not progress)
+    layout = shard_layout([OutputTensor(n, d, i.shape) for n, i, d in targets], shard_bytes)
+    writer = ShardedWriter(directory, layout)
+    bar = tqdm(total=sum(i.nbytes for _, i, _ in targets), unit="B", unit_scale=True, desc="merging",
+               disable=not progress)
     try:
         with TensorReader(plan.checkpoint.directory) as reader:
             for name, info, target in targets:
-                writer.write(name, merged_blocks(reader.get(info.file, info.name), plan.tensors.get(name), plan.adapters, target))
+                base = reader.get(info.file, info.name)
+                writer.write(name, merged_blocks(base, plan.tensors.get(name), plan.adapters, target))
                 bar.update(info.nbytes)
         return writer.close()
     except BaseException:
@@ -188,8 +202,16 @@ def _write_tensors(directory: Path, plan: MergePlan, dtype: torch.dtype | None, 
 
 def _dtype_names(checkpoint: Checkpoint) -> str:
     """The base's floating dtypes, which "auto" keeps (e.g. "bfloat16", or "bfloat16,float32" if mixed)."""
-    floating = {str(i.dtype).removeprefix("torch.") for i in checkpoint.tensors.values() if i.dtype.is_floating_point}
+    floating = {str(i.dtype).removeprefix("torch.") for i in checkpoint.tensors.values()
+                if i.dtype.is_floating_point}
     return ",".join(sorted(floating)) or "none"
+
+
+def _file_counts(directory: Path, files: list[str]) -> dict[str, int]:
+    return {
+        "shards": sum(f.endswith(".safetensors") for f in files),
+        "total_bytes": sum((directory / f).stat().st_size for f in files),
+    }
 
 
 def _tensor_counts(plan: MergePlan) -> dict[str, int]:
@@ -197,7 +219,8 @@ def _tensor_counts(plan: MergePlan) -> dict[str, int]:
     return {
         "tensors_merged": sum(p.merged for p in changed),
         "tensors_replaced": sum(not p.merged for p in changed),
-        "tensors_copied": sum(1 for name, _ in plan.outputs() if not (name in plan.tensors and plan.tensors[name].ops)),
+        "tensors_copied": sum(1 for name, _ in plan.outputs()
+                              if not (name in plan.tensors and plan.tensors[name].ops)),
         "tensors_added": sum(name not in plan.checkpoint.tensors for name in plan.tensors),
     }
 

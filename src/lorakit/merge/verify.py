@@ -67,7 +67,8 @@ def ulp(values: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.ldexp(torch.full_like(values, info.eps, dtype=torch.float64), exponent - 1)
 
 
-def verify_checkpoint(directory: str | Path, plan: MergePlan, dtype: torch.dtype | None, *, progress: bool = False) -> TensorCheck:
+def verify_checkpoint(directory: str | Path, plan: MergePlan, dtype: torch.dtype | None, *,
+                      progress: bool = False) -> TensorCheck:
     """Compare every tensor written in `directory` with what `plan` says it must be."""
     from tqdm.auto import tqdm
 
@@ -87,7 +88,8 @@ def verify_checkpoint(directory: str | Path, plan: MergePlan, dtype: torch.dtype
             if out_info is None:
                 continue
             if (out_info.dtype, out_info.shape) != (target, info.shape):
-                failures.append(f"{name}: written as {out_info.dtype} {out_info.shape}, expected {target} {info.shape}")
+                failures.append(f"{name}: written as {out_info.dtype} {out_info.shape}, expected {target} "
+                                f"{info.shape}")
                 continue
             tensor_plan = plan.tensors.get(name)
             exact = tensor_plan is None or not tensor_plan.merged
@@ -96,15 +98,18 @@ def verify_checkpoint(directory: str | Path, plan: MergePlan, dtype: torch.dtype
             identical, merged = identical + exact, merged + (not exact)
             max_abs, max_ulps = max(max_abs, error), max(max_ulps, ulps)
             if problem == "differs":
-                failures.append(f"{name}: differs from the {'saved' if tensor_plan else 'base'} tensor (expected bit-identical)")
+                source = "saved" if tensor_plan else "base"
+                failures.append(f"{name}: differs from the {source} tensor (expected bit-identical)")
             elif problem == "nonfinite":
                 failures.append(f"{name}: the merge gives NaN/inf values; the adapter seems broken")
             elif not ulps <= 1.0:
                 failures.append(f"{name}: off by {ulps:.3g} ulp of {target} (max abs error {error:.3g})")
-    return TensorCheck(len(outputs), merged, identical, max_abs, max_ulps, not failures, failures[:_MAX_FAILURES])
+    return TensorCheck(len(outputs), merged, identical, max_abs, max_ulps, not failures,
+                       failures[:_MAX_FAILURES])
 
 
-def _compare(out: Tensor, blocks: Iterator[Tensor], exact: bool, dtype: torch.dtype) -> tuple[str | None, float, float]:
+def _compare(out: Tensor, blocks: Iterator[Tensor], exact: bool,
+             dtype: torch.dtype) -> tuple[str | None, float, float]:
     """Compare a written tensor with its expected blocks of rows: ("differs"/"nonfinite"/None, max abs
     error, max error in ulps of `dtype`); float64 temporaries are bounded by `_CHUNK` elements."""
     start, worst_abs, worst_ulps = 0, 0.0, 0.0
@@ -154,7 +159,8 @@ def compare_outputs(base_dir: Path, adapter_dirs: Sequence[Path], weights: Seque
             nll_merged += _nll(out, ids)
     predicted = max(tokens - len(prompts), 1)
     ppl_ref, ppl_merged = math.exp(nll_ref / predicted), math.exp(nll_merged / predicted)
-    return OutputCheck(len(prompts), tokens, max_diff, agree / tokens, ppl_ref, ppl_merged, ppl_merged - ppl_ref)
+    return OutputCheck(len(prompts), tokens, max_diff, agree / tokens, ppl_ref, ppl_merged,
+                       ppl_merged - ppl_ref)
 
 
 def _nll(logits: Tensor, ids: Tensor) -> float:
@@ -162,9 +168,12 @@ def _nll(logits: Tensor, ids: Tensor) -> float:
     return float(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum"))
 
 
-def _reference_model(base_dir: Path, adapter_dirs: Sequence[Path], weights: Sequence[float]) -> torch.nn.Module:
+def _reference_model(base_dir: Path, adapter_dirs: Sequence[Path],
+                     weights: Sequence[float]) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
+    from lorakit.inject import adapter_modules
+    from lorakit.layers import LoraLayer
     from lorakit.model import PeftModel
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
@@ -172,14 +181,14 @@ def _reference_model(base_dir: Path, adapter_dirs: Sequence[Path], weights: Sequ
     model = PeftModel.from_pretrained(base, adapter_dirs[0], adapter_name=names[0])
     for name, directory in zip(names[1:], adapter_dirs[1:]):
         model.load_adapter(directory, adapter_name=name)
-    # Run every adapter at once, each update scaled by its merge weight (PeftModel's public API activates
-    # one adapter at a time, so set the layers' state directly).
-    for layer in model._lora_layers():
-        for name, weight in zip(names, weights):
-            if name in layer.scaling:
-                layer.scaling[name] *= weight
-    model.active_adapters = names
-    model._apply_active()
+    # Run every adapter at once, each update scaled by its merge weight (PeftModel's API activates one
+    # adapter at a time, so set the state of the adapter modules through their own interface).
+    for _, module in adapter_modules(model.get_base_model()):
+        if isinstance(module, LoraLayer):
+            for name, weight in zip(names, weights):
+                if name in module.scaling:
+                    module.scaling[name] *= weight
+        module.set_active(names)
     return model.eval()
 
 

@@ -19,8 +19,9 @@ from typing import Any, TypeVar
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.io.pretrained import check_adapter_name
 from lorakit.layers import BASE_ROW
-from lorakit.model import PeftModel, check_adapter_name
+from lorakit.model import PeftModel
 from lorakit.serve.protocol import APIError
 
 T = TypeVar("T")

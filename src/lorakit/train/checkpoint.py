@@ -75,15 +75,24 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
         (tmp / STATE_FILE).write_text(json.dumps(asdict(progress), indent=2) + "\n")
 
 
-def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any) -> tuple[Progress, dict[str, Any]]:
-    """Restore what `save_checkpoint` wrote into freshly built model/optimizer/scheduler objects; returns
-    the progress and the objective's saved state."""
+def saved_progress(directory: Path) -> Progress:
+    """The progress recorded in the checkpoint in `directory`, without loading anything else."""
     state_file = directory / STATE_FILE
     if not state_file.is_file():
         raise LorakitError(f"{directory}: no checkpoint to resume from (missing {STATE_FILE})")
     try:
-        progress = Progress(**json.loads(state_file.read_text()))
+        return Progress(**json.loads(state_file.read_text()))
+    except (OSError, ValueError, TypeError) as err:
+        reason = f"{type(err).__name__}: {err}"
+        raise LorakitError(f"{state_file}: checkpoint cannot be resumed ({reason})") from None
+
+
+def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any) -> tuple[Progress, dict[str, Any]]:
+    """Restore what `save_checkpoint` wrote into freshly built model/optimizer/scheduler objects; returns
+    the progress and the objective's saved state."""
+    progress = saved_progress(directory)
+    try:
         if isinstance(model, PeftModel):
             adapter_dir = directory / "adapter"
             saved = peft_format.read_adapter_weights(adapter_dir)

@@ -36,6 +36,8 @@ from lorakit.options import (
 METHODS = ("lora", "full")
 SCHEDULERS = ("cosine", "linear", "constant")
 DPO_LOSS_TYPES = ("sigmoid", "ipo")
+TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio", "aim", "comet_ml", "clearml", "dvclive", "swanlab")
+"""What `--report-to` takes besides `none`: accelerate's tracker integrations, by accelerate's names."""
 
 LORA_OPTIONS = (
     "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "init_lora_weights", "use_rslora",
@@ -87,6 +89,16 @@ class TuningConfig(Options):
     trust_remote_code: bool = option(False, help=TRUST_REMOTE_CODE_HELP)
     resume: bool = option(False, help="Continue the run in --output from its last checkpoint.")
     overwrite: bool = option(False, help="Replace an existing run in --output.")
+    report_to: list[str] = option(default_factory=lambda: ["none"], panel="Experiment tracking",
+                                  help=f"Trackers to send metrics to: {', '.join(TRACKERS)} (comma-separated "
+                                       "or repeated), or none.")
+    run_name: str | None = option(None, help="The run's name in the trackers (default: the name of the "
+                                             "--output directory).", panel="Experiment tracking")
+    project: str = option("lorakit", help="The trackers' project (W&B, trackio, ...) or experiment (MLflow) "
+                                          "that the run belongs to.", panel="Experiment tracking")
+    logging_dir: str | None = option(None, help="Where trackers write local files: TensorBoard events go to "
+                                                "LOGGING_DIR/RUN_NAME (default: OUTPUT/logs).",
+                                     panel="Experiment tracking")
 
     def validate(self) -> None:
         """Raise OptionError (a ValueError) naming the option in its command-line form."""
@@ -108,6 +120,13 @@ class TuningConfig(Options):
             raise ValueError("--load-in-8bit and --load-in-4bit: choose one")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite: choose one (resume continues the run in --output)")
+        if any(name not in (*TRACKERS, "none") for name in self.report_to):
+            raise OptionError("report_to", f"none or a list of {', '.join(TRACKERS)}", self.report_to)
+        if "none" in self.report_to and len(self.report_to) > 1:
+            raise ValueError(f"--report-to: none cannot be combined with trackers, got {self.report_to}")
+        for name in ("run_name", "project"):
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                raise OptionError(name, "a non-empty name", getattr(self, name))
 
     @property
     def output_dir(self) -> Path:

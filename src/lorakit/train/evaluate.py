@@ -18,6 +18,9 @@ from lorakit.train.loss import causal_lm_loss
 from lorakit.train.scoring import exact_match, normalise_answer
 from lorakit.train.tokenize import collate
 
+SAMPLES = 8
+"""Test rows whose answers the report keeps (and trackers show) beside the exact-match figures."""
+
 
 @torch.no_grad()
 def validation_loss(model: nn.Module, examples: Sequence[dict[str, Any]], batch_size: int, pad_token_id: int,
@@ -81,7 +84,8 @@ def best_adapter_exact_match(model: nn.Module, best_dir: Path, tokenizer,
                              records: Sequence[Mapping[str, Any]], max_new_tokens: int,
                              limit: int | None = None) -> dict[str, Any]:
     """Exact match of the base model and of the adapter saved in `best_dir` on the records that have a
-    reference answer: {"test_rows", "exact_match_base", "exact_match_adapter"} (empty if none has one).
+    reference answer: {"test_rows", "exact_match_base", "exact_match_adapter", "exact_match_samples"}
+    (empty if none has one); the samples are the first SAMPLES rows' question, reference and both answers.
 
     `model` is a PeftModel; the best adapter is loaded beside the trained one and removed again, and the
     model is handed back as it came (active adapter, train/eval mode).
@@ -98,15 +102,20 @@ def best_adapter_exact_match(model: nn.Module, best_dir: Path, tokenizer,
         model.load_adapter(best_dir, adapter_name="best")
         model.set_adapter("best", inference_mode=True)
     try:
-        adapter_em, _ = score_exact_match(model, tokenizer, conversations, references, max_new_tokens)
+        adapter_em, adapter_answers = score_exact_match(model, tokenizer, conversations, references,
+                                                        max_new_tokens)
         with model.disable_adapter():
-            base_em, _ = score_exact_match(model, tokenizer, conversations, references, max_new_tokens)
+            base_em, base_answers = score_exact_match(model, tokenizer, conversations, references,
+                                                      max_new_tokens)
     finally:
         if "best" in model.peft_config:
             model.delete_adapter("best")
         model.set_adapter(trained_adapter)
         model.train(was_training)
-    return {"test_rows": len(pairs), "exact_match_base": base_em, "exact_match_adapter": adapter_em}
+    samples = [{"question": c[-1]["content"] if c else "", "reference": r, "base": b, "adapter": a}
+               for c, r, b, a in zip(conversations, references, base_answers, adapter_answers)][:SAMPLES]
+    return {"test_rows": len(pairs), "exact_match_base": base_em, "exact_match_adapter": adapter_em,
+            "exact_match_samples": samples}
 
 
 @dataclass

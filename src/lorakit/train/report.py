@@ -99,7 +99,7 @@ def print_report(report: dict[str, Any], title: str = "lorakit train") -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in report.items():
-        if isinstance(value, dict):
+        if isinstance(value, (dict, list)):
             continue
         table.add_row(key.replace("_", " "), _fmt(value))
     Console(stderr=False).print(table)

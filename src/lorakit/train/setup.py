@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -18,8 +20,9 @@ from lorakit.train.config import TuningConfig
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-def make_accelerator() -> Accelerator:
-    """The run's Accelerator: one process, or all the processes of an `accelerate launch`/`torchrun` launch.
+def make_accelerator(log_with: Sequence[Any] = (), logging_dir: Path | None = None) -> Accelerator:
+    """The run's Accelerator: one process, or all the processes of an `accelerate launch`/`torchrun` launch;
+    `log_with` and `logging_dir` are its experiment trackers and where they write (`train.tracking`).
 
     accelerate makes a multi-process launch distributed on the CPU (gloo) only when told to use the CPU
     (`Accelerator(cpu=True)` or ACCELERATE_USE_CPU); under `torchrun` on a machine without a GPU each
@@ -35,7 +38,8 @@ def make_accelerator() -> Accelerator:
     from accelerate.utils import DistributedType
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    accelerator = Accelerator(cpu=world_size > 1 and not _device_for_data_parallel())
+    accelerator = Accelerator(cpu=world_size > 1 and not _device_for_data_parallel(),
+                              log_with=list(log_with) or None, project_dir=logging_dir)
     # (WORLD_SIZE unset with several processes is accelerate's own MPI launch of CPU processes: fine.)
     if world_size > 1 and accelerator.num_processes != world_size:
         raise LorakitError(f"launched as {world_size} processes, but accelerate set up {accelerator.num_processes}; "

@@ -32,6 +32,7 @@ from lorakit.train.objective import Batch, Objective, ObjectiveModule
 from lorakit.train.optim import build_optimizer, build_scheduler, total_optimizer_steps
 from lorakit.train.report import MetricsLog, RunReport, truncate_metrics
 from lorakit.train.setup import count_parameters, load_base_model, make_accelerator, prepare_output
+from lorakit.train.tracking import Tracking, log_with, logging_dir, trackers
 
 
 @dataclass
@@ -75,12 +76,14 @@ class Trainer:
         from lorakit.models.sources import load_tokenizer
 
         config, objective = self.config, self.objective
-        self.acc = acc = make_accelerator()
+        self.acc = acc = make_accelerator(log_with(config), logging_dir(config))
         self.tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
         self.data = objective.datasets(self.tokenizer)
         if acc.is_main_process:
             prepare_output(config, f"{objective.name}_config.yaml")
         acc.wait_for_everyone()
+        if trackers(config):
+            self.callbacks.insert(0, Tracking(config, acc, objective.name))
         set_seed(config.seed)
         started = time.perf_counter()
         base, source = load_base_model(config, acc.device)
