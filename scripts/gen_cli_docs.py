@@ -20,7 +20,8 @@ def render() -> str:
     typer = Path(sys.executable).with_name("typer")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "cli.md"
-        subprocess.run([str(typer), "lorakit.cli.main", "utils", "docs", "--name", "lorakit", "--output", str(out)],
+        subprocess.run([str(typer), "lorakit.cli.main", "utils", "docs", "--name", "lorakit",
+                        "--output", str(out)],
                        check=True, capture_output=True)
         return HEADER + html.unescape(out.read_text(encoding="utf-8"))
 

@@ -28,17 +28,13 @@ def default_model_dir() -> Path:
 def tiny_chat_model_dir(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama (hidden 32, 2 layers) with the embedded model's tokenizer and chat template:
     fast enough for end-to-end training tests, real enough for the data pipeline."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from tiny_models import tiny_llama
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(perturb=False, vocab_size=len(tokenizer), max_position_embeddings=512,
+                       tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     directory = tmp_path_factory.mktemp("tiny-chat-model")
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_gpt2, tiny_llama
 
 import lorakit
 from lorakit.cli.main import main
@@ -20,21 +21,18 @@ from lorakit.cli.main import main
 @pytest.fixture(scope="module")
 def files(tiny_chat_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A good adapter and a zoo of broken inputs for the tiny chat model."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     root = tmp_path_factory.mktemp("bad-inputs")
     torch.manual_seed(0)
     good = lorakit.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir),
                                   lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     good.save_pretrained(root / "good")
-    other_base = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                                              num_attention_heads=4, num_key_value_heads=2))
-    lorakit.get_peft_model(other_base, lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(root / "other-base")
-    gpt2_dir = root / "other-arch"
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    lorakit.get_peft_model(GPT2LMHeadModel(GPT2Config(vocab_size=49152, n_embd=32, n_layer=2, n_head=4)),
-                           lorakit.LoraConfig(r=4, target_modules=["c_attn"])).save_pretrained(gpt2_dir)
+    other_base = tiny_llama(hidden=64, vocab_size=49152)  # the tiny chat model's vocabulary, twice its width
+    other_config = lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    lorakit.get_peft_model(other_base, other_config).save_pretrained(root / "other-base")
+    gpt2 = tiny_gpt2(vocab_size=49152)
+    lorakit.get_peft_model(gpt2, lorakit.LoraConfig(r=4, target_modules=["c_attn"])).save_pretrained(root / "other-arch")
 
     truncated = root / "truncated"
     truncated.mkdir()

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import tiny_llama
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -115,13 +116,11 @@ def test_kill_9_during_checkpoint_save_leaves_the_previous_or_the_new_checkpoint
 
 @pytest.mark.parametrize("delay", [0.0, 0.1, 0.4])
 def test_kill_9_during_merge_leaves_no_output_directory(delay, tmp_path) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     import lorakit
 
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=512, num_hidden_layers=6,
-                                        num_attention_heads=4, num_key_value_heads=2))
+    # Large enough (~25 MB) that the merge is still writing when it is killed.
+    base = tiny_llama(hidden=256, perturb=False, vocab_size=8192, num_hidden_layers=6, max_position_embeddings=2048,
+                      pad_token_id=None)
     base.save_pretrained(tmp_path / "base", max_shard_size="4MB")
     lorakit.get_peft_model(base, lorakit.LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)).save_pretrained(tmp_path / "adapter")
     out = tmp_path / "merged"

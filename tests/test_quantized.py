@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import VOCAB, max_diff, perturb_adapter, quiet, seeded
+from tiny_models import VOCAB, max_diff, perturb_adapter, quiet, seeded, tiny_llama
 from torch import nn
 
 import lorakit
@@ -51,16 +51,10 @@ RANDOM_IDS = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_
 
 
 def float_model() -> nn.Module:
-    """The float32 model that every test loads quantized (seeded, so each call builds the same weights)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        tie_word_embeddings=False,
-    )
+    """The float32 model that every test loads quantized (seeded, so each call builds the same weights and
+    leaves the global random state as it was)."""
     with seeded(0):
-        return LlamaForCausalLM(config).eval()
+        return tiny_llama(hidden=HIDDEN, perturb=False, num_hidden_layers=1)
 
 
 @pytest.fixture(scope="module")

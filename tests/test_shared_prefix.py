@@ -5,31 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_gpt2, tiny_llama
-from transformers import AutoConfig, AutoModelForCausalLM
+from tiny_models import tiny_gpt2, tiny_llama, tiny_model
 
 import lorakit
 import lorakit.train.shared_prefix as shared_prefix
 from lorakit.train.loss import causal_lm_loss, supervised_token_nll
 from lorakit.train.shared_prefix import ARCHITECTURES, can_share_prefix, shared_prefix_length
 
-SIZES = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-CONFIGS = {
-    "gpt2": dict(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0, bos_token_id=1,
-                 eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
-    "gemma": {**SIZES, "head_dim": 8},
-}
+# Beyond tiny_model's sizes: GPT-2 without its default dropout (these models train), Gemma's head size.
+CONFIGS = {"gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}, "gemma": {"head_dim": 8}}
 
 
 def _model(model_type: str, dropout: float = 0.0, **config_overrides) -> torch.nn.Module:
-    config = AutoConfig.for_model(model_type, **{**CONFIGS.get(model_type, SIZES), **config_overrides})
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # random norms and biases, so that every position's computation matters
-        for name, param in base.named_parameters():
-            if name.endswith("bias") or "norm" in name or "ln_" in name:
-                param.add_(0.1 * torch.randn_like(param))
+    base = tiny_model(model_type, **{**CONFIGS.get(model_type, {}), **config_overrides})
     model = lorakit.get_peft_model(base, lorakit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False,
                                                             lora_dropout=dropout))
     return model.train()

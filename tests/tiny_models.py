@@ -1,7 +1,8 @@
-"""Tiny random transformers models and helpers shared by the core acceptance tests.
+"""Tiny random transformers models and helpers shared by the tests: every test builds its models here.
 
-Models are built in code (no downloads) with fixed seeds: hidden size 32, 2 layers, vocab 96. Token ids
-for pad/bos/eos lie inside the vocabulary so transformers does not warn.
+Models are built in code (no downloads) with fixed seeds: hidden size 32, 2 layers, vocab 96 unless a test
+asks otherwise (`tiny_model(..., **config)`). Token ids for pad/bos/eos lie inside the vocabulary so
+transformers does not warn.
 """
 
 from __future__ import annotations
@@ -34,50 +35,47 @@ class CrashAfter:
         """Nothing to do."""
 
 
-def tiny_llama(seed: int = 0, hidden: int = HIDDEN, dtype: torch.dtype = torch.float32) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_model(model_type: str, seed: int = 0, hidden: int = HIDDEN, dtype: torch.dtype = torch.float32, *,
+               perturb: bool = True, **config) -> nn.Module:
+    """A tiny random model of any architecture transformers knows (`model_type`: "llama", "gpt2", "qwen2",
+    ...): hidden size `hidden`, 2 layers, vocab 96, pad/bos/eos 0/1/2, weights drawn after
+    `torch.manual_seed(seed)`, in eval mode. `config` overrides the config's fields; `perturb` gives biases
+    and norms random offsets, so that bias modes and norms matter numerically (False: transformers' init)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-    )
-    return _build(LlamaForCausalLM, config, seed, dtype)
-
-
-def tiny_mistral(seed: int = 0, hidden: int = HIDDEN, dtype: torch.dtype = torch.float32) -> nn.Module:
-    from transformers import MistralConfig, MistralForCausalLM
-
-    config = MistralConfig(
-        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, sliding_window=None,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-    )
-    return _build(MistralForCausalLM, config, seed, dtype)
+    config = AutoConfig.for_model(model_type, **{**_sizes(model_type, hidden), **config})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    if perturb:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("bias") or "norm" in name or name.endswith(("ln_1.weight", "ln_2.weight")):
+                    param.add_(0.1 * torch.randn_like(param))
+    return model.to(dtype).eval()
 
 
-def tiny_gpt2(seed: int = 0, hidden: int = HIDDEN, dtype: torch.dtype = torch.float32) -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
+def _sizes(model_type: str, hidden: int) -> dict[str, int]:
+    tokens = {"vocab_size": VOCAB, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    if model_type == "gpt2":
+        return {**tokens, "n_embd": hidden, "n_layer": 2, "n_head": 4, "n_positions": 64}
+    return {**tokens, "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
 
-    config = GPT2Config(
-        vocab_size=VOCAB, n_embd=hidden, n_layer=2, n_head=4, n_positions=64,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
-    return _build(GPT2LMHeadModel, config, seed, dtype)
+
+def tiny_llama(seed: int = 0, hidden: int = HIDDEN, dtype: torch.dtype = torch.float32, **kwargs) -> nn.Module:
+    return tiny_model("llama", seed, hidden, dtype, **{"tie_word_embeddings": False, **kwargs})
+
+
+def tiny_mistral(seed: int = 0, hidden: int = HIDDEN, dtype: torch.dtype = torch.float32, **kwargs) -> nn.Module:
+    return tiny_model("mistral", seed, hidden, dtype, **{"tie_word_embeddings": False, "sliding_window": None,
+                                                         **kwargs})
+
+
+def tiny_gpt2(seed: int = 0, hidden: int = HIDDEN, dtype: torch.dtype = torch.float32, **kwargs) -> nn.Module:
+    return tiny_model("gpt2", seed, hidden, dtype, **kwargs)
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"llama": tiny_llama, "mistral": tiny_mistral, "gpt2": tiny_gpt2}
-
-
-def _build(cls, config, seed: int, dtype: torch.dtype) -> nn.Module:
-    torch.manual_seed(seed)
-    model = cls(config)
-    # Random (not default-initialised) biases and norms, so bias modes and norms matter numerically.
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias") or "norm" in name or name.endswith("ln_1.weight") or name.endswith("ln_2.weight"):
-                param.add_(0.1 * torch.randn_like(param))
-    return model.to(dtype).eval()
 
 
 def make_model(kind: str, seed: int = 0, **kwargs) -> nn.Module:

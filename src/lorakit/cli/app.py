@@ -6,9 +6,13 @@ and flags given on the command line override them (Click's `default_map`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
+
+from lorakit.options import TRUST_REMOTE_CODE_HELP
 
 app = typer.Typer(
     name="lorakit",
@@ -22,34 +26,46 @@ app = typer.Typer(
 
 @app.callback()
 def _root() -> None:
-    """LoRA fine-tuning: train, merge, inspect and serve adapters (PEFT-compatible). Add --debug for tracebacks."""
+    """LoRA fine-tuning: train, merge, inspect and serve adapters (PEFT-compatible).
+    Add --debug for tracebacks."""
 
 
-def _load_config(ctx: typer.Context, param: typer.CallbackParam, value: Path | None) -> Path | None:
-    """Read a YAML config into the command's defaults, so explicit flags still win."""
-    from lorakit.options import read_yaml
-
-    if value is None:
-        return None
-    try:
-        data = read_yaml(value)
-    except ValueError as err:
-        raise typer.BadParameter(str(err), ctx, param) from None
-    known = {p.name for p in ctx.command.params if p.name not in ("config",)}
-    unknown = [key for key in data if key not in known]
-    if unknown:
-        options = ", ".join(sorted(k.replace("_", "-") for k in known))
-        raise typer.BadParameter(f"{value}: unknown key {unknown[0]!r}; valid keys: {options}", ctx, param)
-    ctx.default_map = {**(ctx.default_map or {}), **data}
-    return value
+FileCheck = Callable[[dict[str, Any], str], dict[str, Any]]
 
 
-ConfigOption = typer.Option(
-    "--config", help="YAML file of options (same names); command-line flags override it.",
-    callback=_load_config, is_eager=True,
-)
-"""Use as `config: Annotated[Optional[Path], ConfigOption] = None` in a command's signature."""
+def config_callback(check: FileCheck | None = None) -> Callable[..., Any]:
+    """The callback of a `--config` option: it reads the YAML file into the command's defaults, so explicit
+    flags still win. `check(values, file)`, where given, types the file's values first (a ValueError names
+    the file and key)."""
 
-TRUST_REMOTE_CODE_HELP = "Allow a model that ships its own Python code (auto_map) to run it; only for sources you trust."
+    def load_config(ctx: typer.Context, param: typer.CallbackParam, value: Path | None) -> Path | None:
+        from lorakit.options import read_yaml
+
+        if value is None:
+            return None
+        try:
+            data = read_yaml(value)
+            known = {p.name for p in ctx.command.params if p.name not in ("config",)}
+            unknown = [key for key in data if key not in known]
+            if unknown:
+                options = ", ".join(sorted(k.replace("_", "-") for k in known))
+                raise ValueError(f"{value}: unknown key {unknown[0]!r}; valid keys: {options}")
+            if check is not None:
+                data = check(data, str(value))
+        except ValueError as err:
+            raise typer.BadParameter(str(err), ctx, param) from None
+        ctx.default_map = {**(ctx.default_map or {}), **data}
+        return value
+
+    return load_config
+
+
+CONFIG_HELP = "YAML file of options (same names); command-line flags override it."
+
+ConfigOption = typer.Option("--config", help=CONFIG_HELP, callback=config_callback(), is_eager=True)
+"""A `--config` option without typed checks of the file; `lorakit.cli.options.config_command` gives each
+command generated from a config class its own, which checks the file's values against the class."""
+
 TrustRemoteCodeOption = typer.Option(help=TRUST_REMOTE_CODE_HELP)
-"""Use as `trust_remote_code: Annotated[bool, TrustRemoteCodeOption] = False` where a command loads a model."""
+"""Use as `trust_remote_code: Annotated[bool, TrustRemoteCodeOption] = False` where a command loads a
+model (commands generated from a config take TRUST_REMOTE_CODE_HELP as a field's help instead)."""

@@ -39,7 +39,8 @@ def load_model_with_adapters(model: str | None, adapters: list[str] | None, *, a
 
     specs = parse_adapter_specs(adapters)
     if active is not None and active not in {n for n, _ in specs} | {"base"}:
-        raise LorakitError(f"--use {active!r}: no adapter of that name; loaded: {', '.join(n for n, _ in specs) or 'none'}")
+        loaded = ", ".join(n for n, _ in specs) or "none"
+        raise LorakitError(f"--use {active!r}: no adapter of that name; loaded: {loaded}")
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
     base = load_causal_lm(model, trust_remote_code=trust_remote_code)
     base.eval()

@@ -1,68 +1,88 @@
-"""`lorakit generate` and `lorakit chat`: talk to a model, with or without adapters, chosen by name."""
+"""`lorakit generate` and `lorakit chat`: talk to a model, with or without adapters, chosen by name; options
+from ChatConfig and GenerateConfig."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Annotated
+from dataclasses import dataclass
 
 import typer
 
-from lorakit.cli.app import TrustRemoteCodeOption, app
+from lorakit.cli.app import app
+from lorakit.cli.options import config_command
+from lorakit.options import (
+    TRUST_REMOTE_CODE_HELP,
+    OptionError,
+    Options,
+    argument,
+    finite,
+    option,
+    positive_ints,
+)
 
-ModelOption = Annotated[str | None, typer.Option(help="Base model dir, .gguf or hub id (default: embedded SmolLM2).")]
-AdapterOption = Annotated[list[str] | None, typer.Option(help="Adapter as NAME=DIR or DIR; repeat for several.")]
-UseOption = Annotated[str | None, typer.Option(help="Adapter to use (by name), or 'base' (default: the first).")]
-TokensOption = Annotated[int, typer.Option(min=1, help="Maximum new tokens.")]
-TemperatureOption = Annotated[float, typer.Option(min=0.0, help="0 = greedy.")]
-TrustOption = Annotated[bool, TrustRemoteCodeOption]
+
+@dataclass(kw_only=True)
+class ChatConfig(Options):
+    """Every option of `lorakit chat`: the model, its adapters, the one in use and how to sample."""
+
+    model: str | None = option(None, help="Base model dir, .gguf or hub id (default: embedded SmolLM2).")
+    adapter: list[str] | None = option(None, help="Adapter as NAME=DIR or DIR; repeat for several.",
+                                       commas=False)
+    use: str | None = option(None, help="Adapter to use (by name), or 'base' (default: the first).")
+    system: str | None = option(None, help="System message.")
+    max_new_tokens: int = option(256, help="Maximum new tokens.")
+    temperature: float = option(0.0, help="0 = greedy.")
+    trust_remote_code: bool = option(False, help=TRUST_REMOTE_CODE_HELP)
+
+    def validate(self) -> None:
+        positive_ints(self, ("max_new_tokens",))
+        if not finite(self.temperature) or self.temperature < 0:
+            raise OptionError("temperature", "a non-negative number (0 = greedy)", self.temperature)
 
 
-def _reply(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int, temperature: float, use_base: bool) -> str:
+@dataclass(kw_only=True)
+class GenerateConfig(ChatConfig):
+    """Every option of `lorakit generate`: chat's, shorter answers by default, and the one prompt."""
+
+    prompt: str = argument(help="The user message.")
+    max_new_tokens: int = option(128, help="Maximum new tokens.")
+
+
+def _reply(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int, temperature: float,
+           use_base: bool) -> str:
     import torch
 
-    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    disabled = model.disable_adapter() if use_base and hasattr(model, "disable_adapter") else contextlib.nullcontext()
-    with torch.no_grad(), disabled:
-        output = model.generate(**encoded, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+    base_only = use_base and hasattr(model, "disable_adapter")
+    with torch.no_grad(), model.disable_adapter() if base_only else contextlib.nullcontext():
+        output = model.generate(**encoded, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                **sampling)
     return tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-@app.command()
-def generate(
-    prompt: Annotated[str, typer.Argument(help="The user message.")],
-    model: ModelOption = None,
-    adapter: AdapterOption = None,
-    use: UseOption = None,
-    system: Annotated[str | None, typer.Option(help="System message.")] = None,
-    max_new_tokens: TokensOption = 128,
-    temperature: TemperatureOption = 0.0,
-    trust_remote_code: TrustOption = False,
-) -> None:
+def _generate(config: GenerateConfig) -> None:
     """Answer one prompt (chat template applied) and print the reply."""
     from lorakit.cli.common import load_model_with_adapters
 
-    loaded, tokenizer, _ = load_model_with_adapters(model, adapter, active=use, trust_remote_code=trust_remote_code)
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    typer.echo(_reply(loaded, tokenizer, messages, max_new_tokens, temperature, use_base=use == "base"))
+    loaded, tokenizer, _ = load_model_with_adapters(config.model, config.adapter, active=config.use,
+                                                    trust_remote_code=config.trust_remote_code)
+    messages = [{"role": "system", "content": config.system}] if config.system else []
+    messages.append({"role": "user", "content": config.prompt})
+    typer.echo(_reply(loaded, tokenizer, messages, config.max_new_tokens, config.temperature,
+                      use_base=config.use == "base"))
 
 
-@app.command()
-def chat(
-    model: ModelOption = None,
-    adapter: AdapterOption = None,
-    use: UseOption = None,
-    system: Annotated[str | None, typer.Option(help="System message.")] = None,
-    max_new_tokens: TokensOption = 256,
-    temperature: TemperatureOption = 0.0,
-    trust_remote_code: TrustOption = False,
-) -> None:
+def _chat(config: ChatConfig) -> None:
     """Interactive chat. Commands: /use NAME (or /use base) switches adapter, /reset, /quit."""
     from lorakit.cli.common import load_model_with_adapters
 
-    loaded, tokenizer, names = load_model_with_adapters(model, adapter, active=use, trust_remote_code=trust_remote_code)
-    current = use or (names[0] if names else "base")
-    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    loaded, tokenizer, names = load_model_with_adapters(config.model, config.adapter, active=config.use,
+                                                        trust_remote_code=config.trust_remote_code)
+    current = config.use or (names[0] if names else "base")
+    start: list[dict[str, str]] = [{"role": "system", "content": config.system}] if config.system else []
+    history = list(start)
     typer.echo(f"chatting with {current} (adapters: {', '.join(names) or 'none'}); /use NAME, /reset, /quit")
     while True:
         try:
@@ -72,7 +92,7 @@ def chat(
         if line in ("/quit", "/exit"):
             break
         if line == "/reset":
-            history = history[:1] if system else []
+            history = list(start)
             continue
         if line.startswith("/use"):
             wanted = line.removeprefix("/use").strip()
@@ -86,6 +106,11 @@ def chat(
         if not line:
             continue
         history.append({"role": "user", "content": line})
-        answer = _reply(loaded, tokenizer, history, max_new_tokens, temperature, use_base=current == "base")
+        answer = _reply(loaded, tokenizer, history, config.max_new_tokens, config.temperature,
+                        use_base=current == "base")
         history.append({"role": "assistant", "content": answer})
         typer.echo(answer)
+
+
+app.command("generate")(config_command(GenerateConfig, _generate))
+app.command("chat")(config_command(ChatConfig, _chat))

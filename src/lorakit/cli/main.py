@@ -16,8 +16,8 @@ from lorakit.errors import LorakitError
 # Importing the command modules registers their commands on `app`.
 from lorakit.cli import commands  # noqa: E402,F401  isort: skip
 
-USER_ERRORS = (LorakitError, ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
-               NotADirectoryError, OSError)
+USER_ERRORS = (LorakitError, ValueError, FileNotFoundError, FileExistsError, PermissionError,
+               IsADirectoryError, NotADirectoryError, OSError)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,12 +8,13 @@ from lorakit.train.config import TrainConfig
 
 
 def _train(config: TrainConfig) -> None:
+    """Fine-tune a model with LoRA on chat, prompt/completion or text data.
+
+    With no options: the embedded SmolLM2-135M-Instruct learns the bundled date-normalisation task.
+    """
     from lorakit.train.sft import train
 
     train(config)
 
 
-app.command("train")(config_command(TrainConfig, _train, """Fine-tune a model with LoRA on chat, prompt/completion or text data.
-
-    With no options: the embedded SmolLM2-135M-Instruct learns the bundled date-normalisation task.
-    """))
+app.command("train")(config_command(TrainConfig, _train))

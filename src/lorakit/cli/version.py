@@ -15,4 +15,5 @@ def version() -> None:
 
     import lorakit
 
-    typer.echo(f"lorakit {lorakit.__version__} (torch {torch.__version__}, transformers {transformers.__version__})")
+    typer.echo(f"lorakit {lorakit.__version__} "
+               f"(torch {torch.__version__}, transformers {transformers.__version__})")

@@ -1,8 +1,9 @@
 """`lorakit compare`: the same data and step budget for the base model, LoRA at several ranks, OLoRA and
 full fine-tuning, side by side — the comparison the LoRA guide tells users to make.
 
-Each variant is a `TrainConfig` trained in a fresh process of its own (multiprocessing's "spawn"), so its
-peak memory is its own; the table is built from the runs' report.json files.
+The comparison's options are a `CompareConfig`; each variant is a `TrainConfig` trained in a fresh
+process of its own (multiprocessing's "spawn"), so its peak memory is its own; the table is built from
+the runs' report.json files.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from lorakit.errors import LorakitError
 from lorakit.io.atomic import atomic_file, atomic_write_text
+from lorakit.options import OptionError, Options, finite, option, positive_ints
 from lorakit.train.config import TrainConfig
 
 
@@ -36,20 +38,62 @@ def default_variants(learning_rate: float, full_learning_rate: float) -> list[Va
     ]
 
 
+@dataclass
+class CompareConfig(Options):
+    """Every option of `lorakit compare`: the data and budget every variant shares, and which variants."""
+
+    model: str | None = option(None, help="Base model (default: embedded SmolLM2).")
+    data: str | None = option(None, help="Training data (default: bundled demo).")
+    validation_data: str | None = option(None, help="Validation file.")
+    test_data: str | None = option(None, help="Test file with answers for exact match.")
+    output: str = option("runs/compare", help="Directory for every run, compare.json and compare.png.")
+    max_steps: int = option(60, help="Optimizer steps for every variant.")
+    batch_size: int = option(8, help="Rows per micro-batch for every variant.")
+    learning_rate: float = option(1e-3, help="LoRA learning rate.")
+    full_learning_rate: float = option(5e-5, help="Full fine-tuning learning rate.")
+    only: list[str] | None = option(None, help="Run only these variants (lora-r4, lora-r8, lora-r16, "
+                                               "olora-r8, full).")
+    eval_limit: int | None = option(None, help="Score at most N test rows.")
+    overwrite: bool = option(False, help="Replace an existing comparison in --output.")
+
+    def validate(self) -> None:
+        positive_ints(self, ("max_steps", "batch_size"), ("eval_limit",))
+        for name in ("learning_rate", "full_learning_rate"):
+            if not finite(getattr(self, name)) or getattr(self, name) <= 0:
+                raise OptionError(name, "a positive number", getattr(self, name))
+        names = [v.name for v in default_variants(self.learning_rate, self.full_learning_rate)]
+        unknown = sorted(set(self.only or []) - set(names))
+        if unknown:
+            raise ValueError(f"--only: unknown variant(s) {', '.join(unknown)}; "
+                             f"choose from {', '.join(names)}")
+
+    def variants(self) -> list[Variant]:
+        """The variants to run, in the standard order."""
+        every = default_variants(self.learning_rate, self.full_learning_rate)
+        return [v for v in every if self.only is None or v.name in self.only]
+
+    def shared_options(self) -> dict[str, Any]:
+        """The TrainConfig options every variant shares."""
+        return {"model": self.model, "data": self.data, "validation_data": self.validation_data,
+                "test_data": self.test_data, "max_steps": self.max_steps, "batch_size": self.batch_size,
+                "eval_limit": self.eval_limit}
+
+
 def _train_in_this_process(config: TrainConfig) -> None:
     from lorakit.train.sft import train
 
     train(config)
 
 
-def run_comparison(output: Path, common: dict[str, Any], variants: list[Variant], *,
-                   overwrite: bool = False) -> list[dict[str, Any]]:
-    """Train every variant (common options + its own, each in a new process) and return one row per
+def run_comparison(config: CompareConfig) -> list[dict[str, Any]]:
+    """Train every variant (shared options + its own, each in a new process) and return one row per
     variant plus the base model's row. Every variant's options are checked before the first one runs."""
-    if output.exists() and any(output.iterdir()) and not overwrite:
+    output = Path(config.output)
+    if output.exists() and any(output.iterdir()) and not config.overwrite:
         raise LorakitError(f"--output {output}: holds another comparison; pass --overwrite to replace it")
-    configs = {v.name: TrainConfig.from_options({**common, **v.options, "output": str(output / v.name),
-                                                 "overwrite": True}) for v in variants}
+    configs = {v.name: TrainConfig.from_options({**config.shared_options(), **v.options,
+                                                 "output": str(output / v.name), "overwrite": True})
+               for v in config.variants()}
     output.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     spawn = multiprocessing.get_context("spawn")
@@ -59,11 +103,13 @@ def run_comparison(output: Path, common: dict[str, Any], variants: list[Variant]
         process.start()
         process.join()
         if process.exitcode != 0:
-            raise LorakitError(f"compare: variant {name} failed (exit {process.exitcode}); see its output above")
+            raise LorakitError(f"compare: variant {name} failed (exit {process.exitcode}); "
+                               "see its output above")
         report = json.loads((config.output_dir / "report.json").read_text())
         if not rows:
-            rows.append({"variant": "base", "trainable_params": 0, "peak_memory_mb": None, "train_seconds": 0.0,
-                         "val_loss": report.get("base_val_loss"), "exact_match": report.get("exact_match_base")})
+            rows.append({"variant": "base", "trainable_params": 0, "peak_memory_mb": None,
+                         "train_seconds": 0.0, "val_loss": report.get("base_val_loss"),
+                         "exact_match": report.get("exact_match_base")})
         rows.append({"variant": name, "trainable_params": report["trainable_params"],
                      "peak_memory_mb": report["peak_memory_mb"], "train_seconds": report["train_seconds"],
                      "val_loss": report.get("best_val_loss") or report.get("final_val_loss"),
@@ -80,8 +126,8 @@ def plot_comparison(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("val_loss", "validation loss"), ("exact_match", "exact match"), ("peak_memory_mb", "peak memory (MB)"),
-              ("train_seconds", "train time (s)")]
+    panels = [("val_loss", "validation loss"), ("exact_match", "exact match"),
+              ("peak_memory_mb", "peak memory (MB)"), ("train_seconds", "train time (s)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), dpi=110)
     names = [r["variant"] for r in rows]
     for ax, (key, title) in zip(axes, panels):

@@ -21,7 +21,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from lorakit.config import LoraConfig
-from lorakit.options import OptionError, check_value, finite, flag, option, option_name, read_yaml
+from lorakit.options import (
+    TRUST_REMOTE_CODE_HELP,
+    OptionError,
+    Options,
+    check_value,
+    finite,
+    flag,
+    one_of,
+    option,
+    positive_ints,
+)
 
 METHODS = ("lora", "full")
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -35,7 +45,7 @@ LORA_OPTIONS = (
 )
 """LoraConfig fields that trainers take as options (`--r`, `r:` in YAML); they build `TuningConfig.lora`."""
 
-C = TypeVar("C", bound="TuningConfig")
+T = TypeVar("T", bound="TuningConfig")
 
 
 def default_lora() -> LoraConfig:
@@ -44,7 +54,7 @@ def default_lora() -> LoraConfig:
 
 
 @dataclass
-class TuningConfig:
+class TuningConfig(Options):
     """The options shared by every trainer; subclasses add their own fields and checks."""
 
     model: str | None = option(None, help="Base model: a local transformers dir, a .gguf file or a hub id "
@@ -78,8 +88,7 @@ class TuningConfig:
                                     "torchrun/accelerate launch (FSDP2) instead of replicating them (DDP).")
     load_in_8bit: bool = option(False, help="Load the base in 8-bit (bitsandbytes).")
     load_in_4bit: bool = option(False, help="Load the base in 4-bit NF4 (bitsandbytes, QLoRA).")
-    trust_remote_code: bool = option(False, help="Allow a model that ships its own Python code (auto_map) "
-                                                 "to run it; only for sources you trust.")
+    trust_remote_code: bool = option(False, help=TRUST_REMOTE_CODE_HELP)
     resume: bool = option(False, help="Continue the run in --output from its last checkpoint.")
     overwrite: bool = option(False, help="Replace an existing run in --output.")
     report_to: list[str] = option(default_factory=lambda: ["none"], panel="Experiment tracking",
@@ -92,15 +101,6 @@ class TuningConfig:
     logging_dir: str | None = option(None, help="Where trackers write local files: TensorBoard events go to "
                                                 "LOGGING_DIR/RUN_NAME (default: OUTPUT/logs).",
                                      panel="Experiment tracking")
-
-    def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for field in dataclasses.fields(self):
-            if field.name != "lora":
-                setattr(self, field.name, check_value(field.name, getattr(self, field.name), hints[field.name]))
-        if not isinstance(self.lora, LoraConfig):
-            raise OptionError("lora", "a LoraConfig", self.lora)
-        self.validate()
 
     def validate(self) -> None:
         """Raise OptionError (a ValueError) naming the option in its command-line form."""
@@ -145,35 +145,11 @@ class TuningConfig:
         return names
 
     @classmethod
-    def from_options(cls: type[C], options: Mapping[str, Any], source: str | None = None) -> C:
-        """Build from flat options (CLI flags, YAML keys, dict keys; dash or underscore form).
-
-        `source` names the file the options came from; errors then name it and the key.
-        """
-        known = set(cls.option_names())
-        own: dict[str, Any] = {}
-        lora: dict[str, Any] = {}
-        for key, value in options.items():
-            name = option_name(key)
-            if name not in known:
-                raise ValueError(f"{source or 'options'}: unknown key {key!r}; valid keys: "
-                                 f"{', '.join(sorted(known))}")
-            (lora if name in LORA_OPTIONS else own)[name] = value
-        try:
-            return cls(**own, lora=lora_from_options(lora))
-        except OptionError as err:
-            if source is None:
-                raise
-            raise ValueError(err.describe(source)) from None
-        except ValueError as err:
-            if source is None:
-                raise
-            raise ValueError(f"{source}: {err}") from None
-
-    @classmethod
-    def from_yaml(cls: type[C], path: str | Path, **overrides: Any) -> C:
-        """Read a YAML option file (the file `--config` takes); `overrides` win over its keys."""
-        return cls.from_options({**read_yaml(path), **overrides}, source=str(path))
+    def from_values(cls: type[T], values: dict[str, Any]) -> T:
+        """Build from option values keyed by option name, the LoRA ones gathered into `lora`."""
+        own = {name: value for name, value in values.items() if name not in LORA_OPTIONS}
+        lora = {name: value for name, value in values.items() if name in LORA_OPTIONS}
+        return cls(**own, lora=lora_from_options(lora))
 
     def to_options(self) -> dict[str, Any]:
         """The flat options that `from_options` reads back into an equal config (saved with each run)."""
@@ -200,20 +176,6 @@ def lora_from_options(options: Mapping[str, Any]) -> LoraConfig:
         return dataclasses.replace(default_lora(), **values)
     except OptionError as err:
         raise OptionError(err.name, err.expected, err.value) from None
-
-
-def positive_ints(config: Any, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
-    """Raise for a field of `required` that is not a positive integer, or of `optional` that is neither
-    that nor None."""
-    for name in required + optional:
-        value = getattr(config, name)
-        if not (value is None and name in optional) and value <= 0:
-            raise OptionError(name, "a positive integer", value)
-
-
-def one_of(config: Any, name: str, choices: tuple[str, ...]) -> None:
-    if getattr(config, name) not in choices:
-        raise OptionError(name, " or ".join(choices), getattr(config, name))
 
 
 @dataclass

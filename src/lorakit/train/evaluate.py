@@ -1,15 +1,19 @@
-"""Evaluation: validation loss (teacher-forced) and exact match of greedy generations."""
+"""Evaluation: validation loss (teacher-forced) and exact match of greedy generations; `evaluate_models`
+scores a base model and its adapters side by side (`lorakit eval`, options in EvalConfig)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lorakit.options import TRUST_REMOTE_CODE_HELP, Options, option, positive_ints
 from lorakit.train.loss import causal_lm_loss
 from lorakit.train.scoring import exact_match, normalise_answer
 from lorakit.train.tokenize import collate
@@ -43,9 +47,11 @@ def validation_loss(model: nn.Module, examples: Sequence[dict[str, Any]], batch_
 
 @torch.no_grad()
 def generate_answers(model: nn.Module, tokenizer, conversations: Sequence[list[dict[str, str]]], *,
-                     max_new_tokens: int = 24, batch_size: int = 16, adapter_names: Sequence[str] | None = None) -> list[str]:
+                     max_new_tokens: int = 24, batch_size: int = 16,
+                     adapter_names: Sequence[str] | None = None) -> list[str]:
     """Greedy answers to each conversation (rendered with the chat template, generation prompt added)."""
-    prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
+    prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+               for c in conversations]
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     was_training = model.training
     model.eval()
@@ -53,12 +59,12 @@ def generate_answers(model: nn.Module, tokenizer, conversations: Sequence[list[d
     answers: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            encoded = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-            kwargs = {"adapter_names": list(adapter_names[start:start + batch_size])} if adapter_names is not None else {}
-            output = model.generate(
-                **{k: v.to(device) for k, v in encoded.items()}, max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=tokenizer.pad_token_id, **kwargs,
-            )
+            rows = slice(start, start + batch_size)
+            encoded = tokenizer(prompts[rows], return_tensors="pt", padding=True, add_special_tokens=False)
+            kwargs = {} if adapter_names is None else {"adapter_names": list(adapter_names[rows])}
+            inputs = {k: v.to(device) for k, v in encoded.items()}
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id, **kwargs)
             new_tokens = output[:, encoded["input_ids"].shape[1]:]
             answers.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     finally:
@@ -74,8 +80,9 @@ def score_exact_match(model: nn.Module, tokenizer, conversations: Sequence[list[
     return exact_match(answers, references), answers
 
 
-def best_adapter_exact_match(model: nn.Module, best_dir: Path, tokenizer, records: Sequence[Mapping[str, Any]],
-                             max_new_tokens: int, limit: int | None = None) -> dict[str, Any]:
+def best_adapter_exact_match(model: nn.Module, best_dir: Path, tokenizer,
+                             records: Sequence[Mapping[str, Any]], max_new_tokens: int,
+                             limit: int | None = None) -> dict[str, Any]:
     """Exact match of the base model and of the adapter saved in `best_dir` on the records that have a
     reference answer: {"test_rows", "exact_match_base", "exact_match_adapter", "exact_match_samples"}
     (empty if none has one); the samples are the first SAMPLES rows' question, reference and both answers.
@@ -109,3 +116,52 @@ def best_adapter_exact_match(model: nn.Module, best_dir: Path, tokenizer, record
                for c, r, b, a in zip(conversations, references, base_answers, adapter_answers)][:SAMPLES]
     return {"test_rows": len(pairs), "exact_match_base": base_em, "exact_match_adapter": adapter_em,
             "exact_match_samples": samples}
+
+
+@dataclass
+class EvalConfig(Options):
+    """Every option of `lorakit eval`: the model, its adapters, the data they are scored on, the output."""
+
+    data: str | None = option(None, help="Data file (default: bundled demo test split).")
+    model: str | None = option(None, help="Base model (default: embedded SmolLM2).")
+    adapter: list[str] | None = option(None, help="Adapter NAME=DIR or DIR; repeat to compare several.",
+                                       commas=False)
+    max_seq_len: int = option(512, help="Truncate rows to this many tokens for the loss.")
+    batch_size: int = option(8, help="Rows per forward pass.")
+    max_new_tokens: int = option(24, help="Tokens generated per row for exact match.")
+    limit: int | None = option(None, help="Evaluate at most N rows.")
+    as_json: bool = option(False, help="Print JSON instead of a table.", flags=("--json",))
+    trust_remote_code: bool = option(False, help=TRUST_REMOTE_CODE_HELP)
+
+    def validate(self) -> None:
+        positive_ints(self, ("max_seq_len", "batch_size", "max_new_tokens"), ("limit",))
+
+
+def evaluate_models(model: nn.Module, tokenizer, adapters: Sequence[str],
+                    config: EvalConfig) -> dict[str, Any]:
+    """Loss, perplexity and, where rows have reference answers, exact match of the base model and of each
+    adapter in `adapters` (loaded in `model`, a PeftModel; none: `model` is the base) on the rows of
+    `config.data`: {"data", "rows", "results": [{"model", "loss", "perplexity"[, "exact_match"]}, ...]}."""
+    from lorakit.train.data import bundled_dataset_path, load_records, prompt_messages, reference_answer
+    from lorakit.train.tokenize import encode_example
+
+    path = config.data or str(bundled_dataset_path("test"))
+    records = load_records(path)[:config.limit]
+    examples = [e for e in (encode_example(r, tokenizer, config.max_seq_len) for r in records)
+                if any(t != -100 for t in e["labels"])]
+    pairs = [(prompt_messages(r), reference_answer(r)) for r in records]
+    pairs = [(p, a) for p, a in pairs if a is not None]
+    device = next(model.parameters()).device
+    results = []
+    for name in ["base", *adapters]:
+        if name != "base":
+            model.set_adapter(name, inference_mode=True)
+        row: dict[str, Any] = {"model": name}
+        with model.disable_adapter() if name == "base" and adapters else contextlib.nullcontext():
+            loss = validation_loss(model, examples, config.batch_size, tokenizer.pad_token_id, device)
+            row.update(loss=loss, perplexity=math.exp(loss) if loss < 50 else math.inf)
+            if pairs:
+                row["exact_match"], _ = score_exact_match(model, tokenizer, [p for p, _ in pairs],
+                                                          [a for _, a in pairs], config.max_new_tokens)
+        results.append(row)
+    return {"data": path, "rows": len(records), "results": results}
