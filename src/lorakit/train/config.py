@@ -167,6 +167,10 @@ def lora_from_options(options: Mapping[str, Any]) -> LoraConfig:
     errors name the option in its command-line form."""
     hints = typing.get_type_hints(LoraConfig)
     values = {name: check_value(name, value, hints[name]) for name, value in options.items()}
+    for name in ("target_modules", "exclude_modules"):
+        # Flat options name modules, comma-separated, as the flags do (a regex needs a LoraConfig).
+        if isinstance(values.get(name), str) and values[name] != "all-linear":
+            values[name] = [part.strip() for part in values[name].split(",") if part.strip()]
     if values.get("target_modules") == ["all-linear"]:
         values["target_modules"] = "all-linear"
     init = values.get("init_lora_weights")
