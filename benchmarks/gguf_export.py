@@ -35,10 +35,11 @@ def train_adapter(output: Path, max_steps: int | None) -> Path:
     from lorakit.train.config import TrainConfig
     from lorakit.train.sft import train
 
-    config = TrainConfig(output=str(output), data=str(bundled_dataset_path("train")), r=8, lora_alpha=16,
-                         target_modules=["all-linear"], batch_size=8, epochs=1, learning_rate=1e-3,
-                         warmup_steps=10, lr_scheduler="cosine", eval_every=10_000, max_steps=max_steps,
-                         overwrite=True)
+    config = TrainConfig.from_options({
+        "output": str(output), "data": str(bundled_dataset_path("train")), "r": 8, "lora_alpha": 16,
+        "target_modules": "all-linear", "batch_size": 8, "epochs": 1, "learning_rate": 1e-3,
+        "warmup_steps": 10, "lr_scheduler": "cosine", "eval_every": 10_000, "max_steps": max_steps,
+        "overwrite": True})
     return train(config).adapter_dir
 
 

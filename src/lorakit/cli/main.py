@@ -34,6 +34,18 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """Tear down the process group of a `torchrun`/`accelerate launch` run before the interpreter exits:
+    left to exit, gloo's worker threads can abort the process ("terminate called without an active
+    exception") after the run has finished and saved."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def one_line(err: BaseException) -> str:
