@@ -27,7 +27,10 @@ def serve(
     max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body; larger ones get 413.")] = 4 * 2**20,
     max_prompt_chars: Annotated[int | None, typer.Option(min=1, help="Longest prompt in characters, checked before tokenising (default: 64 per token of the context length).")] = None,
     batch_window_ms: Annotated[float, typer.Option(min=0.0, help="How long an idle scheduler waits for concurrent requests to prefill together.")] = 5.0,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    dtype: Annotated[str, typer.Option(help="Base weights' dtype: float32, bfloat16 or float16 (or fp32, bf16, "
+                                            "fp16), or auto: bf16 on a GPU that supports it, else fp32.")] = "float32",
+    device: Annotated[str, typer.Option(help="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or "
+                                             "cuda:N.")] = "auto",
     trust_remote_code: Annotated[bool, TrustRemoteCodeOption] = False,
     config: Annotated[Optional[Path], ConfigOption] = None,  # noqa: UP045 - as in the other commands
 ) -> None:
@@ -45,8 +48,13 @@ def serve(
         from lorakit.serve.settings import ServeSettings
     except ImportError as err:
         raise MissingDependencyError(f"lorakit serve needs {err.name}: pip install 'lorakit[serve]'") from None
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise LorakitError(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
+    from lorakit.device import resolve_device, resolve_dtype
+
+    names = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+    if dtype not in (*names, *names.values(), "auto"):
+        raise LorakitError(f"--dtype {dtype!r}: use float32, bfloat16, float16 (fp32, bf16, fp16) or auto")
+    where = resolve_device(device)
+    torch_dtype = str(resolve_dtype(names.get(dtype, dtype), where)).removeprefix("torch.")
     if scheduler not in SCHEDULERS:
         raise LorakitError(f"--scheduler {scheduler!r}: use {' or '.join(SCHEDULERS)}")
     settings = ServeSettings(
@@ -54,7 +62,7 @@ def serve(
         scheduler=scheduler, max_adapters=max_adapters, max_model_len=max_model_len, adapter_root=adapter_root,
         max_body_bytes=max_body_bytes, max_prompt_chars=max_prompt_chars, host=host, api_key=api_key or None,
         allowed_origins=tuple(allowed_origins or ()))
-    server = Server.load(model, parse_adapter_specs(adapter), settings, dtype=dtype,
+    server = Server.load(model, parse_adapter_specs(adapter), settings, dtype=torch_dtype, device=str(where),
                          trust_remote_code=trust_remote_code)
     typer.echo(f"serving {server.base_name} with adapters: {', '.join(server.pool.names()) or 'none'} "
                f"on http://{host}:{port}/v1")
