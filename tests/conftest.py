@@ -16,6 +16,20 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 os.environ["LORAKIT_CACHE"] = str(REPO_ROOT / ".cache" / "lorakit")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `cuda` are skipped where torch sees no CUDA GPU (they run on GPU machines:
+    benchmarks/gpu/run.sh runs `pytest -m cuda`), unless LORAKIT_TEST_DEVICE=cpu asks for a dry run of them
+    on the CPU (tests/test_cuda.py)."""
+    import torch
+
+    if torch.cuda.is_available() or os.environ.get("LORAKIT_TEST_DEVICE") == "cpu":
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct as a local transformers directory (converted on first use)."""
