@@ -57,6 +57,7 @@ def _logits(model, ids: torch.Tensor, dtype: torch.dtype = torch.float32, **kwar
 
 # ---- PEFT parity, fp32 and bf16 ------------------------------------------------------------------------
 
+
 def test_fp32_logits_equal_peft_and_the_cpu(saved_adapter: Path) -> None:
     ids = input_ids(4, 16)
     ours, theirs = _logits(_load(lorakit, saved_adapter), ids), _logits(_load(peft, saved_adapter), ids)
@@ -79,10 +80,14 @@ def test_bf16_logits_match_peft_under_autocast(saved_adapter: Path) -> None:
 
 # ---- merge / unmerge -----------------------------------------------------------------------------------
 
+
 def test_merge_into_bf16_rounds_once_and_unmerge_restores_fp32(saved_adapter: Path) -> None:
     model = _load(lorakit, saved_adapter, BF16)
-    expected = {name: (m.base_layer.weight.float() + m.delta_weight("default").float()).to(BF16)
-                for name, m in model.named_modules() if isinstance(m, LoraLayer) and hasattr(m, "lora_A")}
+    expected = {
+        name: (m.base_layer.weight.float() + m.delta_weight("default").float()).to(BF16)
+        for name, m in model.named_modules()
+        if isinstance(m, LoraLayer) and hasattr(m, "lora_A")
+    }
     merged = model.merge_and_unload()
     for name, weight in expected.items():
         assert torch.equal(merged.get_submodule(name.removeprefix("base_model.model.")).weight, weight), name
@@ -98,19 +103,22 @@ def test_merge_into_bf16_rounds_once_and_unmerge_restores_fp32(saved_adapter: Pa
 
 # ---- mixed-adapter rows --------------------------------------------------------------------------------
 
+
 def test_mixed_adapter_rows_equal_single_adapter_runs_and_peft() -> None:
     names = ["a0", "a1", "a2"]
     with seeded(0):
-        ours = lorakit.get_peft_model(make_model("llama"), lorakit.LoraConfig(r=4, target_modules="all-linear"),
-                                      adapter_name="a0")
+        ours = lorakit.get_peft_model(
+            make_model("llama"), lorakit.LoraConfig(r=4, target_modules="all-linear"), adapter_name="a0"
+        )
         ours.add_adapter("a1", lorakit.LoraConfig(r=8, lora_alpha=32, target_modules="all-linear"))
         ours.add_adapter("a2", lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     for i, name in enumerate(names):
         ours.set_adapter(name)
         perturb_adapter(ours, seed=10 + i)
     with seeded(0), quiet():
-        theirs = peft.get_peft_model(make_model("llama"), peft.LoraConfig(r=4, target_modules="all-linear"),
-                                     adapter_name="a0")
+        theirs = peft.get_peft_model(
+            make_model("llama"), peft.LoraConfig(r=4, target_modules="all-linear"), adapter_name="a0"
+        )
         theirs.add_adapter("a1", peft.LoraConfig(r=8, lora_alpha=32, target_modules="all-linear"))
         theirs.add_adapter("a2", peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     theirs.load_state_dict(ours.state_dict())
@@ -122,14 +130,15 @@ def test_mixed_adapter_rows_equal_single_adapter_runs_and_peft() -> None:
     for i, name in enumerate(rows):
         if name == BASE_ROW:
             with ours.disable_adapter():
-                alone = _logits(ours, ids[i:i + 1])
+                alone = _logits(ours, ids[i : i + 1])
         else:
             ours.set_adapter(name)
-            alone = _logits(ours, ids[i:i + 1])
-        assert max_diff(mixed[i:i + 1], alone) <= 1e-5, name
+            alone = _logits(ours, ids[i : i + 1])
+        assert max_diff(mixed[i : i + 1], alone) <= 1e-5, name
 
 
 # ---- training steps against the CPU --------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def chat_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -152,14 +161,31 @@ def _losses(output: Path) -> list[float]:
 
 def _sft(tmp: Path, model: Path, data: Path, device: str, dtype: str, **extra) -> list[float]:
     output = tmp / f"sft-{len(list(tmp.iterdir()))}"
-    train(TrainConfig.from_options(dict(
-        model=str(model), data=str(data), output=str(output), max_steps=4, eval_every=100, batch_size=4,
-        learning_rate=5e-3, warmup_steps=0, seed=3, device=device, dtype=dtype, **extra)))
+    train(
+        TrainConfig.from_options(
+            dict(
+                model=str(model),
+                data=str(data),
+                output=str(output),
+                max_steps=4,
+                eval_every=100,
+                batch_size=4,
+                learning_rate=5e-3,
+                warmup_steps=0,
+                seed=3,
+                device=device,
+                dtype=dtype,
+                **extra,
+            )
+        )
+    )
     return _losses(output)
 
 
 def _close(losses: list[float], reference: list[float], relative: float) -> bool:
-    return len(losses) == len(reference) and all(abs(a - b) <= relative * abs(b) for a, b in zip(losses, reference))
+    return len(losses) == len(reference) and all(
+        abs(a - b) <= relative * abs(b) for a, b in zip(losses, reference)
+    )
 
 
 def test_sft_steps_match_the_cpu_in_fp32_and_follow_it_in_bf16(tmp_path, chat_dir, demo_subset) -> None:
@@ -174,9 +200,23 @@ def test_sft_steps_match_the_cpu_in_fp32_and_follow_it_in_bf16(tmp_path, chat_di
 def test_dpo_steps_match_the_cpu(tmp_path, chat_dir, pairs) -> None:
     def run(device: str, dtype: str) -> list[float]:
         output = tmp_path / f"dpo-{len(list(tmp_path.iterdir()))}"
-        train_dpo(DPOConfig.from_options(dict(
-            model=str(chat_dir), data=str(pairs), output=str(output), max_steps=3, eval_every=100, batch_size=4,
-            learning_rate=5e-3, warmup_steps=0, seed=3, device=device, dtype=dtype)))
+        train_dpo(
+            DPOConfig.from_options(
+                dict(
+                    model=str(chat_dir),
+                    data=str(pairs),
+                    output=str(output),
+                    max_steps=3,
+                    eval_every=100,
+                    batch_size=4,
+                    learning_rate=5e-3,
+                    warmup_steps=0,
+                    seed=3,
+                    device=device,
+                    dtype=dtype,
+                )
+            )
+        )
         return _losses(output)
 
     cpu = run("cpu", "fp32")
@@ -187,10 +227,13 @@ def test_dpo_steps_match_the_cpu(tmp_path, chat_dir, pairs) -> None:
 def test_liger_kernels_train_like_the_plain_model(tmp_path, chat_dir, demo_subset) -> None:
     pytest.importorskip("liger_kernel")
     plain = _sft(tmp_path, chat_dir, demo_subset["train"], str(DEVICE), "bf16")
-    assert _close(_sft(tmp_path, chat_dir, demo_subset["train"], str(DEVICE), "bf16", liger=True), plain, 1e-2)
+    assert _close(
+        _sft(tmp_path, chat_dir, demo_subset["train"], str(DEVICE), "bf16", liger=True), plain, 1e-2
+    )
 
 
 # ---- 8-bit and 4-bit bases -----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("bits", ["load_in_8bit", "load_in_4bit"])
 def test_quantized_base_trains_on_the_gpu(tmp_path, chat_dir, demo_subset, bits: str) -> None:

@@ -41,7 +41,9 @@ def saved_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _load(lib, directory: Path, dtype: torch.dtype = torch.float32, trainable: bool = False):
     with quiet():
-        return lib.PeftModel.from_pretrained(make_model("llama", dtype=dtype), directory, is_trainable=trainable)
+        return lib.PeftModel.from_pretrained(
+            make_model("llama", dtype=dtype), directory, is_trainable=trainable
+        )
 
 
 def _autocast_logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -77,7 +79,9 @@ def _loss_and_grads(model, autocast: bool) -> tuple[torch.Tensor, dict[str, torc
         loss, count = causal_lm_loss(model, ids, torch.ones_like(ids), labels)
     assert int(count) == 2 * 5
     loss.backward()
-    return loss, {n.removeprefix("base_model.model."): p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return loss, {
+        n.removeprefix("base_model.model."): p.grad for n, p in model.named_parameters() if p.requires_grad
+    }
 
 
 def _relative_error(grads: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> float:
@@ -87,8 +91,9 @@ def _relative_error(grads: dict[str, torch.Tensor], expected: dict[str, torch.Te
 
 def test_loss_and_factor_gradients_are_float32_under_autocast(saved_adapter: Path) -> None:
     with quiet():  # the float32 reference: the same bf16-rounded base weights, float32 arithmetic
-        full = lorakit.PeftModel.from_pretrained(make_model("llama", dtype=BF16).float(), saved_adapter,
-                                                 is_trainable=True)
+        full = lorakit.PeftModel.from_pretrained(
+            make_model("llama", dtype=BF16).float(), saved_adapter, is_trainable=True
+        )
     reference, expected = _loss_and_grads(full, autocast=False)
     loss, grads = _loss_and_grads(_load(lorakit, saved_adapter, BF16, trainable=True), autocast=True)
     _, peft_grads = _loss_and_grads(_load(peft, saved_adapter, BF16, trainable=True), autocast=True)
@@ -169,17 +174,31 @@ def _losses(output: Path) -> list[float]:
 
 
 def test_bf16_training_steps_follow_float32_with_float32_adapter_and_optimizer_state(
-        tmp_path, tiny_chat_model_dir, demo_subset) -> None:
-    options = dict(model=str(tiny_chat_model_dir), data=str(demo_subset["train"]), max_steps=4,
-                   eval_every=100, save_every=2, batch_size=4, learning_rate=5e-3, warmup_steps=0, seed=3,
-                   device="cpu")
-    runs = {dtype: train(TrainConfig.from_options({**options, "dtype": dtype, "output": str(tmp_path / dtype)}))
-            for dtype in ("fp32", "bf16")}
+    tmp_path, tiny_chat_model_dir, demo_subset
+) -> None:
+    options = dict(
+        model=str(tiny_chat_model_dir),
+        data=str(demo_subset["train"]),
+        max_steps=4,
+        eval_every=100,
+        save_every=2,
+        batch_size=4,
+        learning_rate=5e-3,
+        warmup_steps=0,
+        seed=3,
+        device="cpu",
+    )
+    runs = {
+        dtype: train(TrainConfig.from_options({**options, "dtype": dtype, "output": str(tmp_path / dtype)}))
+        for dtype in ("fp32", "bf16")
+    }
     model = runs["bf16"].model
     assert model.config._attn_implementation == "sdpa"
     assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
     assert {p.dtype for n, p in model.named_parameters() if "lora_" not in n} == {BF16}
-    state = torch.load(tmp_path / "bf16" / "checkpoint" / "optimizer.pt", weights_only=False)["optimizer"]["state"]
+    state = torch.load(tmp_path / "bf16" / "checkpoint" / "optimizer.pt", weights_only=False)["optimizer"][
+        "state"
+    ]
     assert state and {t.dtype for s in state.values() for k, t in s.items() if k != "step"} == {torch.float32}
     bf16, fp32 = _losses(tmp_path / "bf16"), _losses(tmp_path / "fp32")
     # Same data, same initialisation, the base rounded to bf16: measured at most 3e-5 relative per step.

@@ -19,7 +19,8 @@ CHAT_TEMPLATE = (
 
 
 def char_tokenizer():
-    """A transformers fast tokenizer: one token per character, ChatML specials, pad `<pad>`, eos `<|im_end|>`."""
+    """A transformers fast tokenizer: one token per character, ChatML specials, pad `<pad>`, eos
+    `<|im_end|>`."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -28,8 +29,14 @@ def char_tokenizer():
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
     backend.add_special_tokens(SPECIALS)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="<|im_end|>",
-                                   pad_token="<pad>", unk_token="<unk>", chat_template=CHAT_TEMPLATE)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
 def tiny_chat_dir(directory: Path) -> Path:
@@ -38,9 +45,15 @@ def tiny_chat_dir(directory: Path) -> Path:
     from tiny_models import tiny_llama
 
     tokenizer = char_tokenizer()
-    model = tiny_llama(perturb=False, vocab_size=len(tokenizer), max_position_embeddings=512,
-                       tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = tiny_llama(
+        perturb=False,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

@@ -21,20 +21,46 @@ from typing import Any
 import torch
 
 SHAPES: dict[str, dict[str, Any]] = {
-    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
-    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+    "llama-3.2-1b": dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        tie_word_embeddings=True,
+    ),
+    "llama-3.1-8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=False,
+    ),
 }
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
+TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    tie_word_embeddings=False,
+)
 
 
 def arguments(description: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--tiny", action="store_true", help="Shrink every model and size (a CPU dry run).")
     parser.add_argument("--out", type=Path, required=True, help="JSON file to write.")
-    parser.add_argument("--budget", type=float, default=300.0, help="Seconds; later variants are skipped past it.")
+    parser.add_argument(
+        "--budget", type=float, default=300.0, help="Seconds; later variants are skipped past it."
+    )
     return parser.parse_args()
 
 
@@ -46,12 +72,17 @@ def llama_config(shape: str, tiny: bool):
     """The transformers LlamaConfig of `shape` (or the tiny one)."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(**(TINY if tiny else SHAPES[shape]), max_position_embeddings=4096, pad_token_id=0,
-                       bos_token_id=1, eos_token_id=2)
+    return LlamaConfig(
+        **(TINY if tiny else SHAPES[shape]),
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
 
 
 def llama(shape: str, tiny: bool, where: torch.device, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
-    """A random-initialised Llama of `shape` (or the tiny one), built directly on `where` in `dtype`, with SDPA."""
+    """A random-initialised Llama of `shape` (or the tiny one), built on `where` in `dtype`, with SDPA."""
     from transformers import AutoModelForCausalLM
 
     config = llama_config(shape, tiny)
@@ -104,7 +135,11 @@ def matmul_tflops(where: torch.device, tiny: bool) -> dict[str, Any]:
 def environment(where: torch.device) -> dict[str, Any]:
     import transformers
 
-    info: dict[str, Any] = {"device": str(where), "torch": torch.__version__, "transformers": transformers.__version__}
+    info: dict[str, Any] = {
+        "device": str(where),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
     if where.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(where)
     try:

@@ -1,4 +1,4 @@
-"""Decoding with adapters on the Llama-3.2-1B shape (bf16 base and factors): lorakit against PEFT and the base.
+"""Decoding with adapters on the Llama-3.2-1B shape (bf16 base and factors): lorakit vs PEFT and the base.
 
     python benchmarks/gpu/decode.py --out $OUT/decode.json [--tiny]
 
@@ -54,15 +54,30 @@ def build(where: torch.device, tiny: bool, names: list[str]):
     return ours, theirs
 
 
-def generator(model, rows: int, prompt: int, new: int, vocab: int, where: torch.device,
-              adapter_names: list[str] | None = None) -> Callable[[], None]:
+def generator(
+    model,
+    rows: int,
+    prompt: int,
+    new: int,
+    vocab: int,
+    where: torch.device,
+    adapter_names: list[str] | None = None,
+) -> Callable[[], None]:
     ids = torch.randint(3, vocab, (rows, prompt), generator=torch.Generator().manual_seed(rows)).to(where)
     kwargs: dict[str, Any] = {} if adapter_names is None else {"adapter_names": adapter_names}
 
     @torch.no_grad()
     def run() -> None:
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                             min_new_tokens=new, do_sample=False, use_cache=True, pad_token_id=0, **kwargs)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=0,
+            **kwargs,
+        )
         assert out.shape == (rows, prompt + new)
 
     return run
@@ -91,25 +106,48 @@ def main() -> None:
     where, started = device(), time.perf_counter()
     rows, prompt, new, rounds = (8, 8, 4, 1) if args.tiny else (32, 128, 64, 3)
     names = [f"a{i}" for i in range(ADAPTERS)]
-    report: dict[str, Any] = {"environment": environment(where), "lora": LORA, "adapters": ADAPTERS,
-                              "prompt_tokens": prompt, "new_tokens": new}
+    report: dict[str, Any] = {
+        "environment": environment(where),
+        "lora": LORA,
+        "adapters": ADAPTERS,
+        "prompt_tokens": prompt,
+        "new_tokens": new,
+    }
     reset_memory(where)
     ours, theirs = build(where, args.tiny, names)
     vocab = ours.config.vocab_size
     mixed = [names[i % ADAPTERS] for i in range(rows)]
-    seconds = race({"lorakit": generator(ours, rows, prompt, new, vocab, where, mixed),
-                    "peft": generator(theirs, rows, prompt, new, vocab, where, mixed)}, where, rounds)
+    seconds = race(
+        {
+            "lorakit": generator(ours, rows, prompt, new, vocab, where, mixed),
+            "peft": generator(theirs, rows, prompt, new, vocab, where, mixed),
+        },
+        where,
+        rounds,
+    )
     speed = tokens_per_s(seconds, rows, new)
-    report["mixed"] = {"rows": rows, "tokens_per_s": speed, "lorakit_vs_peft": round(speed["lorakit"] / speed["peft"], 3)}
+    report["mixed"] = {
+        "rows": rows,
+        "tokens_per_s": speed,
+        "lorakit_vs_peft": round(speed["lorakit"] / speed["peft"], 3),
+    }
     write_json(args.out, report)
     base = theirs.unload()  # the plain transformers model: no LoRA layers left
     report["single"] = {}
     for batch in (rows, 1):
-        seconds = race({"base": generator(base, batch, prompt, new, vocab, where),
-                        "lorakit": generator(ours, batch, prompt, new, vocab, where)}, where, rounds)
+        seconds = race(
+            {
+                "base": generator(base, batch, prompt, new, vocab, where),
+                "lorakit": generator(ours, batch, prompt, new, vocab, where),
+            },
+            where,
+            rounds,
+        )
         speed = tokens_per_s(seconds, batch, new)
-        report["single"][f"rows_{batch}"] = {"tokens_per_s": speed,
-                                             "lorakit_vs_base": round(speed["lorakit"] / speed["base"], 3)}
+        report["single"][f"rows_{batch}"] = {
+            "tokens_per_s": speed,
+            "lorakit_vs_base": round(speed["lorakit"] / speed["base"], 3),
+        }
         write_json(args.out, report)
     report["peak_memory_gb"] = peak_memory_gb(where)
     report["seconds"] = round(time.perf_counter() - started, 1)

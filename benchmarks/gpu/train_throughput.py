@@ -1,4 +1,4 @@
-"""Training throughput of lorakit against PEFT on the same bf16 base and the same batch (benchmarks/gpu/run.sh).
+"""Training throughput of lorakit against PEFT on the same bf16 base and the same batch (gpu/run.sh).
 
     python benchmarks/gpu/train_throughput.py --out $OUT/train.json [--tiny]
 
@@ -48,7 +48,11 @@ def make_batch(rows: int, length: int, vocab: int, where: torch.device) -> dict[
     ids = torch.randint(3, vocab, (rows, length), generator=generator)
     labels = ids.clone()
     labels[:, : length // 2] = -100  # answer-only: the first half is prompt
-    return {"input_ids": ids.to(where), "attention_mask": torch.ones_like(ids).to(where), "labels": labels.to(where)}
+    return {
+        "input_ids": ids.to(where),
+        "attention_mask": torch.ones_like(ids).to(where),
+        "labels": labels.to(where),
+    }
 
 
 def flops_per_token(config: Any, length: int) -> float:
@@ -62,7 +66,9 @@ def flops_per_token(config: Any, length: int) -> float:
     return 2 * matmul_weights + attention + 2 * matmul_weights + 2 * attention
 
 
-def build(library: str, shape: str, tiny: bool, where: torch.device, checkpointing: bool, liger: bool = False):
+def build(
+    library: str, shape: str, tiny: bool, where: torch.device, checkpointing: bool, liger: bool = False
+):
     base = llama(shape, tiny, where)
     if liger:
         from lorakit.train.kernels import apply_liger
@@ -103,8 +109,9 @@ def stepper(library: str, model, optimizer, batch: dict[str, torch.Tensor], wher
     return step
 
 
-def largest_peft_batch(shape: str, tiny: bool, where: torch.device, length: int, checkpointing: bool,
-                       vocab: int) -> int:
+def largest_peft_batch(
+    shape: str, tiny: bool, where: torch.device, length: int, checkpointing: bool, vocab: int
+) -> int:
     """The most rows (of ROWS) whose PEFT step fits in memory."""
     model, optimizer = build("peft", shape, tiny, where, checkpointing)
     fits = 0
@@ -120,8 +127,17 @@ def largest_peft_batch(shape: str, tiny: bool, where: torch.device, length: int,
     return fits
 
 
-def measure(name: str, shape: str, tiny: bool, where: torch.device, rows: int, length: int, checkpointing: bool,
-            per_token: float, peak_tflops: float) -> dict[str, Any]:
+def measure(
+    name: str,
+    shape: str,
+    tiny: bool,
+    where: torch.device,
+    rows: int,
+    length: int,
+    checkpointing: bool,
+    per_token: float,
+    peak_tflops: float,
+) -> dict[str, Any]:
     from lorakit.train.compile import compiled_decoder_layers
 
     library = "peft" if name == "peft" else "lorakit"
@@ -137,9 +153,15 @@ def measure(name: str, shape: str, tiny: bool, where: torch.device, rows: int, l
         reset_memory(where)
         seconds = timed(step, where, 2 if tiny else 3)
     tokens = rows * length / seconds
-    result = {"rows": rows, "seq_len": length, "step_s": round(seconds, 4), "warmup_s": round(warmup, 2),
-              "tokens_per_s": round(tokens, 1), "peak_memory_gb": peak_memory_gb(where),
-              "mfu": round(per_token * tokens / (peak_tflops * 1e12), 4)}
+    result = {
+        "rows": rows,
+        "seq_len": length,
+        "step_s": round(seconds, 4),
+        "warmup_s": round(warmup, 2),
+        "tokens_per_s": round(tokens, 1),
+        "peak_memory_gb": peak_memory_gb(where),
+        "mfu": round(per_token * tokens / (peak_tflops * 1e12), 4),
+    }
     del model, optimizer, batch, step
     reset_memory(where)
     return result
@@ -164,8 +186,13 @@ def main() -> None:
     args = arguments(__doc__.splitlines()[0])
     where, started = device(), time.perf_counter()
     length = 32 if args.tiny else 2048
-    report: dict[str, Any] = {"environment": environment(where), "matmul": matmul_tflops(where, args.tiny),
-                              "lora": LORA, "answer_fraction": 0.5, "shapes": {}}
+    report: dict[str, Any] = {
+        "environment": environment(where),
+        "matmul": matmul_tflops(where, args.tiny),
+        "lora": LORA,
+        "answer_fraction": 0.5,
+        "shapes": {},
+    }
     peak = report["matmul"]["tflops"]
     shapes = {"llama-3.2-1b": False, "llama-3.1-8b": True}  # shape: gradient checkpointing
     plan = [(shape, name) for shape in shapes for name in ("peft", "lorakit")]
@@ -174,25 +201,45 @@ def main() -> None:
         checkpointing, config = shapes[shape], llama_config(shape, args.tiny)
         if shape not in report["shapes"]:
             rows = largest_peft_batch(shape, args.tiny, where, length, checkpointing, config.vocab_size)
-            report["shapes"][shape] = {"gradient_checkpointing": checkpointing, "rows": rows,
-                                       "flops_per_token": flops_per_token(config, length), "results": {},
-                                       "skipped": []}
+            report["shapes"][shape] = {
+                "gradient_checkpointing": checkpointing,
+                "rows": rows,
+                "flops_per_token": flops_per_token(config, length),
+                "results": {},
+                "skipped": [],
+            }
         entry = report["shapes"][shape]
         if time.perf_counter() - started > args.budget:
             entry["skipped"].append(name)
             continue
         try:
-            entry["results"][name] = measure(name, shape, args.tiny, where, entry["rows"], length, checkpointing,
-                                             entry["flops_per_token"], peak)
+            entry["results"][name] = measure(
+                name,
+                shape,
+                args.tiny,
+                where,
+                entry["rows"],
+                length,
+                checkpointing,
+                entry["flops_per_token"],
+                peak,
+            )
         except torch.OutOfMemoryError:
             entry["results"][name] = {"rows": entry["rows"], "error": "out of memory"}
             reset_memory(where)
         results = entry["results"]
-        if name == "lorakit" and "tokens_per_s" in results.get("peft", {}) and "tokens_per_s" in results[name]:
+        if (
+            name == "lorakit"
+            and "tokens_per_s" in results.get("peft", {})
+            and "tokens_per_s" in results[name]
+        ):
             peft_memory = results["peft"]["peak_memory_gb"]
             entry["lorakit_vs_peft"] = {
                 "tokens_per_s": round(results[name]["tokens_per_s"] / results["peft"]["tokens_per_s"], 3),
-                "peak_memory": round(results[name]["peak_memory_gb"] / peft_memory, 3) if peft_memory else None}
+                "peak_memory": round(results[name]["peak_memory_gb"] / peft_memory, 3)
+                if peft_memory
+                else None,
+            }
         write_json(args.out, report)
     report["seconds"] = round(time.perf_counter() - started, 1)
     write_json(args.out, report)

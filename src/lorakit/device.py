@@ -20,8 +20,10 @@ DtypeName = Literal["auto", "bf16", "fp16", "fp32"]
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 DEVICE_HELP = "auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N."
-DTYPE_HELP = ("Base weights' dtype: bf16, fp16, fp32, or auto (bf16 on a GPU that supports it, else fp32). "
-              "LoRA factors stay float32.")
+DTYPE_HELP = (
+    "Base weights' dtype: bf16, fp16, fp32, or auto (bf16 on a GPU that supports it, else fp32). "
+    "LoRA factors stay float32."
+)
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -35,17 +37,24 @@ def resolve_device(name: str = "auto") -> torch.device:
     if not valid_device_name(name):
         raise LorakitError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
     if name == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        return (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
     if name == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise LorakitError(f"--device {name}: torch sees no CUDA GPU here (torch {torch.__version__}); use "
-                           "--device cpu")
+        raise LorakitError(
+            f"--device {name}: torch sees no CUDA GPU here (torch {torch.__version__}); use --device cpu"
+        )
     device = torch.device(name)
     index = torch.cuda.current_device() if device.index is None else device.index
     if index >= torch.cuda.device_count():
-        raise LorakitError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) here (cuda:0 .. "
-                           f"cuda:{torch.cuda.device_count() - 1})")
+        raise LorakitError(
+            f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) here (cuda:0 .. "
+            f"cuda:{torch.cuda.device_count() - 1})"
+        )
     return torch.device("cuda", index)
 
 

@@ -8,6 +8,10 @@ from typing import Annotated, Optional
 import typer
 
 from lorakit.cli.app import ConfigOption, TrustRemoteCodeOption, app
+from lorakit.device import DEVICE_HELP
+
+SERVE_DTYPE_HELP = ("Base weights' dtype: float32, bfloat16 or float16 (or fp32, bf16, fp16), or auto: bf16 on a "
+                    "GPU that supports it, else fp32.")
 
 
 @app.command()
@@ -27,10 +31,8 @@ def serve(
     max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body; larger ones get 413.")] = 4 * 2**20,
     max_prompt_chars: Annotated[int | None, typer.Option(min=1, help="Longest prompt in characters, checked before tokenising (default: 64 per token of the context length).")] = None,
     batch_window_ms: Annotated[float, typer.Option(min=0.0, help="How long an idle scheduler waits for concurrent requests to prefill together.")] = 5.0,
-    dtype: Annotated[str, typer.Option(help="Base weights' dtype: float32, bfloat16 or float16 (or fp32, bf16, "
-                                            "fp16), or auto: bf16 on a GPU that supports it, else fp32.")] = "float32",
-    device: Annotated[str, typer.Option(help="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or "
-                                             "cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help=SERVE_DTYPE_HELP)] = "float32",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     trust_remote_code: Annotated[bool, TrustRemoteCodeOption] = False,
     config: Annotated[Optional[Path], ConfigOption] = None,  # noqa: UP045 - as in the other commands
 ) -> None:

@@ -42,7 +42,8 @@ def make_accelerator(log_with: Sequence[Any] = (), logging_dir: Path | None = No
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(cpu=world_size > 1 and (cpu or not _device_for_data_parallel()),
-                              device_placement=False, log_with=list(log_with) or None, project_dir=logging_dir)
+                              device_placement=False, log_with=list(log_with) or None,
+                              project_dir=logging_dir)
     # (WORLD_SIZE unset with several processes is accelerate's own MPI launch of CPU processes: fine.)
     if world_size > 1 and accelerator.num_processes != world_size:
         raise LorakitError(f"launched as {world_size} processes, but accelerate set up {accelerator.num_processes}; "
@@ -63,8 +64,9 @@ def training_device(config: TuningConfig, accelerator: Accelerator) -> torch.dev
     if accelerator.num_processes == 1:
         return resolve_device(config.device)
     if config.device not in ("auto", "cpu", "cuda"):
-        raise LorakitError(f"--device {config.device}: under a launch of {accelerator.num_processes} processes "
-                           "each process takes its own GPU; use --device auto (or set CUDA_VISIBLE_DEVICES)")
+        raise LorakitError(f"--device {config.device}: under a launch of {accelerator.num_processes} "
+                           "processes each process takes its own GPU; use --device auto (or set "
+                           "CUDA_VISIBLE_DEVICES)")
     return accelerator.device
 
 
@@ -115,8 +117,8 @@ def load_base_model(config: TuningConfig, device: torch.device, dtype: torch.dty
         from lorakit.quant import quantization_config
 
         compute = dtype if dtype in HALF_DTYPES else None
-        kwargs["quantization_config"] = quantization_config(load_in_8bit=config.load_in_8bit,
-                                                            load_in_4bit=config.load_in_4bit, compute_dtype=compute)
+        kwargs["quantization_config"] = quantization_config(
+            load_in_8bit=config.load_in_8bit, load_in_4bit=config.load_in_4bit, compute_dtype=compute)
         if device.type == "cuda":
             kwargs["device_map"] = {"": device}
     model = load_causal_lm(config.model, dtype=dtype, trust_remote_code=config.trust_remote_code, **kwargs)
