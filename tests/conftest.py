@@ -54,3 +54,20 @@ def demo_subset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         paths[split] = directory / f"{split}.jsonl"
         paths[split].write_text("\n".join(lines) + "\n", encoding="utf-8")
     return paths
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--llama-cpp", action="store_true",
+                     help="run the tests marked llama_cpp (needs `make llama-cpp`; `make test-llama-cpp` does both)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `llama_cpp` need llama.cpp built from source (~20 min here), so `make test` deselects
+    them and `make test-llama-cpp` (`--llama-cpp`) runs them; there a missing build is an error, not a skip."""
+    if config.getoption("--llama-cpp"):
+        return
+    needs = [item for item in items if item.get_closest_marker("llama_cpp")]
+    if needs:
+        config.hook.pytest_deselected(items=needs)
+        items[:] = [item for item in items if not item.get_closest_marker("llama_cpp")]
+
