@@ -16,7 +16,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 os.environ["LORAKIT_CACHE"] = str(REPO_ROOT / ".cache" / "lorakit")
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def _skip_cuda_tests_without_a_gpu(items: list[pytest.Item]) -> None:
     """Tests marked `cuda` are skipped where torch sees no CUDA GPU (they run on GPU machines:
     benchmarks/gpu/run.sh runs `pytest -m cuda`), unless LORAKIT_TEST_DEVICE=cpu asks for a dry run of them
     on the CPU (tests/test_cuda.py)."""
@@ -68,3 +68,22 @@ def demo_subset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         paths[split] = directory / f"{split}.jsonl"
         paths[split].write_text("\n".join(lines) + "\n", encoding="utf-8")
     return paths
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--llama-cpp", action="store_true",
+                     help="run the tests marked llama_cpp (needs `make llama-cpp`; `make test-llama-cpp` does both)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `llama_cpp` need llama.cpp built from source (~20 min here), so `make test` deselects
+    them and `make test-llama-cpp` (`--llama-cpp`) runs them; there a missing build is an error, not a skip.
+    Tests marked `cuda` are skipped without a GPU (`_skip_cuda_tests_without_a_gpu`)."""
+    _skip_cuda_tests_without_a_gpu(items)
+    if config.getoption("--llama-cpp"):
+        return
+    needs = [item for item in items if item.get_closest_marker("llama_cpp")]
+    if needs:
+        config.hook.pytest_deselected(items=needs)
+        items[:] = [item for item in items if not item.get_closest_marker("llama_cpp")]
+
