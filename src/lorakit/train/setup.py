@@ -57,10 +57,13 @@ def make_accelerator(log_with: Sequence[Any] = (), logging_dir: Path | None = No
 
 
 def training_device(config: TuningConfig, accelerator: Accelerator) -> torch.device:
-    """Where this process trains: --device for a single process; under a launch of several processes the
-    device accelerate gave it (its own GPU, or the CPU with --device cpu), so --device cuda:N is refused."""
+    """Where this process trains: --device auto is the device accelerate chose (a GPU when there is one;
+    also Apple's MPS or an XPU), cpu/cuda/cuda:N what they say; under a launch of several processes the
+    device accelerate gave each (its own GPU, or the CPU with --device cpu), so --device cuda:N is refused."""
     from lorakit.device import resolve_device
 
+    if config.device == "auto":
+        return accelerator.device
     if accelerator.num_processes == 1:
         return resolve_device(config.device)
     if config.device not in ("auto", "cpu", "cuda"):
