@@ -17,7 +17,7 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 tiny=()
 tests=(tests/test_cuda.py -m cuda)
-limits=(150 240 90)  # seconds: pytest, training, decoding (8 minutes in all)
+limits=(150 230 100)  # seconds: pytest, training, decoding (8 minutes in all)
 if [[ ${1:-} == --tiny ]]; then
   tiny=(--tiny)
   export LORAKIT_TEST_DEVICE=cpu  # run the cuda tests' code on the CPU
