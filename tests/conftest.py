@@ -16,20 +16,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 os.environ["LORAKIT_CACHE"] = str(REPO_ROOT / ".cache" / "lorakit")
 
 
-def _skip_cuda_tests_without_a_gpu(items: list[pytest.Item]) -> None:
-    """Tests marked `cuda` are skipped where torch sees no CUDA GPU (they run on GPU machines:
-    benchmarks/gpu/run.sh runs `pytest -m cuda`), unless LORAKIT_TEST_DEVICE=cpu asks for a dry run of them
-    on the CPU (tests/test_cuda.py)."""
-    import torch
-
-    if torch.cuda.is_available() or os.environ.get("LORAKIT_TEST_DEVICE") == "cpu":
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
-    for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
-
-
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct as a local transformers directory (converted on first use)."""
@@ -76,14 +62,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `llama_cpp` need llama.cpp built from source (~20 min here), so `make test` deselects
-    them and `make test-llama-cpp` (`--llama-cpp`) runs them; there a missing build is an error, not a skip.
-    Tests marked `cuda` are skipped without a GPU (`_skip_cuda_tests_without_a_gpu`)."""
-    _skip_cuda_tests_without_a_gpu(items)
-    if config.getoption("--llama-cpp"):
-        return
-    needs = [item for item in items if item.get_closest_marker("llama_cpp")]
-    if needs:
-        config.hook.pytest_deselected(items=needs)
-        items[:] = [item for item in items if not item.get_closest_marker("llama_cpp")]
+    """Tests that need what this machine lacks are deselected (listed as such, never silently skipped):
+    - `llama_cpp`: llama.cpp built from source (~20 min here); `make test-llama-cpp` (`--llama-cpp`) runs
+      them, and there a missing build is an error;
+    - `cuda`: a CUDA GPU; they run where torch sees one (benchmarks/gpu/run.sh runs `pytest -m cuda`), or
+      on the CPU as a dry run with LORAKIT_TEST_DEVICE=cpu (tests/test_cuda.py)."""
+    import torch
 
+    lacking = set()
+    if not config.getoption("--llama-cpp"):
+        lacking.add("llama_cpp")
+    if not torch.cuda.is_available() and os.environ.get("LORAKIT_TEST_DEVICE") != "cpu":
+        lacking.add("cuda")
+    deselected = [item for item in items if any(item.get_closest_marker(name) for name in lacking)]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if item not in deselected]
