@@ -93,8 +93,8 @@ def token_statistics(model, reference, tokenizer, records) -> dict[str, float]:
     return {"top1_agreement": agree / total, "positions": total,
             "top1_agreement_distinct": distinct_agree / len(seen), "contexts": len(seen),
             "disagreements_distinct": len(gaps), "near_ties": sum(gap < NEAR_TIE for gap in gaps),
-            "largest_gap": max(gaps, default=0.0),
-            "perplexity": math.exp(nll["model"] / total), "perplexity_merged": math.exp(nll["reference"] / total)}
+            "largest_gap": max(gaps, default=0.0), "perplexity": math.exp(nll["model"] / total),
+            "perplexity_merged": math.exp(nll["reference"] / total)}
 
 
 def llama_cpp_exact_match(model_path: Path, records, lora: Path | None = None) -> float:
