@@ -18,15 +18,16 @@ Continuous batching (the default, `--scheduler continuous`):
   prefilled together.
 
 Static batching (`--scheduler static`, the batching of before, kept to measure against): rows are admitted
-only when the batch is empty, after the same window, up to `max_batch_size` of them and within the same
-prefill budget, first come first served within an adapter and round robin between adapters; newcomers
-wait for the whole batch to end.
+only when the batch is empty, after the same window, up to `max_batch_size` of them (no prefill budget:
+no running row waits for their prefill), first come first served within an adapter and round robin
+between adapters; newcomers wait for the whole batch to end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Awaitable, Callable
 
 from torch import nn
@@ -46,7 +47,7 @@ class Scheduler:
 
     def __init__(self, batch: Batch, run_on_model: RunStep,
                  model: Callable[[], nn.Module], metrics: Metrics, *, policy: str = "continuous",
-                 max_batch_size: int = 16, max_prefill_tokens: int = 4096,
+                 max_batch_size: int = 16, max_prefill_tokens: int = 512,
                  batch_window_ms: float = 5.0) -> None:
         if policy not in SCHEDULERS:
             raise ValueError(f"scheduler {policy!r}: use one of {', '.join(SCHEDULERS)}")
@@ -97,7 +98,8 @@ class Scheduler:
         if self.policy == "static" and self.running:
             return []
         staying = sum(not (row.cancelled or len(row.tokens) + 1 >= row.max_tokens) for row in self.running)
-        room, budget, chosen = self.max_batch_size - staying, self.max_prefill_tokens, []
+        budget = self.max_prefill_tokens if self.policy == "continuous" else sys.maxsize
+        room, chosen = self.max_batch_size - staying, []
         while room > 0 and (row := self._waiting.peek()) is not None:
             if not row.cancelled and chosen and len(row.prompt_ids) > budget:
                 break
