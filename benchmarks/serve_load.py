@@ -247,7 +247,7 @@ def main() -> None:
     args = parser.parse_args()
     models = ["base", *(f"a{i}" for i in range(ADAPTERS))]
     jobs = [(m, p, kind) for m in models for p in range(len(PROMPTS)) for kind in ("short", "long")]
-    rows = {}
+    rows, loads = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         make_adapters(Path(tmp))
         for scheduler in ("continuous", "static"):
@@ -256,7 +256,9 @@ def main() -> None:
             try:
                 print(f"{scheduler}: {CLIENTS} clients for {args.duration:.0f} s ...", file=sys.stderr,
                       flush=True)
+                before = os.getloadavg()[0]
                 rows[scheduler] = asyncio.run(load(args.port, jobs, args.duration))
+                loads[scheduler] = (before, os.getloadavg()[0])
                 if scheduler == "continuous" and args.cycles:
                     print(f"{args.cycles} adapter load/unload cycles ...", file=sys.stderr, flush=True)
                     rss = asyncio.run(adapter_cycles(args.port, server.pid, args.cycles))
@@ -264,6 +266,8 @@ def main() -> None:
                 server.terminate()
                 server.wait(timeout=60)
     report(rows, rss if args.cycles else [], args.duration, args.max_batch_size)
+    print("\nload average (1 min) at the start / end of each scheduler's load: "
+          + ", ".join(f"{name} {a:.1f} / {b:.1f}" for name, (a, b) in loads.items()))
 
 
 def report(rows: dict[str, tuple[Tally, float]], rss: list[tuple[int, float]], duration: float,
