@@ -12,16 +12,19 @@ but only if it arrives less than the difference of their costs later: every row 
 rows submitted before its own due step, finitely many, and is never starved.
 
 Between adapters — start-time fair queueing (Goyal, Vin & Cheng, "Start-time fair queueing", SIGCOMM 1996)
-with the costs above as packet sizes. Each adapter `a` has a finish tag F_a, and the queue a virtual time
-V (the start tag of the row admitted last). The head of each adapter (its row due first) is tagged
+with the costs above as packet sizes. The queue has a virtual time V (the largest start tag admitted so
+far); each adapter with rows waiting has a start tag S_a, set when its rows start waiting and after each
+of its rows is admitted,
 
-    S = max(F_a, V),    F = S + cost(head)
+    S_a = max(F_a, V),    F_a = S_a + cost of the row admitted (its finish tag),
 
-and the head with the smallest F is admitted (ties: due first, then first submitted); then F_a = F and
-V = max(V, S). An adapter whose rows were admitted for more cost has a larger F_a, so a flood of requests
-for one adapter takes turns with the others, in proportion to cost, instead of delaying them; an adapter
-that comes back after being idle starts at V, with no credit saved up. Among adapters with equal tags, the
-shorter head goes first. Every backlogged adapter's tag is eventually the smallest, so no adapter starves.
+and fixed while it waits. The next row comes from the adapter whose head (its row due first) would finish
+first, smallest S_a + cost(head) (ties: due first, then first submitted). An adapter whose rows were
+admitted for more cost has a larger tag, so a flood of requests for one adapter takes turns with the
+others, in proportion to cost, instead of delaying them; an adapter that comes back after being idle
+starts at V, with no credit saved up. A waiting adapter's tag stays put while every admission raises the
+admitted adapter's tag by at least 1, so every waiting adapter's turn comes: no adapter starves. Among
+adapters with equal tags the shorter head goes first.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ class WaitingRows:
     def __init__(self, unit_cost: bool = False) -> None:
         self.unit_cost = unit_cost
         self._heaps: dict[str, list[tuple[int, int, Row]]] = {}  # adapter -> (due, seq, row) heap
-        self._finish: dict[str, int] = {}  # F_a of adapters that have rows waiting or a tag ahead of V
+        self._start: dict[str, int] = {}  # S_a of adapters with rows waiting
+        self._finish: dict[str, int] = {}  # F_a of adapters whose tag is ahead of V or that have rows waiting
         self._virtual = 0  # V
         self._seq = itertools.count()
 
@@ -56,6 +60,8 @@ class WaitingRows:
 
     def push(self, row: Row, step: int) -> None:
         """Queue `row`, submitted at scheduler step `step`."""
+        if row.adapter not in self._heaps:
+            self._start[row.adapter] = max(self._finish.get(row.adapter, 0), self._virtual)
         heapq.heappush(self._heaps.setdefault(row.adapter, []), (step + self.cost(row), next(self._seq), row))
 
     def peek(self) -> Row | None:
@@ -71,11 +77,12 @@ class WaitingRows:
         heap = self._heaps[adapter]
         _, _, row = heapq.heappop(heap)
         if not row.cancelled:
-            start = max(self._finish.get(adapter, 0), self._virtual)
+            start = self._start[adapter]
             self._finish[adapter] = start + self.cost(row)
             self._virtual = max(self._virtual, start)
+            self._start[adapter] = max(self._finish[adapter], self._virtual)
         if not heap:
-            del self._heaps[adapter]
+            del self._heaps[adapter], self._start[adapter]
         # Tags at or behind V say nothing that max(F_a, V) does not: forget them (adapters come and go).
         self._finish = {a: f for a, f in self._finish.items() if f > self._virtual or a in self._heaps}
         return row
@@ -84,7 +91,7 @@ class WaitingRows:
         best, choice = None, None
         for adapter, heap in self._heaps.items():
             due, seq, row = heap[0]
-            tag = (max(self._finish.get(adapter, 0), self._virtual) + self.cost(row), due, seq)
+            tag = (self._start[adapter] + self.cost(row), due, seq)
             if best is None or tag < best:
                 best, choice = tag, adapter
         return choice
