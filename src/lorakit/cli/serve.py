@@ -25,7 +25,7 @@ def serve(
     adapter_root: Annotated[Path | None, typer.Option(exists=True, file_okay=False, help="Allow POST /v1/adapters, loading only from inside this directory (off without it).")] = None,
     max_adapters: Annotated[int | None, typer.Option(min=0, help="Most adapters held at once; loading more evicts the least recently used idle one.")] = None,
     max_batch_size: Annotated[int, typer.Option(min=1, help="Most requests in the running batch.")] = 16,
-    max_prefill_tokens: Annotated[int, typer.Option(min=1, help="Most prompt tokens prefilled in one step (a longer prompt runs alone).")] = 4096,
+    max_prefill_tokens: Annotated[int, typer.Option(min=1, help="Most prompt tokens prefilled in one step (a longer prompt runs alone).")] = 512,
     scheduler: Annotated[str, typer.Option(help="continuous (requests join the running batch) or static (each batch runs to its end; for comparison).")] = "continuous",
     max_model_len: Annotated[int | None, typer.Option(min=2, help="Prompt + completion token limit (default: the model's context length).")] = None,
     max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body; larger ones get 413.")] = 4 * 2**20,
