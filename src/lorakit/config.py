@@ -38,6 +38,12 @@ _PEFT_INFO_KEYS = {
 }
 
 
+class PeftType(str, enum.Enum):
+    """PEFT's adapter-method names; lorakit implements LORA. A str, so it equals "LORA" and writes as it."""
+
+    LORA = "LORA"
+
+
 class TaskType(str, enum.Enum):
     """PEFT's task names; only recorded in the config (the model's own head decides the task)."""
 
@@ -84,9 +90,16 @@ class LoraConfig:
     task_type: str | None = None
     base_model_name_or_path: str | None = None
     inference_mode: bool = False
-    peft_type: str = "LORA"
+    peft_type: PeftType | str = PeftType.LORA
+
+    # PEFT's config kind flags, read by code written for PEFT: LoRA is neither prompt learning nor an
+    # adaption prompt.
+    is_prompt_learning = False
+    is_adaption_prompt = False
 
     def __post_init__(self) -> None:
+        if self.peft_type == PeftType.LORA:
+            self.peft_type = PeftType.LORA
         if isinstance(self.task_type, TaskType):
             self.task_type = self.task_type.value
         if isinstance(self.target_modules, (set, tuple)):
