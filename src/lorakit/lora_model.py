@@ -153,14 +153,14 @@ class LoraModel(nn.Module):
         remaining adapter by name becomes active (and trainable), as in PEFT."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist")
-        merged = [name for name, layer in inject.lora_layers(self.model) if adapter_name in layer.merged_adapters]
-        if merged:
-            raise ValueError(f"Cannot delete adapter {adapter_name!r} while it is merged (e.g. into "
-                             f"{merged[0]}); call unmerge_adapter() first")
+        if any(adapter_name in layer.merged_adapters for _, layer in inject.lora_layers(self.model)):
+            raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge "
+                             "them first.")
+        was_active = adapter_name in self._active
         # Layers left without adapters stay LoRA layers, as in PEFT, so parameter names do not change.
         self.drop(adapter_name, unwrap_empty=False)
-        if adapter_name in self._active:
-            remaining = [n for n in self._active if n != adapter_name] or sorted(self.peft_config)[:1]
+        if was_active:
+            remaining = self._active or sorted(self.peft_config)[:1]
             if remaining:
                 self.set_adapter(remaining)
                 return

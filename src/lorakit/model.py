@@ -21,7 +21,8 @@ from torch import nn
 
 from lorakit import inject, quant
 from lorakit.config import LoraConfig
-from lorakit.io import peft_format, pretrained
+from lorakit.io import pretrained
+from lorakit.io.model_card import write_model_card
 from lorakit.io.pretrained import SavedAdapter
 from lorakit.layers import BASE_ROW, row_adapters
 from lorakit.lora_model import LoraModel, submodule_attribute
@@ -205,6 +206,10 @@ class PeftModel(nn.Module):
         except ValueError as err:
             raise saved.misfit(model, err) from None
         peft_model._load_weights(adapter_name, saved, torch_dtype)
+        if config is not None and peft_model.peft_config[adapter_name] == saved.config:
+            # As PEFT: the config passed in is the one kept (its inference_mode set by is_trainable).
+            config.inference_mode = not is_trainable
+            peft_model.peft_config[adapter_name] = config
         if not is_trainable:
             # Loaded for inference: dropout off (new LoRA dropout modules start in training mode), as PEFT.
             peft_model.eval()
@@ -272,6 +277,12 @@ class PeftModel(nn.Module):
         configs = {name: self.peft_config[name] for name in names}
         pretrained.save_adapters(self.get_base_model(), configs, Path(save_directory), save_embedding_layers,
                                  portable)
+        write_model_card(Path(save_directory), self.get_base_model(), configs)
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
+        """Not offered: lorakit works without the Hugging Face Hub."""
+        raise NotImplementedError("push_to_hub: lorakit does not upload; save_pretrained(dir) and upload dir with "
+                                  "huggingface_hub's upload_folder")
 
     # ---- merging (lorakit.merge.live, lorakit.merge.weighted) -----------------------------------------
 
@@ -282,7 +293,11 @@ class PeftModel(nn.Module):
         the layers already merged by this call are restored, so the model is left as it was.
         """
         names = adapter_names if adapter_names is not None else self.active_adapters
-        merged = sorted({n for _, layer in inject.lora_layers(self.get_base_model()) for n in layer.merged_adapters})
+        layers = [layer for _, layer in inject.lora_layers(self.get_base_model())]
+        merged = sorted({n for layer in layers for n in layer.merged_adapters})
+        if layers and all(n in layer.merged_adapters for layer in layers for n in names if n in layer.r):
+            warnings.warn("All adapters are already merged, nothing to do.", UserWarning, stacklevel=2)
+            return
         if merged:
             warnings.warn(f"Already following adapters were merged {','.join(merged)}. You are now additionally "
                           f"merging {','.join(names)}.", UserWarning, stacklevel=2)
