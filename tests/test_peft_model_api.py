@@ -252,7 +252,7 @@ def test_add_set_delete_adapter_and_active_adapter() -> None:
     model.merge_adapter()
     with pytest.raises(ValueError, match="unmerge"):
         model.delete_adapter("default")
-    with pytest.raises(ValueError, match="not found"):
+    with pytest.raises(ValueError, match="does not exist"):
         model.delete_adapter("other")
 
 

@@ -22,7 +22,6 @@ from lorakit import inject
 from lorakit.config import LoraConfig
 from lorakit.io import peft_format
 from lorakit.io.pretrained import check_adapter_name
-from lorakit.layers import LoraLayer
 from lorakit.merge import live
 
 
@@ -53,6 +52,7 @@ class LoraModel(nn.Module):
         self.autocast_adapter_dtype = autocast_adapter_dtype
         # Adapter parameters frozen by disable_adapter_layers, made trainable again by enable_adapter_layers.
         self._frozen: list[nn.Parameter] = []
+        self._disabled_depth = 0
         if peft_config is not None:
             self.add_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
             self.set_adapter(adapter_name, inference_mode=peft_config.inference_mode)
@@ -219,10 +219,12 @@ class LoraModel(nn.Module):
                           stacklevel=3)
             states = dict.fromkeys(states, False)
         frozen = self._freeze()
+        self._disabled_depth += 1
         try:
             with live.adapters_disabled(self.model):
                 yield
         finally:
+            self._disabled_depth -= 1
             for module in modules:
                 module.set_disabled(states[id(module)])
             for param in frozen:
@@ -230,6 +232,6 @@ class LoraModel(nn.Module):
 
     @property
     def has_active_enabled_adapter(self) -> bool:
-        """Whether some adapter layer is both active and enabled (False inside `disable_adapter`)."""
-        return any(isinstance(m, LoraLayer) and m.active_adapters and not m.disabled
-                   for _, m in inject.adapter_modules(self.model))
+        """False inside `disable_adapter()` while some adapter is active (PEFT's definition: layers turned
+        off by `disable_adapter_layers` do not count)."""
+        return self._disabled_depth == 0 or not self._active

@@ -341,7 +341,9 @@ class PeftModel(nn.Module):
         _warn_unused(kwargs, "add_weighted_adapter")
         adapters, weights = list(adapters), list(weights)
         config = weighted.weighted_config(self.peft_config, adapters, weights, combination_type, svd_rank)
+        weighted.check_modules_to_save(self.get_base_model(), adapters)
         self.add_adapter(adapter_name, config, low_cpu_mem_usage=True)
+        weighted.copy_modules_to_save(self.get_base_model(), adapter_name, adapters)
         weighted.write_weighted_factors(self.get_base_model(), adapter_name, adapters, weights,
                                         combination_type, svd_clamp=svd_clamp,
                                         svd_full_matrices=svd_full_matrices, svd_driver=svd_driver)

@@ -51,7 +51,7 @@ def write_model_card(directory: Path, model: nn.Module, configs: dict[str, LoraC
     path = directory / CARD_NAME
     meta, body = _split(path.read_text(encoding="utf-8")) if path.is_file() else ({}, "")
     model_config = getattr(model, "config", None)
-    base = getattr(model_config, "_name_or_path", None) or getattr(model_config, "name_or_path", None)
+    base = getattr(model, "name_or_path", None) or getattr(model_config, "_name_or_path", None)
     meta["library_name"] = "peft"
     tags = list(meta.get("tags") or [])
     if base:
