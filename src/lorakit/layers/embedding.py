@@ -24,6 +24,8 @@ class LoraEmbedding(LoraLayer):
 
     def __init__(self, base_layer: nn.Embedding, module_name: str = "") -> None:
         super().__init__(base_layer, module_name)
+        # PEFT's names for the shapes the factors map between: token ids (in) to embedding vectors (out).
+        self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
 

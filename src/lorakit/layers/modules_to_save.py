@@ -13,6 +13,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from lorakit.layers.base import row_groups, rows_for_batch
+from lorakit.layers.tuner_api import TunerLayerAPI
 
 
 # Containers have no forward of their own (their parent indexes them), so there is nothing to switch: PEFT
@@ -41,7 +42,7 @@ def _put_rows(result: Any, index: Tensor, sub: Any) -> Any:
     return result
 
 
-class ModulesToSaveWrapper(nn.Module):
+class ModulesToSaveWrapper(TunerLayerAPI, nn.Module):
     def __init__(self, module: nn.Module, module_name: str = "") -> None:
         if isinstance(module, _CONTAINERS):
             raise TypeError(f"modules_to_save cannot be applied to modules of type {type(module)} ({module_name}); "
@@ -60,6 +61,10 @@ class ModulesToSaveWrapper(nn.Module):
 
     def adapter_names(self) -> list[str]:
         return list(self.modules_to_save)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter] if self.active_adapter is not None else []
 
     def set_active(self, names: Sequence[str]) -> None:
         present = [n for n in names if n in self.modules_to_save]
