@@ -43,7 +43,7 @@ def weighted_config(configs: Mapping[str, LoraConfig], adapters: Sequence[str], 
                              "use combination_type='cat' or 'svd'")
     # Room for the largest rank an adapter has on any layer (rank patterns included); a layer whose ranks
     # sum to less is padded with zeros (combine.cat), as PEFT does.
-    ranks = [max(configs[name].r, *configs[name].rank_pattern.values()) for name in adapters]
+    ranks = [max([configs[name].r, *configs[name].rank_pattern.values()]) for name in adapters]
     if combination_type == "linear" and len(set(ranks)) > 1:
         raise ValueError(f"add_weighted_adapter: 'linear' needs equal ranks, "
                          f"got {dict(zip(adapters, ranks))}")
