@@ -223,3 +223,52 @@ def test_config_flags_and_peft_type():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         copy.deepcopy(lorakit.LoraConfig(target_modules=["lin0"]))
+
+
+def test_base_model_state_dict_functions():
+    models = both({"target_modules": ["lin0"], "modules_to_save": ["lin1"]})
+    kit = lorakit.get_base_model_state_dict(models["lorakit"])
+    ref = peft.utils.get_base_model_state_dict(models["peft"])
+    assert {k: v.shape for k, v in kit.items()} == {k: v.shape for k, v in ref.items()} == \
+        {k: v.shape for k, v in MLP().state_dict().items()}
+    fresh = {k: v + 1 for k, v in MLP().state_dict().items()}
+    result = lorakit.set_base_model_state_dict(models["lorakit"], dict(fresh, extra=torch.zeros(1)), strict=False)
+    assert (result.missing_keys, result.unexpected_keys) == ([], ["extra"])
+    torch.testing.assert_close(lorakit.get_base_model_state_dict(models["lorakit"]), fresh)
+
+
+def test_inject_with_low_cpu_mem_usage_then_load():
+    ref = peft.get_peft_model(MLP(), peft.LoraConfig(target_modules=["lin0"], init_lora_weights=False, use_dora=True))
+    state = {k.removeprefix("base_model.model."): v for k, v in peft.get_peft_model_state_dict(ref).items()}
+    for lib in LIBS.values():
+        model = lib.inject_adapter_in_model(lib.LoraConfig(target_modules=["lin0"], use_dora=True), MLP(),
+                                            low_cpu_mem_usage=True)
+        assert "meta" in {p.device.type for p in model.parameters()}
+        lib.set_peft_model_state_dict(model, state, low_cpu_mem_usage=True)
+        torch.testing.assert_close(model(X), ref(X), rtol=0, atol=1e-6)
+
+
+def test_state_dict_with_trained_biases_loads_into_a_config_without():
+    config = {"target_modules": ["lin0"], "init_lora_weights": False, "bias": "all"}
+    models = both(config)
+    with torch.no_grad():
+        models["peft"].base_model.model.lin1.bias.fill_(1.23)
+    state = peft.get_peft_model_state_dict(models["peft"])
+    outputs = {}
+    for name, lib in LIBS.items():
+        fresh = lib.get_peft_model(MLP(), lib.LoraConfig(target_modules=["lin0"]))
+        lib.set_peft_model_state_dict(fresh, state)
+        outputs[name] = fresh(X)
+    torch.testing.assert_close(outputs["lorakit"], outputs["peft"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(outputs["peft"], models["peft"](X), rtol=0, atol=1e-6)
+
+
+def test_mixed_batch_errors_as_peft():
+    models = both({"target_modules": ["lin0"]})
+    for model in models.values():
+        model.eval()
+        with pytest.raises(ValueError, match="Length of `adapter_names` should be the same as the number of inputs"):
+            model(X, adapter_names=["default"])
+        model.merge_adapter()
+        with pytest.raises(ValueError, match="Cannot pass `adapter_names` when there are merged adapters"):
+            model(X, adapter_names=["default"] * 3)

@@ -17,7 +17,13 @@ from lorakit.lora_model import LoraModel
 from lorakit.model import PeftModel, PeftModelForCausalLM
 from lorakit.models.default import default_model_path
 from lorakit.quant import prepare_for_kbit_training, prepare_model_for_kbit_training
-from lorakit.state_dict import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from lorakit.state_dict import (
+    get_base_model_state_dict,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_base_model_state_dict,
+    set_peft_model_state_dict,
+)
 from lorakit.warnings import PeftError, PeftWarning
 
 __version__ = "0.1.0"
@@ -43,6 +49,7 @@ __all__ = [
     "AdapterFileError", "AdapterShapeError", "AutoModelForCausalLM", "AutoPeftModelForCausalLM", "BASE_ROW",
     "DataError", "LoraConfig", "LoraModel", "LorakitError", "MissingDependencyError", "PeftError", "PeftModel",
     "PeftModelForCausalLM", "PeftType", "PeftWarning", "TaskType", "default_model_path", "get_peft_model",
-    "get_peft_model_state_dict", "inject_adapter_in_model", "prepare_for_kbit_training",
+    "get_base_model_state_dict", "get_peft_model_state_dict", "inject_adapter_in_model",
+    "set_base_model_state_dict", "prepare_for_kbit_training",
     "prepare_model_for_kbit_training", "set_peft_model_state_dict",
 ]

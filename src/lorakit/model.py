@@ -86,20 +86,28 @@ class PeftModel(nn.Module):
         return getattr(self.get_base_model(), "name_or_path", "")
 
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        with self._rows(adapter_names):
+        with self._rows(adapter_names, args, kwargs):
             return self.get_base_model()(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        with self._rows(adapter_names):
+        with self._rows(adapter_names, args, kwargs):
             return self.get_base_model().generate(*args, **kwargs)
 
-    def _rows(self, adapter_names: Sequence[str] | None) -> AbstractContextManager[None]:
+    def _rows(self, adapter_names: Sequence[str] | None, args: tuple, kwargs: dict) -> AbstractContextManager[None]:
+        """One adapter per batch row; checked here, before the model runs, with PEFT's messages."""
         if adapter_names is None:
             return nullcontext()
         unknown = sorted(set(adapter_names) - set(self.peft_config) - {BASE_ROW})
         if unknown:
             raise ValueError(f"adapter_names: unknown adapter(s) {unknown}; "
                              f"loaded: {sorted(self.peft_config)}")
+        if any(layer.merged for _, layer in inject.lora_layers(self.get_base_model())):
+            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                             "`unmerge_adapter` first.")
+        first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim()), None)
+        if first is not None and first.shape[0] != len(adapter_names):
+            raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
+                             f"{len(adapter_names)} and {first.shape[0]} respectively.")
         return row_adapters(list(adapter_names))
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:

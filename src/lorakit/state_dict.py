@@ -8,12 +8,15 @@ e.g. `base_model.model.lin0.lora_A.weight` for a `PeftModel`. For a model inject
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from lorakit.config import LoraConfig
+from lorakit.inject import adapter_modules
 from lorakit.io import peft_format
 from lorakit.io.peft_keys import PREFIX
 from lorakit.io.pretrained import LoadResult
+from lorakit.layers import LoraLayer
 from lorakit.lora_model import LoraModel
 
 
@@ -66,19 +69,23 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     Returns the load result: `missing_keys` (in-memory names of the adapter's tensors the dict lacks) and
     `unexpected_keys` (keys that name no tensor of the adapter). A tensor whose shape does not fit raises
     RuntimeError naming both shapes, or with `ignore_mismatched_sizes` is skipped and reported missing.
-    low_cpu_mem_usage: accepted for PEFT's signature (the values are always copied into place).
+    low_cpu_mem_usage: accepted for PEFT's signature; parameters on the meta device (from
+    `inject_adapter_in_model(..., low_cpu_mem_usage=True)`) are replaced by the given tensors in any case.
     """
     model = getattr(model, "_orig_mod", model)
     inner, configs, _ = _unwrap(model)
     expected = _tensors(model, adapter_name, save_embedding_layers=True)
     optional = {key.removeprefix(PREFIX) for key in peft_format.optional_keys(
         inner, configs[adapter_name], peft_format.adapter_tensors(inner, configs[adapter_name], adapter_name, True))}
-    names = {id(param): name for name, param in model.state_dict(keep_vars=True).items()}
+    own = model.state_dict(keep_vars=True)
+    names = {id(param): name for name, param in own.items()}
     missing = [names.get(id(t), k) for k, t in expected.items()
                if k not in peft_model_state_dict and k.removeprefix(PREFIX) not in optional]
-    unexpected = [key for key in peft_model_state_dict if key not in expected]
+    # A key that is no tensor of this adapter but names a base tensor as it is (e.g. a bias trained with
+    # bias="all" while this config says "none") is loaded into it, as PEFT does.
+    unexpected = [key for key in peft_model_state_dict if key not in expected and key not in own]
     for key, value in peft_model_state_dict.items():
-        target = expected.get(key)
+        target = expected.get(key, own.get(key))
         if target is None:
             continue
         if tuple(value.shape) != tuple(target.shape):
@@ -87,8 +94,26 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
                                    f"the shape in the current model is {tuple(target.shape)}")
             missing.append(names.get(id(target), key))
             continue
+        if target.device.type == "meta":
+            # Injected with low_cpu_mem_usage: the value becomes the parameter (on the value's device).
+            owner, _, attr = names.get(id(target), key).rpartition(".")
+            parameter = nn.Parameter(value.to(dtype=target.dtype), requires_grad=target.requires_grad)
+            model.get_submodule(owner)._parameters[attr] = parameter
+            continue
         target.data.copy_(value.to(device=target.device, dtype=target.dtype))
     return LoadResult(missing, unexpected)
+
+
+def _to_meta(model: nn.Module, adapter_name: str) -> None:
+    """Replace adapter `adapter_name`'s parameters by empty ones on the meta device (PEFT's
+    low_cpu_mem_usage for injection: no memory until `set_peft_model_state_dict` gives them values)."""
+    for _, module in adapter_modules(model):
+        ids = {id(p) for p in module.adapter_parameters(adapter_name)}
+        for sub in module.modules():
+            for name, param in list(sub._parameters.items()):
+                if param is not None and id(param) in ids:
+                    sub._parameters[name] = nn.Parameter(torch.empty_like(param, device="meta"),
+                                                         requires_grad=param.requires_grad)
 
 
 def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_name: str = "default",
@@ -106,5 +131,54 @@ def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_n
         if unknown:
             raise ValueError(f"inject_adapter_in_model: state_dict key {unknown[0]!r} names a LoRA tensor the "
                              f"config does not create (target_modules={peft_config.target_modules!r})")
+    if low_cpu_mem_usage:
+        _to_meta(model, adapter_name)
     model.peft_config = lora.peft_config
     return model
+
+
+def _original_keys(inner: nn.Module) -> dict[str, str]:
+    """For every base tensor of the adapted model `inner`: its key before adapters were injected → its key
+    now (a LoRA layer's `x.base_layer.w` was `x.w`, a modules_to_save wrapper's `x.original_module.w` was
+    `x.w`); adapter tensors are left out."""
+    wrapped: dict[str, str] = {}
+    for name, module in adapter_modules(inner):
+        inside = "base_layer" if isinstance(module, LoraLayer) else "original_module"
+        wrapped[f"{name}." if name else ""] = inside
+    mapping: dict[str, str] = {}
+    for key in inner.state_dict():
+        original, rest = "", key
+        for prefix in sorted(wrapped, key=len, reverse=True):
+            if key.startswith(prefix) and key[len(prefix):].startswith(wrapped[prefix] + "."):
+                original, rest = prefix, key[len(prefix) + len(wrapped[prefix]) + 1:]
+                break
+            if key.startswith(prefix) and prefix:
+                break  # an adapter tensor of that module (lora_A..., modules_to_save...)
+        else:
+            mapping[key] = key
+            continue
+        if original or rest != key:
+            mapping[original + rest] = key
+    return mapping
+
+
+def get_base_model_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The base model's tensors under the keys they had before adapters were injected (PEFT's
+    `get_base_model_state_dict`), e.g. to save or re-shard the base weights of an adapted model."""
+    inner, _, _ = _unwrap(getattr(model, "_orig_mod", model))
+    state = inner.state_dict()
+    return {original: state[current] for original, current in _original_keys(inner).items()}
+
+
+def set_base_model_state_dict(model: nn.Module, state_dict: dict[str, Tensor], strict: bool = True) -> LoadResult:
+    """Load base-model tensors given under their original keys into the adapted model (the inverse of
+    `get_base_model_state_dict`). Returns missing and unexpected original keys; `strict` raises RuntimeError
+    for either."""
+    inner, _, _ = _unwrap(getattr(model, "_orig_mod", model))
+    mapping = _original_keys(inner)
+    missing = [key for key in mapping if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in mapping]
+    if strict and (missing or unexpected):
+        raise RuntimeError(f"Error(s) in loading state_dict: missing keys {missing}, unexpected keys {unexpected}")
+    inner.load_state_dict({mapping[k]: v for k, v in state_dict.items() if k in mapping}, strict=False)
+    return LoadResult(missing, unexpected)
