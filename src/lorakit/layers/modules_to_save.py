@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lorakit.layers.base import row_groups, rows_for_batch
+from lorakit.layers.rows import row_groups, rows_for_batch
 from lorakit.layers.tuner_api import TunerLayerAPI
 
 
