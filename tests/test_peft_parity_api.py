@@ -272,3 +272,34 @@ def test_mixed_batch_errors_as_peft():
         model.merge_adapter()
         with pytest.raises(ValueError, match="Cannot pass `adapter_names` when there are merged adapters"):
             model(X, adapter_names=["default"] * 3)
+
+
+def test_tuner_layer_api():
+    models = both({"target_modules": ["lin0"], "init_lora_weights": False, "modules_to_save": ["lin1"]})
+    copy_weights(models)
+    layers = {name: model.base_model.model.lin0 for name, model in models.items()}
+    kit, ref = layers["lorakit"], layers["peft"]
+    torch.testing.assert_close(kit.get_delta_weight("default"), ref.get_delta_weight("default"), rtol=0, atol=1e-7)
+    assert kit.get_base_layer() is kit.base_layer and kit.active_adapters == ref.active_adapters
+    for name, layer in layers.items():
+        assert not layer.disable_adapters
+        layer.enable_adapters(False)
+        assert layer.disable_adapters, name
+        torch.testing.assert_close(models[name](X), MLP()(X))
+        layer.enable_adapters(True)
+    for model in models.values():
+        model.add_adapter("other", type(model.peft_config["default"])(target_modules=["lin0"], init_lora_weights=False))
+    copy_weights(models, "other")
+    outputs = {}
+    for name, model in models.items():
+        for module in model.modules():
+            if hasattr(module, "set_adapter") and module is not model and module is not model.base_model \
+                    and hasattr(module, "base_layer"):
+                module.set_adapter(["default", "other"])
+        outputs[name] = model(X)
+    torch.testing.assert_close(outputs["lorakit"], outputs["peft"], rtol=0, atol=1e-6)
+    assert layers["lorakit"].active_adapters == layers["peft"].active_adapters == ["default", "other"]
+    emb = {name: lib.get_peft_model(nn.Sequential(nn.Embedding(7, 3)), lib.LoraConfig(target_modules=["0"]))
+           for name, lib in LIBS.items()}
+    assert (emb["lorakit"].base_model.model[0].in_features, emb["lorakit"].base_model.model[0].out_features) == \
+        (emb["peft"].base_model.model[0].in_features, emb["peft"].base_model.model[0].out_features)

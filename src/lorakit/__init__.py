@@ -11,7 +11,13 @@ from torch import nn
 
 from lorakit.auto import AutoModelForCausalLM, AutoPeftModelForCausalLM
 from lorakit.config import LoraConfig, PeftType, TaskType
-from lorakit.errors import AdapterFileError, AdapterShapeError, DataError, LorakitError, MissingDependencyError
+from lorakit.errors import (
+    AdapterFileError,
+    AdapterShapeError,
+    DataError,
+    LorakitError,
+    MissingDependencyError,
+)
 from lorakit.layers import BASE_ROW
 from lorakit.lora_model import LoraModel
 from lorakit.model import PeftModel, PeftModelForCausalLM

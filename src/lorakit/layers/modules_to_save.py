@@ -15,7 +15,6 @@ from torch import Tensor, nn
 from lorakit.layers.rows import row_groups, rows_for_batch
 from lorakit.layers.tuner_api import TunerLayerAPI
 
-
 # Containers have no forward of their own (their parent indexes them), so there is nothing to switch: PEFT
 # refuses them with a TypeError, and so do we. Name their trainable children instead.
 _CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
