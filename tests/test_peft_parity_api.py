@@ -41,8 +41,10 @@ X = torch.arange(30, dtype=torch.float32).view(3, 10) / 30
 
 def both(config: dict, adapter_name: str = "default", **kwargs) -> dict:
     """The same fresh MLP wrapped by each library with the same config."""
-    return {name: lib.get_peft_model(MLP(), lib.LoraConfig(**config), adapter_name=adapter_name, **kwargs)
-            for name, lib in LIBS.items()}
+    return {
+        name: lib.get_peft_model(MLP(), lib.LoraConfig(**config), adapter_name=adapter_name, **kwargs)
+        for name, lib in LIBS.items()
+    }
 
 
 def copy_weights(models: dict, adapter_name: str = "default") -> None:
@@ -56,12 +58,14 @@ def copy_weights(models: dict, adapter_name: str = "default") -> None:
 def test_autocast_adapter_dtype_everywhere(tmp_path, autocast):
     dtypes = {}
     for name, lib in LIBS.items():
-        model = lib.get_peft_model(MLP().to(torch.bfloat16), lib.LoraConfig(target_modules=["lin0"]),
-                                   autocast_adapter_dtype=autocast)
+        model = lib.get_peft_model(
+            MLP().to(torch.bfloat16), lib.LoraConfig(target_modules=["lin0"]), autocast_adapter_dtype=autocast
+        )
         model.add_adapter("other", lib.LoraConfig(target_modules=["lin1"]), autocast_adapter_dtype=autocast)
         model.save_pretrained(tmp_path / name)
-        loaded = lib.PeftModel.from_pretrained(MLP().to(torch.bfloat16), tmp_path / name,
-                                               autocast_adapter_dtype=autocast)
+        loaded = lib.PeftModel.from_pretrained(
+            MLP().to(torch.bfloat16), tmp_path / name, autocast_adapter_dtype=autocast
+        )
         loaded.load_adapter(tmp_path / name / "other", "other", autocast_adapter_dtype=autocast)
         dtypes[name] = {n: p.dtype for m in (model, loaded) for n, p in m.named_parameters() if m.prefix in n}
     assert dtypes["lorakit"] == dtypes["peft"]
@@ -74,8 +78,9 @@ def test_prefix_and_base_model_attributes():
         model.add_adapter("other", type(model.peft_config["default"])(target_modules=["lin1"]))
     kit, ref = models["lorakit"], models["peft"]
     assert kit.prefix == ref.prefix
-    assert [n for n, _ in kit.named_parameters() if kit.prefix in n] == \
-        [n for n, _ in ref.named_parameters() if ref.prefix in n]
+    assert [n for n, _ in kit.named_parameters() if kit.prefix in n] == [
+        n for n, _ in ref.named_parameters() if ref.prefix in n
+    ]
     assert sorted(kit.base_model.peft_config) == sorted(ref.base_model.peft_config)
     assert kit.base_model.targeted_module_names == ref.base_model.targeted_module_names
     for model in models.values():
@@ -90,8 +95,10 @@ def test_prefix_and_base_model_attributes():
 def test_several_active_adapters_sum_their_updates():
     models = both({"target_modules": ["lin0"], "init_lora_weights": False})
     for model in models.values():
-        model.add_adapter("other", type(model.peft_config["default"])(target_modules=["lin0", "lin1"],
-                                                                      init_lora_weights=False))
+        model.add_adapter(
+            "other",
+            type(model.peft_config["default"])(target_modules=["lin0", "lin1"], init_lora_weights=False),
+        )
     copy_weights(models)
     copy_weights(models, "other")
     outputs = {}
@@ -112,8 +119,10 @@ def test_state_dict_functions_and_load_result():
     assert {k: v.shape for k, v in kit_state.items()} == {k: v.shape for k, v in ref_state.items()}
     partial = {k: v for k, v in ref_state.items() if "lora_B" not in k}
     partial["base_model.model.nowhere.lora_A.weight"] = torch.zeros(1)
-    results = {"lorakit": lorakit.set_peft_model_state_dict(models["lorakit"], partial),
-               "peft": peft.set_peft_model_state_dict(models["peft"], partial)}
+    results = {
+        "lorakit": lorakit.set_peft_model_state_dict(models["lorakit"], partial),
+        "peft": peft.set_peft_model_state_dict(models["peft"], partial),
+    }
     assert results["lorakit"].unexpected_keys == results["peft"].unexpected_keys
     assert [k for k in results["peft"].missing_keys if "lora_" in k] == results["lorakit"].missing_keys
     bad = dict(ref_state, **{"base_model.model.lin0.lora_A.weight": torch.zeros(3, 3)})
@@ -131,9 +140,15 @@ def test_load_adapter_returns_load_result(tmp_path):
 
 
 def test_inject_adapter_in_model_matches_peft():
-    models = {name: lib.inject_adapter_in_model(lib.LoraConfig(target_modules=["lin0"], init_lora_weights=False),
-                                                MLP()) for name, lib in LIBS.items()}
-    assert [n for n, _ in models["lorakit"].named_parameters()] == [n for n, _ in models["peft"].named_parameters()]
+    models = {
+        name: lib.inject_adapter_in_model(
+            lib.LoraConfig(target_modules=["lin0"], init_lora_weights=False), MLP()
+        )
+        for name, lib in LIBS.items()
+    }
+    assert [n for n, _ in models["lorakit"].named_parameters()] == [
+        n for n, _ in models["peft"].named_parameters()
+    ]
     state = peft.get_peft_model_state_dict(models["peft"])
     assert set(lorakit.get_peft_model_state_dict(models["lorakit"])) == set(state)
     lorakit.set_peft_model_state_dict(models["lorakit"], state)
@@ -165,9 +180,11 @@ def test_warnings_and_error_classes(tmp_path):
         model.merge_adapter()
         with pytest.warns(UserWarning, match="All adapters are already merged, nothing to do"):
             model.merge_adapter()
-        with pytest.raises(ValueError, match=re.escape("Cannot delete adapter(s) ['default'] while they are merged")):
+        with pytest.raises(
+            ValueError, match=re.escape("Cannot delete adapter(s) ['default'] while they are merged")
+        ):
             model.delete_adapter("default")
-    # an adapter whose shapes do not fit the base: RuntimeError in both, a ValueError-free `except` catches ours
+    # an adapter whose shapes do not fit the base: RuntimeError in both
     for name, lib in LIBS.items():
         model = lib.get_peft_model(MLP(), lib.LoraConfig(target_modules=["lin0"]))
         model.save_pretrained(tmp_path / name)
@@ -229,20 +246,28 @@ def test_base_model_state_dict_functions():
     models = both({"target_modules": ["lin0"], "modules_to_save": ["lin1"]})
     kit = lorakit.get_base_model_state_dict(models["lorakit"])
     ref = peft.utils.get_base_model_state_dict(models["peft"])
-    assert {k: v.shape for k, v in kit.items()} == {k: v.shape for k, v in ref.items()} == \
-        {k: v.shape for k, v in MLP().state_dict().items()}
+    assert (
+        {k: v.shape for k, v in kit.items()}
+        == {k: v.shape for k, v in ref.items()}
+        == {k: v.shape for k, v in MLP().state_dict().items()}
+    )
     fresh = {k: v + 1 for k, v in MLP().state_dict().items()}
-    result = lorakit.set_base_model_state_dict(models["lorakit"], dict(fresh, extra=torch.zeros(1)), strict=False)
+    result = lorakit.set_base_model_state_dict(
+        models["lorakit"], dict(fresh, extra=torch.zeros(1)), strict=False
+    )
     assert (result.missing_keys, result.unexpected_keys) == ([], ["extra"])
     torch.testing.assert_close(lorakit.get_base_model_state_dict(models["lorakit"]), fresh)
 
 
 def test_inject_with_low_cpu_mem_usage_then_load():
-    ref = peft.get_peft_model(MLP(), peft.LoraConfig(target_modules=["lin0"], init_lora_weights=False, use_dora=True))
+    ref = peft.get_peft_model(
+        MLP(), peft.LoraConfig(target_modules=["lin0"], init_lora_weights=False, use_dora=True)
+    )
     state = {k.removeprefix("base_model.model."): v for k, v in peft.get_peft_model_state_dict(ref).items()}
     for lib in LIBS.values():
-        model = lib.inject_adapter_in_model(lib.LoraConfig(target_modules=["lin0"], use_dora=True), MLP(),
-                                            low_cpu_mem_usage=True)
+        model = lib.inject_adapter_in_model(
+            lib.LoraConfig(target_modules=["lin0"], use_dora=True), MLP(), low_cpu_mem_usage=True
+        )
         assert "meta" in {p.device.type for p in model.parameters()}
         lib.set_peft_model_state_dict(model, state, low_cpu_mem_usage=True)
         torch.testing.assert_close(model(X), ref(X), rtol=0, atol=1e-6)
@@ -267,7 +292,9 @@ def test_mixed_batch_errors_as_peft():
     models = both({"target_modules": ["lin0"]})
     for model in models.values():
         model.eval()
-        with pytest.raises(ValueError, match="Length of `adapter_names` should be the same as the number of inputs"):
+        with pytest.raises(
+            ValueError, match="Length of `adapter_names` should be the same as the number of inputs"
+        ):
             model(X, adapter_names=["default"])
         model.merge_adapter()
         with pytest.raises(ValueError, match="Cannot pass `adapter_names` when there are merged adapters"):
@@ -279,7 +306,9 @@ def test_tuner_layer_api():
     copy_weights(models)
     layers = {name: model.base_model.model.lin0 for name, model in models.items()}
     kit, ref = layers["lorakit"], layers["peft"]
-    torch.testing.assert_close(kit.get_delta_weight("default"), ref.get_delta_weight("default"), rtol=0, atol=1e-7)
+    torch.testing.assert_close(
+        kit.get_delta_weight("default"), ref.get_delta_weight("default"), rtol=0, atol=1e-7
+    )
     assert kit.get_base_layer() is kit.base_layer and kit.active_adapters == ref.active_adapters
     for name, layer in layers.items():
         assert not layer.disable_adapters
@@ -288,18 +317,28 @@ def test_tuner_layer_api():
         torch.testing.assert_close(models[name](X), MLP()(X))
         layer.enable_adapters(True)
     for model in models.values():
-        model.add_adapter("other", type(model.peft_config["default"])(target_modules=["lin0"], init_lora_weights=False))
+        model.add_adapter(
+            "other", type(model.peft_config["default"])(target_modules=["lin0"], init_lora_weights=False)
+        )
     copy_weights(models, "other")
     outputs = {}
     for name, model in models.items():
         for module in model.modules():
-            if hasattr(module, "set_adapter") and module is not model and module is not model.base_model \
-                    and hasattr(module, "base_layer"):
+            if (
+                hasattr(module, "set_adapter")
+                and module is not model
+                and module is not model.base_model
+                and hasattr(module, "base_layer")
+            ):
                 module.set_adapter(["default", "other"])
         outputs[name] = model(X)
     torch.testing.assert_close(outputs["lorakit"], outputs["peft"], rtol=0, atol=1e-6)
     assert layers["lorakit"].active_adapters == layers["peft"].active_adapters == ["default", "other"]
-    emb = {name: lib.get_peft_model(nn.Sequential(nn.Embedding(7, 3)), lib.LoraConfig(target_modules=["0"]))
-           for name, lib in LIBS.items()}
-    assert (emb["lorakit"].base_model.model[0].in_features, emb["lorakit"].base_model.model[0].out_features) == \
-        (emb["peft"].base_model.model[0].in_features, emb["peft"].base_model.model[0].out_features)
+    emb = {
+        name: lib.get_peft_model(nn.Sequential(nn.Embedding(7, 3)), lib.LoraConfig(target_modules=["0"]))
+        for name, lib in LIBS.items()
+    }
+    assert (
+        emb["lorakit"].base_model.model[0].in_features,
+        emb["lorakit"].base_model.model[0].out_features,
+    ) == (emb["peft"].base_model.model[0].in_features, emb["peft"].base_model.model[0].out_features)

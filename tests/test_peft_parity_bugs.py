@@ -69,7 +69,9 @@ def transfer(ref: nn.Module, kit: nn.Module, adapter_name: str = "default") -> N
 
 
 def test_modules_to_save_called_with_keywords_only_and_mixed_batch_of_tuples():
-    models = {name: make(lib, target_modules=["lin0"], modules_to_save=["tower"]) for name, lib in LIBS.items()}
+    models = {
+        name: make(lib, target_modules=["lin0"], modules_to_save=["tower"]) for name, lib in LIBS.items()
+    }
     for name, lib in LIBS.items():
         models[name].add_adapter("other", lib.LoraConfig(target_modules=["lin0"], modules_to_save=["tower"]))
     perturb(models["peft"])
@@ -96,7 +98,9 @@ def test_modules_to_save_called_with_keywords_only_and_mixed_batch_of_tuples():
 
 def test_regex_target_with_layers_to_transform_is_refused():
     for lib in LIBS.values():
-        with pytest.raises(ValueError, match="`layers_to_transform` cannot be used when `target_modules` is a str"):
+        with pytest.raises(
+            ValueError, match="`layers_to_transform` cannot be used when `target_modules` is a str"
+        ):
             lib.LoraConfig(target_modules=r"blocks\.\d+", layers_to_transform=[0])
 
 
@@ -114,8 +118,13 @@ def test_add_weighted_adapter_and_modules_to_save():
 def test_add_weighted_adapter_cat_with_rank_patterns():
     models = {}
     for name, lib in LIBS.items():
-        models[name] = make(lib, target_modules=["lin0", "lin1"], rank_pattern={"lin1": 2}, alpha_pattern={"lin0": 4},
-                            init_lora_weights=False)
+        models[name] = make(
+            lib,
+            target_modules=["lin0", "lin1"],
+            rank_pattern={"lin1": 2},
+            alpha_pattern={"lin0": 4},
+            init_lora_weights=False,
+        )
         models[name].add_adapter("b", lib.LoraConfig(target_modules=["lin0"], r=4, init_lora_weights=False))
     for adapter in ("default", "b"):
         transfer(models["peft"], models["lorakit"], adapter)
@@ -158,7 +167,23 @@ def test_init_method_names_are_case_insensitive(method):
     for name, lib in LIBS.items():
         torch.manual_seed(3)
         model = make(lib, target_modules=["lin0"], init_lora_weights=method)
-        factors[name] = peft.get_peft_model_state_dict(model) if name == "peft" else \
-            lorakit.get_peft_model_state_dict(model)
+        factors[name] = (
+            peft.get_peft_model_state_dict(model)
+            if name == "peft"
+            else lorakit.get_peft_model_state_dict(model)
+        )
     for key, value in factors["peft"].items():
         torch.testing.assert_close(factors["lorakit"][key], value, rtol=0, atol=1e-5)
+
+
+def test_seeded_embedding_init_equals_peft():
+    factors = {}
+    for name, lib in LIBS.items():
+        torch.manual_seed(0)
+        base = nn.Sequential(nn.Embedding(50, 6))
+        torch.manual_seed(1)
+        model = lib.get_peft_model(base, lib.LoraConfig(target_modules=["0"]))
+        factors[name] = lib.get_peft_model_state_dict(model)
+    assert factors["lorakit"].keys() == factors["peft"].keys()
+    for key, value in factors["peft"].items():
+        assert torch.equal(factors["lorakit"][key], value), key

@@ -53,7 +53,8 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
 
 __all__ = [
     "AdapterFileError", "AdapterShapeError", "AutoModelForCausalLM", "AutoPeftModelForCausalLM", "BASE_ROW",
-    "DataError", "LoraConfig", "LoraModel", "LorakitError", "MissingDependencyError", "PeftError", "PeftModel",
+    "DataError", "LoraConfig", "LoraModel", "LorakitError", "MissingDependencyError", "PeftError",
+    "PeftModel",
     "PeftModelForCausalLM", "PeftType", "PeftWarning", "TaskType", "default_model_path", "get_peft_model",
     "get_base_model_state_dict", "get_peft_model_state_dict", "inject_adapter_in_model",
     "set_base_model_state_dict", "prepare_for_kbit_training",

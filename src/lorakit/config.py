@@ -93,16 +93,18 @@ class LoraConfig:
     peft_type: PeftType | str = PeftType.LORA
 
     # PEFT's config kind flags, read by code written for PEFT: LoRA is neither prompt learning nor an
-    # adaption prompt.
+    # adaption prompt; and it targets modules, never bare parameters (PEFT's target_parameters).
     is_prompt_learning = False
     is_adaption_prompt = False
+    target_parameters = None
 
     def __post_init__(self) -> None:
         if self.peft_type == PeftType.LORA:
             self.peft_type = PeftType.LORA
         # PEFT compares these init names case-insensitively ("OLoRA", "Gaussian"); "pissa..." it does not.
-        if isinstance(self.init_lora_weights, str) and self.init_lora_weights.lower() in ("gaussian", "olora"):
-            self.init_lora_weights = self.init_lora_weights.lower()
+        init = self.init_lora_weights
+        if isinstance(init, str) and init.lower() in ("gaussian", "olora"):
+            self.init_lora_weights = init.lower()
         if isinstance(self.task_type, TaskType):
             self.task_type = self.task_type.value
         if isinstance(self.target_modules, (set, tuple)):
@@ -204,8 +206,8 @@ class LoraConfig:
         unknown = [key for key in data if key not in known and key not in _PEFT_ONLY_KEYS | _PEFT_INFO_KEYS]
         if unknown and "peft_type" not in data:
             # As PEFT: a file with keys no config has, and no peft_type, is not taken for a LoRA config.
-            raise TypeError(f"{source}: the LoraConfig config that is trying to be loaded is missing required keys: "
-                            f"{{'peft_type'}} (and has unknown keys {sorted(unknown)})")
+            raise TypeError(f"{source}: the LoraConfig config that is trying to be loaded is missing "
+                            f"required keys: {{'peft_type'}} (and has unknown keys {sorted(unknown)})")
         for key, value in data.items():
             if key in known:
                 kwargs[key] = value
@@ -213,8 +215,8 @@ class LoraConfig:
                 if value not in (None, False, {}, [], ""):
                     raise ValueError(f"{source}: key {key!r} uses a PEFT feature lorakit does not support (value {value!r})")
         if unknown:
-            warnings.warn(f"Unexpected keyword arguments {sorted(unknown)} for class LoraConfig, these are ignored. "
-                          f"({source})", UserWarning, stacklevel=2)
+            warnings.warn(f"Unexpected keyword arguments {sorted(unknown)} for class LoraConfig, these are "
+                          f"ignored. ({source})", UserWarning, stacklevel=2)
         try:
             return cls(**kwargs)
         except ValueError as err:

@@ -43,8 +43,14 @@ class LoraModel(nn.Module):
 
     prefix = "lora_"
 
-    def __init__(self, model: nn.Module, peft_config: LoraConfig | None = None, adapter_name: str = "default",
-                 low_cpu_mem_usage: bool = False, autocast_adapter_dtype: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: LoraConfig | None = None,
+        adapter_name: str = "default",
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
         super().__init__()
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
@@ -87,8 +93,13 @@ class LoraModel(nn.Module):
         names = {m for config in self.peft_config.values() for m in config.modules_to_save or []}
         return names or None
 
-    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False,
-                    autocast_adapter_dtype: bool | None = None) -> None:
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: LoraConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool | None = None,
+    ) -> None:
         """Inject a new adapter; it is not activated (call `set_adapter`), except as the first one.
 
         low_cpu_mem_usage: its weights are about to be loaded, so its factors start at zero, skipping the
@@ -100,8 +111,13 @@ class LoraModel(nn.Module):
         self.peft_config[adapter_name] = config
         autocast = self.autocast_adapter_dtype if autocast_adapter_dtype is None else autocast_adapter_dtype
         try:
-            inject.inject_adapter(self.model, config, adapter_name, autocast_adapter_dtype=autocast,
-                                  low_cpu_mem_usage=low_cpu_mem_usage)
+            inject.inject_adapter(
+                self.model,
+                config,
+                adapter_name,
+                autocast_adapter_dtype=autocast,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+            )
         except Exception:
             self.drop(adapter_name)
             raise
@@ -154,8 +170,9 @@ class LoraModel(nn.Module):
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist")
         if any(adapter_name in layer.merged_adapters for _, layer in inject.lora_layers(self.model)):
-            raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge "
-                             "them first.")
+            raise ValueError(
+                f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them first."
+            )
         was_active = adapter_name in self._active
         # Layers left without adapters stay LoRA layers, as in PEFT, so parameter names do not change.
         self.drop(adapter_name, unwrap_empty=False)
@@ -200,8 +217,12 @@ class LoraModel(nn.Module):
 
     def _freeze(self) -> list[nn.Parameter]:
         """Freeze every adapter parameter; returns those that were trainable."""
-        params = [p for _, m in inject.adapter_modules(self.model) for n in m.adapter_names()
-                  for p in m.adapter_parameters(n)]
+        params = [
+            p
+            for _, m in inject.adapter_modules(self.model)
+            for n in m.adapter_names()
+            for p in m.adapter_parameters(n)
+        ]
         trainable = [p for p in params if p.requires_grad]
         for param in trainable:
             param.requires_grad_(False)
@@ -209,14 +230,17 @@ class LoraModel(nn.Module):
 
     @contextmanager
     def adapters_disabled(self) -> Iterator[None]:
-        """Run the base model inside the block, its adapter parameters frozen (as PEFT: a disabled adapter does
-        not train); the on/off state and trainability are restored after, also when blocks nest."""
+        """Run the base model inside the block, its adapter parameters frozen (as PEFT: a disabled adapter
+        does not train); the on/off state and trainability are restored after, also when blocks nest."""
         modules = [module for _, module in inject.adapter_modules(self.model)]
         states = {id(m): getattr(m, "disabled", False) for m in modules}
         if len(set(states.values())) > 1:
-            warnings.warn("The model contains some adapter layers that are enabled and others that are "
-                          "disabled; after disable_adapter() all of them will be enabled", UserWarning,
-                          stacklevel=3)
+            warnings.warn(
+                "The model contains some adapter layers that are enabled and others that are "
+                "disabled; after disable_adapter() all of them will be enabled",
+                UserWarning,
+                stacklevel=3,
+            )
             states = dict.fromkeys(states, False)
         frozen = self._freeze()
         self._disabled_depth += 1

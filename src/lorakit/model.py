@@ -93,7 +93,8 @@ class PeftModel(nn.Module):
         with self._rows(adapter_names, args, kwargs):
             return self.get_base_model().generate(*args, **kwargs)
 
-    def _rows(self, adapter_names: Sequence[str] | None, args: tuple, kwargs: dict) -> AbstractContextManager[None]:
+    def _rows(self, adapter_names: Sequence[str] | None, args: tuple,
+              kwargs: dict) -> AbstractContextManager[None]:
         """One adapter per batch row; checked here, before the model runs, with PEFT's messages."""
         if adapter_names is None:
             return nullcontext()
@@ -289,8 +290,8 @@ class PeftModel(nn.Module):
 
     def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
         """Not offered: lorakit works without the Hugging Face Hub."""
-        raise NotImplementedError("push_to_hub: lorakit does not upload; save_pretrained(dir) and upload dir with "
-                                  "huggingface_hub's upload_folder")
+        raise NotImplementedError("push_to_hub: lorakit does not upload; save_pretrained(dir) and upload dir "
+                                  "with huggingface_hub's upload_folder")
 
     # ---- merging (lorakit.merge.live, lorakit.merge.weighted) -----------------------------------------
 
@@ -307,8 +308,8 @@ class PeftModel(nn.Module):
             warnings.warn("All adapters are already merged, nothing to do.", UserWarning, stacklevel=2)
             return
         if merged:
-            warnings.warn(f"Already following adapters were merged {','.join(merged)}. You are now additionally "
-                          f"merging {','.join(names)}.", UserWarning, stacklevel=2)
+            warnings.warn(f"Already following adapters were merged {','.join(merged)}. You are now "
+                          f"additionally merging {','.join(names)}.", UserWarning, stacklevel=2)
         live.merge_adapters(self.get_base_model(), names, safe_merge)
 
     def unmerge_adapter(self) -> None:

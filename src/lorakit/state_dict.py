@@ -30,8 +30,10 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, dict[str, LoraConfig], str]:
         return model.model, model.peft_config, ""
     configs = getattr(model, "peft_config", None)
     if not isinstance(configs, dict):
-        raise ValueError(f"{type(model).__name__} carries no LoRA adapters (no peft_config); use "
-                         "get_peft_model or inject_adapter_in_model first")
+        raise ValueError(
+            f"{type(model).__name__} carries no LoRA adapters (no peft_config); use "
+            "get_peft_model or inject_adapter_in_model first"
+        )
     return model, configs, ""
 
 
@@ -43,9 +45,13 @@ def _tensors(model: nn.Module, adapter_name: str, save_embedding_layers: bool | 
     return {prefix + key.removeprefix(PREFIX): value for key, value in tensors.items()}
 
 
-def get_peft_model_state_dict(model: nn.Module, state_dict: dict[str, Tensor] | None = None,
-                              adapter_name: str = "default", unwrap_compiled: bool = False,
-                              save_embedding_layers: bool | str = "auto") -> dict[str, Tensor]:
+def get_peft_model_state_dict(
+    model: nn.Module,
+    state_dict: dict[str, Tensor] | None = None,
+    adapter_name: str = "default",
+    unwrap_compiled: bool = False,
+    save_embedding_layers: bool | str = "auto",
+) -> dict[str, Tensor]:
     """The tensors of adapter `adapter_name` under PEFT's saved names (what `save_pretrained` writes).
 
     state_dict: the model's full state dict (in-memory names) to take the values from instead of the live
@@ -57,13 +63,19 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: dict[str, Tensor] | 
     if state_dict is None:
         return {key: value.detach() for key, value in tensors.items()}
     names = {id(param): name for name, param in model.state_dict(keep_vars=True).items()}
-    return {key: state_dict[names[id(value)]] if names.get(id(value)) in state_dict else value.detach()
-            for key, value in tensors.items()}
+    return {
+        key: state_dict[names[id(value)]] if names.get(id(value)) in state_dict else value.detach()
+        for key, value in tensors.items()
+    }
 
 
-def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str, Tensor],
-                              adapter_name: str = "default", ignore_mismatched_sizes: bool = False,
-                              low_cpu_mem_usage: bool = False) -> LoadResult:
+def set_peft_model_state_dict(
+    model: nn.Module,
+    peft_model_state_dict: dict[str, Tensor],
+    adapter_name: str = "default",
+    ignore_mismatched_sizes: bool = False,
+    low_cpu_mem_usage: bool = False,
+) -> LoadResult:
     """Copy PEFT-named tensors (`get_peft_model_state_dict`'s keys) into adapter `adapter_name`.
 
     Returns the load result: `missing_keys` (in-memory names of the adapter's tensors the dict lacks) and
@@ -75,12 +87,21 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     model = getattr(model, "_orig_mod", model)
     inner, configs, _ = _unwrap(model)
     expected = _tensors(model, adapter_name, save_embedding_layers=True)
-    optional = {key.removeprefix(PREFIX) for key in peft_format.optional_keys(
-        inner, configs[adapter_name], peft_format.adapter_tensors(inner, configs[adapter_name], adapter_name, True))}
+    optional = {
+        key.removeprefix(PREFIX)
+        for key in peft_format.optional_keys(
+            inner,
+            configs[adapter_name],
+            peft_format.adapter_tensors(inner, configs[adapter_name], adapter_name, True),
+        )
+    }
     own = model.state_dict(keep_vars=True)
     names = {id(param): name for name, param in own.items()}
-    missing = [names.get(id(t), k) for k, t in expected.items()
-               if k not in peft_model_state_dict and k.removeprefix(PREFIX) not in optional]
+    missing = [
+        names.get(id(t), k)
+        for k, t in expected.items()
+        if k not in peft_model_state_dict and k.removeprefix(PREFIX) not in optional
+    ]
     # A key that is no tensor of this adapter but names a base tensor as it is (e.g. a bias trained with
     # bias="all" while this config says "none") is loaded into it, as PEFT does.
     unexpected = [key for key in peft_model_state_dict if key not in expected and key not in own]
@@ -90,8 +111,10 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
             continue
         if tuple(value.shape) != tuple(target.shape):
             if not ignore_mismatched_sizes:
-                raise RuntimeError(f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, "
-                                   f"the shape in the current model is {tuple(target.shape)}")
+                raise RuntimeError(
+                    f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, "
+                    f"the shape in the current model is {tuple(target.shape)}"
+                )
             missing.append(names.get(id(target), key))
             continue
         if target.device.type == "meta":
@@ -112,12 +135,18 @@ def _to_meta(model: nn.Module, adapter_name: str) -> None:
         for sub in module.modules():
             for name, param in list(sub._parameters.items()):
                 if param is not None and id(param) in ids:
-                    sub._parameters[name] = nn.Parameter(torch.empty_like(param, device="meta"),
-                                                         requires_grad=param.requires_grad)
+                    sub._parameters[name] = nn.Parameter(
+                        torch.empty_like(param, device="meta"), requires_grad=param.requires_grad
+                    )
 
 
-def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_name: str = "default",
-                            low_cpu_mem_usage: bool = False, state_dict: dict[str, Tensor] | None = None) -> nn.Module:
+def inject_adapter_in_model(
+    peft_config: LoraConfig,
+    model: nn.Module,
+    adapter_name: str = "default",
+    low_cpu_mem_usage: bool = False,
+    state_dict: dict[str, Tensor] | None = None,
+) -> nn.Module:
     """Add LoRA adapter `adapter_name` to `model` in place, with no `PeftModel` around it; returns `model`.
 
     The configs are kept as `model.peft_config` (by adapter name), as PEFT does, so that
@@ -129,8 +158,10 @@ def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_n
         saved = {key.removeprefix(PREFIX) for key in _tensors(lora, adapter_name, True)}
         unknown = sorted(k for k in state_dict if k.removeprefix(PREFIX) not in saved and "lora_" in k)
         if unknown:
-            raise ValueError(f"inject_adapter_in_model: state_dict key {unknown[0]!r} names a LoRA tensor the "
-                             f"config does not create (target_modules={peft_config.target_modules!r})")
+            raise ValueError(
+                f"inject_adapter_in_model: state_dict key {unknown[0]!r} names a LoRA tensor the "
+                f"config does not create (target_modules={peft_config.target_modules!r})"
+            )
     if low_cpu_mem_usage:
         _to_meta(model, adapter_name)
     model.peft_config = lora.peft_config
@@ -149,8 +180,8 @@ def _original_keys(inner: nn.Module) -> dict[str, str]:
     for key in inner.state_dict():
         original, rest = "", key
         for prefix in sorted(wrapped, key=len, reverse=True):
-            if key.startswith(prefix) and key[len(prefix):].startswith(wrapped[prefix] + "."):
-                original, rest = prefix, key[len(prefix) + len(wrapped[prefix]) + 1:]
+            if key.startswith(prefix) and key[len(prefix) :].startswith(wrapped[prefix] + "."):
+                original, rest = prefix, key[len(prefix) + len(wrapped[prefix]) + 1 :]
                 break
             if key.startswith(prefix) and prefix:
                 break  # an adapter tensor of that module (lora_A..., modules_to_save...)
@@ -170,7 +201,9 @@ def get_base_model_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return {original: state[current] for original, current in _original_keys(inner).items()}
 
 
-def set_base_model_state_dict(model: nn.Module, state_dict: dict[str, Tensor], strict: bool = True) -> LoadResult:
+def set_base_model_state_dict(
+    model: nn.Module, state_dict: dict[str, Tensor], strict: bool = True
+) -> LoadResult:
     """Load base-model tensors given under their original keys into the adapted model (the inverse of
     `get_base_model_state_dict`). Returns missing and unexpected original keys; `strict` raises RuntimeError
     for either."""
@@ -179,6 +212,8 @@ def set_base_model_state_dict(model: nn.Module, state_dict: dict[str, Tensor], s
     missing = [key for key in mapping if key not in state_dict]
     unexpected = [key for key in state_dict if key not in mapping]
     if strict and (missing or unexpected):
-        raise RuntimeError(f"Error(s) in loading state_dict: missing keys {missing}, unexpected keys {unexpected}")
+        raise RuntimeError(
+            f"Error(s) in loading state_dict: missing keys {missing}, unexpected keys {unexpected}"
+        )
     inner.load_state_dict({mapping[k]: v for k, v in state_dict.items() if k in mapping}, strict=False)
     return LoadResult(missing, unexpected)

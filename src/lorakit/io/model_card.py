@@ -30,15 +30,17 @@ def _split(text: str) -> tuple[dict[str, Any], str]:
         meta = yaml.safe_load(match.group(1)) or {}
     except yaml.YAMLError:
         return {}, text
-    return (meta if isinstance(meta, dict) else {}), text[match.end():]
+    return (meta if isinstance(meta, dict) else {}), text[match.end() :]
 
 
 def _training_section(configs: dict[str, LoraConfig]) -> str:
     lines = ["## Training procedure", ""]
     for name, config in configs.items():
-        lines.append(f"- adapter `{name}`: LoRA r={config.r}, lora_alpha={config.lora_alpha}, "
-                     f"lora_dropout={config.lora_dropout}, target_modules={config.target_modules}"
-                     + (", DoRA" if config.use_dora else ""))
+        lines.append(
+            f"- adapter `{name}`: LoRA r={config.r}, lora_alpha={config.lora_alpha}, "
+            f"lora_dropout={config.lora_dropout}, target_modules={config.target_modules}"
+            + (", DoRA" if config.use_dora else "")
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -62,7 +64,9 @@ def write_model_card(directory: Path, model: nn.Module, configs: dict[str, LoraC
         tags.append("transformers")
     meta["tags"] = list(dict.fromkeys(tags))
     if not body.strip():
-        body = "\n# Model card\n\nA LoRA adapter trained with lorakit, saved in PEFT's format.\n\n" \
-               + _training_section(configs)
+        body = (
+            "\n# Model card\n\nA LoRA adapter trained with lorakit, saved in PEFT's format.\n\n"
+            + _training_section(configs)
+        )
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip()
     atomic_write_text(path, f"---\n{front}\n---\n{body}")

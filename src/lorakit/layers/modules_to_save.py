@@ -44,8 +44,8 @@ def _put_rows(result: Any, index: Tensor, sub: Any) -> Any:
 class ModulesToSaveWrapper(TunerLayerAPI, nn.Module):
     def __init__(self, module: nn.Module, module_name: str = "") -> None:
         if isinstance(module, _CONTAINERS):
-            raise TypeError(f"modules_to_save cannot be applied to modules of type {type(module)} ({module_name}); "
-                            "name the modules inside it instead")
+            raise TypeError(f"modules_to_save cannot be applied to modules of type {type(module)} "
+                            f"({module_name}); name the modules inside it instead")
         super().__init__()
         self.original_module = module
         self.modules_to_save = nn.ModuleDict()
@@ -60,6 +60,11 @@ class ModulesToSaveWrapper(TunerLayerAPI, nn.Module):
 
     def adapter_names(self) -> list[str]:
         return list(self.modules_to_save)
+
+    @property
+    def _adapters(self) -> set[str]:
+        """PEFT's name for the set of adapters this wrapper has a copy for."""
+        return set(self.adapter_names())
 
     @property
     def active_adapters(self) -> list[str]:

@@ -70,8 +70,8 @@ def check_modules_to_save(model: nn.Module, adapters: Sequence[str]) -> None:
     shared = [name for name, module in adapter_modules(model) if isinstance(module, ModulesToSaveWrapper)
               and sum(a in module.adapter_names() for a in adapters) > 1]
     if shared:
-        raise ValueError("Cannot add weighted adapters if they target the same module with modules_to_save, but "
-                         f"found {len(shared)} such instance(s) (e.g. {shared[0]}).")
+        raise ValueError("Cannot add weighted adapters if they target the same module with modules_to_save, "
+                         f"but found {len(shared)} such instance(s) (e.g. {shared[0]}).")
 
 
 def copy_modules_to_save(model: nn.Module, adapter_name: str, adapters: Sequence[str]) -> None:
@@ -82,7 +82,8 @@ def copy_modules_to_save(model: nn.Module, adapter_name: str, adapters: Sequence
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.adapter_names():
             source = next((a for a in adapters if a in module.adapter_names()), None)
             if source is not None:
-                module.modules_to_save[adapter_name].load_state_dict(module.modules_to_save[source].state_dict())
+                copies = module.modules_to_save
+                copies[adapter_name].load_state_dict(copies[source].state_dict())
 
 
 def write_weighted_factors(model: nn.Module, adapter_name: str, adapters: Sequence[str],
