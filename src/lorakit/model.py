@@ -215,10 +215,6 @@ class PeftModel(nn.Module):
         except ValueError as err:
             raise saved.misfit(model, err) from None
         peft_model._load_weights(adapter_name, saved, torch_dtype)
-        if config is not None and peft_model.peft_config[adapter_name] == saved.config:
-            # As PEFT: the config passed in is the one kept (its inference_mode set by is_trainable).
-            config.inference_mode = not is_trainable
-            peft_model.peft_config[adapter_name] = config
         if not is_trainable:
             # Loaded for inference: dropout off (new LoRA dropout modules start in training mode), as PEFT.
             peft_model.eval()
