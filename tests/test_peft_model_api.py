@@ -212,7 +212,7 @@ def test_mixed_batch_rejects_unknown_adapter_and_merged_model() -> None:
     model = _two_adapters(*MIXED[1])
     with pytest.raises(ValueError, match="unknown adapter"):
         model(input_ids=input_ids(2), adapter_names=["a", "nope"])
-    with pytest.raises(ValueError, match="2 rows"):
+    with pytest.raises(ValueError, match="should be the same as the number of inputs, but got 3 and 2"):
         model(input_ids=input_ids(2), adapter_names=["a", "b", "a"])
     model.merge_adapter()
     with pytest.raises(ValueError, match="merged"):

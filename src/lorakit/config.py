@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lorakit.errors import AdapterFileError
+from lorakit.errors import AdapterFileError, ConfigKindError
 from lorakit.options import OptionError, option
 
 CONFIG_NAME = "adapter_config.json"
@@ -206,8 +206,8 @@ class LoraConfig:
         unknown = [key for key in data if key not in known and key not in _PEFT_ONLY_KEYS | _PEFT_INFO_KEYS]
         if unknown and "peft_type" not in data:
             # As PEFT: a file with keys no config has, and no peft_type, is not taken for a LoRA config.
-            raise TypeError(f"{source}: the LoraConfig config that is trying to be loaded is missing "
-                            f"required keys: {{'peft_type'}} (and has unknown keys {sorted(unknown)})")
+            raise ConfigKindError(f"{source}: the LoraConfig config that is trying to be loaded is missing "
+                                  f"required keys: {{'peft_type'}} (and has unknown keys {sorted(unknown)})")
         for key, value in data.items():
             if key in known:
                 kwargs[key] = value

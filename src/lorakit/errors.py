@@ -20,6 +20,11 @@ class AdapterShapeError(AdapterFileError, RuntimeError):
     `load_state_dict`) raises for a size mismatch."""
 
 
+class ConfigKindError(LorakitError, TypeError, ValueError):
+    """A JSON file that is not a LoRA config (unknown keys and no `peft_type`). A TypeError, as PEFT raises
+    there, and a ValueError like every other config problem."""
+
+
 class DataError(LorakitError):
     """A dataset file is malformed; the message names the file and line."""
 
