@@ -170,7 +170,7 @@ class LoraLayer(TunerLayerAPI, nn.Module):
             self._create(name, spec, init_zeros(weight, spec.r, spec.scaling))
             init = initialise(weight, spec.r, spec.scaling)
             for factor, value in zip(self.factors(name), init[:2]):
-                factor.copy_(value)
+                factor.copy_(value.view_as(factor))
             if init.residual is not None:
                 self._store_init_weight(init.residual)
                 self.initial_factors[name] = (init.lora_A.detach().cpu().clone(), init.lora_B.detach().cpu().clone())
