@@ -65,10 +65,7 @@ def test_outputs_merge_and_files_match_peft(dim, tmp_path):
             atol=1e-6,
         )
     merged = kit.merge_and_unload()
-    assert all(
-        isinstance(m, (Net, CONV[dim], nn.Identity)) or not list(m.parameters(recurse=False))
-        for m in merged.modules()
-    )
+    assert not any(isinstance(m, lorakit.layers.LoraLayer) for m in merged.modules())
     torch.testing.assert_close(merged(x), expected, rtol=0, atol=1e-5)
     again = lorakit.get_peft_model(Net(dim), lorakit.LoraConfig(init_lora_weights=False, **config))
     again.save_pretrained(tmp_path / "kit")
