@@ -8,7 +8,7 @@ from lorakit.layers.modules_to_save import ModulesToSaveWrapper
 from lorakit.layers.rows import BASE_ROW, row_adapters
 
 __all__ = [
-    "BASE_ROW", "CONV_TYPES", "AdapterModule", "AdapterSpec", "is_adapter_module", "LoraConv", "LoraEmbedding",
-    "LoraLayer", "LoraLinear",
+    "BASE_ROW", "CONV_TYPES", "AdapterModule", "AdapterSpec", "is_adapter_module", "LoraConv",
+    "LoraEmbedding", "LoraLayer", "LoraLinear",
     "ModulesToSaveWrapper", "is_conv1d", "linear_features", "row_adapters",
 ]
