@@ -196,7 +196,8 @@ def test_disk_full_during_save_keeps_the_previous_adapter(files, tiny_chat_model
     with pytest.raises(OSError, match="No space left"):
         model.save_pretrained(target)
     assert (target / "adapter_model.safetensors").read_bytes() == before
-    assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in target.iterdir()) == ["README.md", "adapter_config.json",
+                                                        "adapter_model.safetensors"]
 
 
 def test_read_only_output_gives_one_line(files, tiny_chat_model_dir, tmp_path, capfd, monkeypatch) -> None:

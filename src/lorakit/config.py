@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lorakit.errors import AdapterFileError
+from lorakit.errors import AdapterFileError, ConfigKindError
 from lorakit.options import OptionError, option
 
 CONFIG_NAME = "adapter_config.json"
@@ -36,6 +36,12 @@ _PEFT_INFO_KEYS = {
     "auto_mapping", "peft_version", "revision", "megatron_core", "qalora_group_size",
     "ensure_weight_tying",
 }
+
+
+class PeftType(str, enum.Enum):
+    """PEFT's adapter-method names; lorakit implements LORA. A str, so it equals "LORA" and writes as it."""
+
+    LORA = "LORA"
 
 
 class TaskType(str, enum.Enum):
@@ -84,9 +90,21 @@ class LoraConfig:
     task_type: str | None = None
     base_model_name_or_path: str | None = None
     inference_mode: bool = False
-    peft_type: str = "LORA"
+    peft_type: PeftType | str = PeftType.LORA
+
+    # PEFT's config kind flags, read by code written for PEFT: LoRA is neither prompt learning nor an
+    # adaption prompt; and it targets modules, never bare parameters (PEFT's target_parameters).
+    is_prompt_learning = False
+    is_adaption_prompt = False
+    target_parameters = None
 
     def __post_init__(self) -> None:
+        if self.peft_type == PeftType.LORA:
+            self.peft_type = PeftType.LORA
+        # PEFT compares these init names case-insensitively ("OLoRA", "Gaussian"); "pissa..." it does not.
+        init = self.init_lora_weights
+        if isinstance(init, str) and init.lower() in ("gaussian", "olora"):
+            self.init_lora_weights = init.lower()
         if isinstance(self.task_type, TaskType):
             self.task_type = self.task_type.value
         if isinstance(self.target_modules, (set, tuple)):
@@ -125,6 +143,11 @@ class LoraConfig:
             isinstance(self.modules_to_save, list) and all(isinstance(m, str) for m in self.modules_to_save)
         ):
             raise bad("modules_to_save", "a list of module names or None")
+        # A regex names whole modules itself; PEFT refuses a layer selection on top of it.
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise bad("layers_pattern", "to be used together with layers_to_transform")
         layers = self.layers_to_transform
@@ -180,14 +203,20 @@ class LoraConfig:
         """Build from a PEFT-style dict; PEFT-only keys left at their defaults are skipped."""
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
+        unknown = [key for key in data if key not in known and key not in _PEFT_ONLY_KEYS | _PEFT_INFO_KEYS]
+        if unknown and "peft_type" not in data:
+            # As PEFT: a file with keys no config has, and no peft_type, is not taken for a LoRA config.
+            raise ConfigKindError(f"{source}: the LoraConfig config that is trying to be loaded is missing "
+                                  f"required keys: {{'peft_type'}} (and has unknown keys {sorted(unknown)})")
         for key, value in data.items():
             if key in known:
                 kwargs[key] = value
             elif key in _PEFT_ONLY_KEYS:
                 if value not in (None, False, {}, [], ""):
                     raise ValueError(f"{source}: key {key!r} uses a PEFT feature lorakit does not support (value {value!r})")
-            elif key not in _PEFT_INFO_KEYS:
-                warnings.warn(f"{source}: ignoring unknown key {key!r}", stacklevel=2)
+        if unknown:
+            warnings.warn(f"Unexpected keyword arguments {sorted(unknown)} for class LoraConfig, these are "
+                          f"ignored. ({source})", UserWarning, stacklevel=2)
         try:
             return cls(**kwargs)
         except ValueError as err:

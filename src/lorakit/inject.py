@@ -18,8 +18,10 @@ from lorakit.config import LoraConfig
 from lorakit.init import init_embedding, init_zeros, initialiser, moves_base_weight
 from lorakit.io.peft_keys import in_modules_to_save
 from lorakit.layers import (
+    CONV_TYPES,
     AdapterModule,
     AdapterSpec,
+    LoraConv,
     LoraEmbedding,
     LoraLayer,
     LoraLinear,
@@ -188,9 +190,11 @@ def _wrap(module: nn.Module, name: str, config: LoraConfig) -> LoraLayer:
             warnings.warn("nn.Linear layers store weights as (out, in); using fan_in_fan_out=False for them",
                           stacklevel=4)
         return LoraLinear(module, name, fan_in_fan_out=False)
+    if isinstance(module, CONV_TYPES):
+        return LoraConv(module, name)
     raise ValueError(
-        f"{name}: cannot adapt a {type(module).__name__}; LoRA supports nn.Linear, Conv1D and nn.Embedding "
-        "(target its linear submodules instead)"
+        f"{name}: cannot adapt a {type(module).__name__}; LoRA supports nn.Linear, Conv1D, nn.Embedding and "
+        "nn.Conv1d/2d/3d (target its linear submodules instead)"
     )
 
 

@@ -21,21 +21,12 @@ from torch import nn
 
 from lorakit import inject, quant
 from lorakit.config import LoraConfig
-from lorakit.io import peft_format, pretrained
-from lorakit.io.pretrained import SavedAdapter, check_adapter_name
+from lorakit.io import pretrained
+from lorakit.io.model_card import write_model_card
+from lorakit.io.pretrained import SavedAdapter
 from lorakit.layers import BASE_ROW, row_adapters
+from lorakit.lora_model import LoraModel, submodule_attribute
 from lorakit.merge import live, weighted
-
-
-class LoraModel(nn.Module):
-    """Container giving PEFT's `base_model.model.` prefix to parameter names."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
 
 
 class PeftModel(nn.Module):
@@ -51,17 +42,22 @@ class PeftModel(nn.Module):
         """Wrap `model` (adapted in place) with a first adapter, active and trainable unless the config says
         inference_mode; a config naming no base model gets `model`'s name (in the adapter's copy)."""
         super().__init__()
-        self.base_model = LoraModel(model)
-        self.peft_config: dict[str, LoraConfig] = {}
-        self.active_adapters: list[str] = []
-        self.autocast_adapter_dtype = autocast_adapter_dtype
         for param in model.parameters():
             param.requires_grad_(False)
         if peft_config.base_model_name_or_path is None:
             name = getattr(model, "name_or_path", None) or None
             peft_config = dataclasses.replace(peft_config, base_model_name_or_path=name)
-        self.add_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
-        self.set_adapter(adapter_name, inference_mode=peft_config.inference_mode)
+        self.base_model = LoraModel(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
+                                    autocast_adapter_dtype=autocast_adapter_dtype)
+
+    def __getattr__(self, name: str) -> Any:
+        """Forwarded, and nothing else: `.model` (the transformers model, as in PEFT) and its named child
+        modules (`peft_model.lin0`, `peft_model.transformer`)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__["_modules"]["base_model"]
+            return base.model if name == "model" else submodule_attribute(base.model, name)
 
     # ---- the transformers model, explicitly forwarded ---------------------------------------------
 
@@ -90,20 +86,29 @@ class PeftModel(nn.Module):
         return getattr(self.get_base_model(), "name_or_path", "")
 
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        with self._rows(adapter_names):
+        with self._rows(adapter_names, args, kwargs):
             return self.get_base_model()(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        with self._rows(adapter_names):
+        with self._rows(adapter_names, args, kwargs):
             return self.get_base_model().generate(*args, **kwargs)
 
-    def _rows(self, adapter_names: Sequence[str] | None) -> AbstractContextManager[None]:
+    def _rows(self, adapter_names: Sequence[str] | None, args: tuple,
+              kwargs: dict) -> AbstractContextManager[None]:
+        """One adapter per batch row; checked here, before the model runs, with PEFT's messages."""
         if adapter_names is None:
             return nullcontext()
         unknown = sorted(set(adapter_names) - set(self.peft_config) - {BASE_ROW})
         if unknown:
             raise ValueError(f"adapter_names: unknown adapter(s) {unknown}; "
                              f"loaded: {sorted(self.peft_config)}")
+        if any(layer.merged for _, layer in inject.lora_layers(self.get_base_model())):
+            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                             "`unmerge_adapter` first.")
+        first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim()), None)
+        if first is not None and first.shape[0] != len(adapter_names):
+            raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
+                             f"{len(adapter_names)} and {first.shape[0]} respectively.")
         return row_adapters(list(adapter_names))
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
@@ -128,105 +133,70 @@ class PeftModel(nn.Module):
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
         return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
 
-    # ---- adapters by name -------------------------------------------------------------------------
+    # ---- adapters by name (kept by `base_model`, lorakit.lora_model) -----------------------------------
+
+    prefix = LoraModel.prefix
+    # PEFT's flag for prompt-learning methods, read by code written for PEFT; LoRA is not one.
+    _is_prompt_learning = False
 
     @property
-    def active_adapter(self) -> str:
-        return self.active_adapters[0]
+    def peft_config(self) -> dict[str, LoraConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.base_model.active_adapters
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.base_model.active_adapter
 
     @property
     def active_peft_config(self) -> LoraConfig:
-        return self.peft_config[self.active_adapter]
+        return self.peft_config[self.active_adapters[0]]
 
-    def add_adapter(self, adapter_name: str, peft_config: LoraConfig,
-                    low_cpu_mem_usage: bool = False) -> None:
-        """Inject a new adapter; it is not activated (call `set_adapter`), except as the first one.
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        return self.base_model.modules_to_save
 
-        low_cpu_mem_usage: its weights are about to be loaded, so its factors start at zero, skipping the
-        random init (see `inject_adapter`). The adapter keeps a copy of `peft_config` (`new_adapter_config`).
-        """
-        check_adapter_name(adapter_name)
-        config = inject.new_adapter_config(self.get_base_model(), adapter_name, peft_config, self.peft_config)
-        self.peft_config[adapter_name] = config
-        try:
-            inject.inject_adapter(self.get_base_model(), config, adapter_name,
-                                  autocast_adapter_dtype=self.autocast_adapter_dtype,
-                                  low_cpu_mem_usage=low_cpu_mem_usage)
-        except Exception:
-            self._drop(adapter_name)
-            raise
-        # A new adapter starts frozen (PEFT: adding an adapter never changes what trains); `set_adapter` or
-        # `load_adapter(is_trainable=True)` makes it trainable.
-        self.set_requires_grad(adapter_name, False)
-        self._apply_active()
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        return self.base_model.has_active_enabled_adapter
+
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """Inject a new adapter; it is not activated (call `set_adapter`). See `LoraModel.add_adapter`."""
+        self.base_model.add_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage,
+                                    autocast_adapter_dtype=autocast_adapter_dtype)
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
-        """Make `adapter_name` the active adapter; it becomes trainable unless `inference_mode`."""
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} not found; loaded: {sorted(self.peft_config)}")
-        self.active_adapters = [adapter_name]
-        trainable = None if inference_mode else adapter_name
-        # One pass over the adapter modules: switching is meant to be cheap with many adapters loaded.
-        for _, module in inject.adapter_modules(self.get_base_model()):
-            module.set_active(self.active_adapters)
-            for name in module.adapter_names():
-                for param in module.adapter_parameters(name):
-                    param.requires_grad_(name == trainable)
-        # Base biases trained by an adapter (bias="all"/"lora_only") train while that adapter is the active,
-        # trainable one. (PEFT instead decides once, when the first adapter is injected.)
-        for name, config in self.peft_config.items():
-            if config.bias != "none":
-                trainable = name == adapter_name and not inference_mode
-                for tensor in peft_format.bias_tensors(self.get_base_model(), config, name).values():
-                    tensor.requires_grad_(trainable)
+        """Make `adapter_name` the active adapter; it becomes trainable unless `inference_mode`. (Several at
+        once: `base_model.set_adapter([...])`, as in PEFT.)"""
+        if not isinstance(adapter_name, str):
+            raise TypeError("PeftModel.set_adapter takes one adapter name; use base_model.set_adapter([...]) "
+                            "to activate several")
+        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
 
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
         """Turn gradients on or off for the given adapters' own parameters (LoRA factors, DoRA magnitudes,
         modules_to_save copies); base biases are left alone, as in PEFT."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for name in names:
-            if name not in self.peft_config:
-                raise ValueError(f"adapter {name!r} not found; loaded: {sorted(self.peft_config)}")
-            for _, module in inject.adapter_modules(self.get_base_model()):
-                for param in module.adapter_parameters(name):
-                    param.requires_grad_(requires_grad)
-
-    def _apply_active(self) -> None:
-        for _, module in inject.adapter_modules(self.get_base_model()):
-            module.set_active(self.active_adapters)
+        self.base_model.set_requires_grad(adapter_names, requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an (unmerged) adapter. If it was active, the first remaining adapter by name becomes active
-        (and trainable), as in PEFT."""
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} not found; loaded: {sorted(self.peft_config)}")
-        merged = [name for name, layer in inject.lora_layers(self.get_base_model())
-                  if adapter_name in layer.merged_adapters]
-        if merged:
-            raise ValueError(f"adapter {adapter_name!r} is merged (e.g. into {merged[0]}); "
-                             "unmerge_adapter() before deleting it")
-        # Layers left without adapters stay LoRA layers, as in PEFT, so parameter names do not change.
-        self._drop(adapter_name, unwrap_empty=False)
-        if adapter_name in self.active_adapters:
-            remaining = [n for n in self.active_adapters if n != adapter_name] or sorted(self.peft_config)[:1]
-            if remaining:
-                # PEFT activates the first remaining adapter by sorted name, as set_adapter does (trainable).
-                self.set_adapter(remaining[0])
-                return
-            self.active_adapters = []
-        self._apply_active()
+        """Remove an (unmerged) adapter; see `LoraModel.delete_adapter`."""
+        self.base_model.delete_adapter(adapter_name)
 
-    def _drop(self, adapter_name: str, unwrap_empty: bool = True) -> None:
-        """Remove an adapter everywhere; with `unwrap_empty` (rolling back a failed add), layers left with
-        no adapter at all go back to being their original module."""
-        self.peft_config.pop(adapter_name, None)
-        inject.remove_adapter(self.get_base_model(), adapter_name, unwrap_empty)
+    def disable_adapter_layers(self) -> None:
+        self.base_model.disable_adapter_layers()
+
+    def enable_adapter_layers(self) -> None:
+        self.base_model.enable_adapter_layers()
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model: inside the block every adapter is off (merged ones are unmerged first and
         merged back after)."""
-        with live.adapters_disabled(self.get_base_model()):
+        with self.base_model.adapters_disabled():
             yield
 
     # ---- loading and saving (lorakit.io.pretrained) --------------------------------------------------
@@ -251,13 +221,20 @@ class PeftModel(nn.Module):
         return peft_model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     torch_dtype: torch.dtype | None = None, subfolder: str | None = None,
-                     **kwargs: Any) -> None:
-        """Load another saved adapter under `adapter_name` without activating it."""
+                     torch_dtype: torch.dtype | None = None, autocast_adapter_dtype: bool = True,
+                     subfolder: str | None = None, low_cpu_mem_usage: bool = False,
+                     **kwargs: Any) -> pretrained.LoadResult:
+        """Load another saved adapter under `adapter_name` without activating it.
+
+        Returns PEFT's load result: `missing_keys` and `unexpected_keys`, both empty, since a file with a
+        tensor that has no place in the model, or lacking one, is refused (AdapterFileError) instead.
+        low_cpu_mem_usage is accepted for PEFT's signature: loading always skips the random init.
+        """
         _warn_unused(kwargs, "load_adapter")
         saved = pretrained.read_saved_adapter(model_id, subfolder, is_trainable=is_trainable)
         try:
-            self.add_adapter(adapter_name, saved.config, low_cpu_mem_usage=True)
+            self.add_adapter(adapter_name, saved.config, low_cpu_mem_usage=True,
+                             autocast_adapter_dtype=autocast_adapter_dtype)
         except ValueError as err:
             raise saved.misfit(self.get_base_model(), err) from None
         self._load_weights(adapter_name, saved, torch_dtype)
@@ -266,6 +243,7 @@ class PeftModel(nn.Module):
         self.set_requires_grad(adapter_name, is_trainable)
         if not is_trainable:
             self.eval()
+        return pretrained.LoadResult([], [])
 
     def _load_weights(self, adapter_name: str, saved: SavedAdapter, torch_dtype: torch.dtype | None) -> None:
         try:
@@ -273,11 +251,11 @@ class PeftModel(nn.Module):
                                           saved, torch_dtype)
         except Exception:
             # Roll back completely: the layers this adapter wrapped go back to their original modules.
-            self._drop(adapter_name)
+            self.base_model.drop(adapter_name)
             raise
         # Layers keep state derived from their adapters (LoraLinear's inference plan holds their dtype, which
         # torch_dtype may just have changed); re-activating rebuilds it.
-        self._apply_active()
+        self.base_model.apply_active()
 
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
                         selected_adapters: Sequence[str] | None = None,
@@ -304,6 +282,12 @@ class PeftModel(nn.Module):
         configs = {name: self.peft_config[name] for name in names}
         pretrained.save_adapters(self.get_base_model(), configs, Path(save_directory), save_embedding_layers,
                                  portable)
+        write_model_card(Path(save_directory), self.get_base_model(), configs)
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
+        """Not offered: lorakit works without the Hugging Face Hub."""
+        raise NotImplementedError("push_to_hub: lorakit does not upload; save_pretrained(dir) and upload dir "
+                                  "with huggingface_hub's upload_folder")
 
     # ---- merging (lorakit.merge.live, lorakit.merge.weighted) -----------------------------------------
 
@@ -314,6 +298,14 @@ class PeftModel(nn.Module):
         the layers already merged by this call are restored, so the model is left as it was.
         """
         names = adapter_names if adapter_names is not None else self.active_adapters
+        layers = [layer for _, layer in inject.lora_layers(self.get_base_model())]
+        merged = sorted({n for layer in layers for n in layer.merged_adapters})
+        if layers and all(n in layer.merged_adapters for layer in layers for n in names if n in layer.r):
+            warnings.warn("All adapters are already merged, nothing to do.", UserWarning, stacklevel=2)
+            return
+        if merged:
+            warnings.warn(f"Already following adapters were merged {','.join(merged)}. You are now "
+                          f"additionally merging {','.join(names)}.", UserWarning, stacklevel=2)
         live.merge_adapters(self.get_base_model(), names, safe_merge)
 
     def unmerge_adapter(self) -> None:
@@ -342,8 +334,7 @@ class PeftModel(nn.Module):
     def _unload(self, keep_saved_copy: bool) -> nn.Module:
         model = self.get_base_model()
         inject.remove_adapter_modules(model, keep_saved_copy)
-        self.peft_config = {}
-        self.active_adapters = []
+        self.base_model.clear()
         return model
 
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
@@ -355,7 +346,9 @@ class PeftModel(nn.Module):
         _warn_unused(kwargs, "add_weighted_adapter")
         adapters, weights = list(adapters), list(weights)
         config = weighted.weighted_config(self.peft_config, adapters, weights, combination_type, svd_rank)
+        weighted.check_modules_to_save(self.get_base_model(), adapters)
         self.add_adapter(adapter_name, config, low_cpu_mem_usage=True)
+        weighted.copy_modules_to_save(self.get_base_model(), adapter_name, adapters)
         weighted.write_weighted_factors(self.get_base_model(), adapter_name, adapters, weights,
                                         combination_type, svd_clamp=svd_clamp,
                                         svd_full_matrices=svd_full_matrices, svd_driver=svd_driver)

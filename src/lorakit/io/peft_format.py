@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lorakit.config import LoraConfig
-from lorakit.errors import AdapterFileError
+from lorakit.errors import AdapterFileError, AdapterShapeError
 from lorakit.inject import ALL_LINEAR, adapter_modules, base_modules, lora_layers
 from lorakit.io.atomic import atomic_file
 from lorakit.io.peft_keys import BASE_LAYER, PREFIX, names_lora_tensor, parse_key
@@ -166,7 +166,7 @@ def load_adapter_tensors(
     """Copy saved tensors into adapter `adapter_name` of `model` (already injected), checking every key
     and shape; errors name the file, the module and both shapes."""
     expected = adapter_tensors(model, config, adapter_name, save_embedding_layers=True)
-    optional = _optional_keys(model, config, expected)
+    optional = optional_keys(model, config, expected)
     model_name = type(model).__name__
     for key, value in saved.items():
         if key not in expected:
@@ -181,7 +181,7 @@ def load_adapter_tensors(
         if value.dtype.is_floating_point and not torch.isfinite(value).all():
             raise AdapterFileError(f"{source}: {key}: holds NaN or infinite values; the adapter is broken")
         if tuple(value.shape) != tuple(target.shape):
-            raise AdapterFileError(
+            raise AdapterShapeError(
                 f"{source}: {key}: saved shape {tuple(value.shape)} does not fit the model's "
                 f"{tuple(target.shape)}; is the adapter for another base model?"
             )
@@ -194,7 +194,7 @@ def load_adapter_tensors(
             expected[key].copy_(value)
 
 
-def _optional_keys(model: nn.Module, config: LoraConfig, expected: dict[str, Tensor]) -> set[str]:
+def optional_keys(model: nn.Module, config: LoraConfig, expected: dict[str, Tensor]) -> set[str]:
     """The expected keys a saved adapter may lack: base tensors (embeddings, base_layer weights and biases),
     which PEFT saves only in some cases, and with bias="all" every bias that is not a LoRA tensor."""
     embeddings = {PREFIX + k for k in embedding_tensors(model, config, True)}

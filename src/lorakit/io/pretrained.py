@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +35,14 @@ def check_adapter_name(name: str) -> str:
     if hasattr(nn.ModuleDict, name):
         raise ValueError(f"adapter name {name!r}: the name of a torch module attribute; choose another name")
     return name
+
+
+class LoadResult(NamedTuple):
+    """What loading adapter weights reports, as PEFT's (and torch's `load_state_dict`) result: in-memory
+    names of the adapter's tensors the source lacked, and source keys that have no place in the model."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
 
 
 @dataclass(frozen=True)

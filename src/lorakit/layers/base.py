@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from lorakit.init import Initialiser, LoraInit, init_zeros, moves_base_weight
 from lorakit.io.peft_keys import LINEAR_FACTORS
 from lorakit.layers.rows import StackSlot
+from lorakit.layers.tuner_api import TunerLayerAPI
 from lorakit.merge.delta import add_delta, dora_merge, dora_norm, dora_unmerge
 from lorakit.quant import weights as quant
 
@@ -75,7 +76,7 @@ class AdapterSpec:
     dtype: torch.dtype | None = None
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(TunerLayerAPI, nn.Module):
     """Base of the LoRA layers. Subclasses define the factor modules and the forward pass.
 
     `feature_axis` is the axis of the stored base weight that indexes output features (0 for
@@ -169,7 +170,7 @@ class LoraLayer(nn.Module):
             self._create(name, spec, init_zeros(weight, spec.r, spec.scaling))
             init = initialise(weight, spec.r, spec.scaling)
             for factor, value in zip(self.factors(name), init[:2]):
-                factor.copy_(value)
+                factor.copy_(value.view_as(factor))
             if init.residual is not None:
                 self._store_init_weight(init.residual)
                 self.initial_factors[name] = (init.lora_A.detach().cpu().clone(), init.lora_B.detach().cpu().clone())

@@ -25,6 +25,8 @@ class LoraEmbedding(LoraLayer):
 
     def __init__(self, base_layer: nn.Embedding, module_name: str = "") -> None:
         super().__init__(base_layer, module_name)
+        # PEFT's names for the shapes the factors map between: token ids (in) to embedding vectors (out).
+        self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
 
@@ -35,8 +37,10 @@ class LoraEmbedding(LoraLayer):
         if spec.lora_bias:
             raise ValueError(f"{self.module_name}: lora_bias is not supported on embedding layers")
         kwargs = {"device": _device_of(self.base_layer), "dtype": spec.dtype or torch.float32}
-        self.lora_embedding_A[name] = nn.Parameter(init.lora_A.to(**kwargs))
-        self.lora_embedding_B[name] = nn.Parameter(init.lora_B.to(**kwargs))
+        # PEFT creates the embedding factors from torch.randn draws before initialising them; drawing the same
+        # (then overwritten) numbers keeps a seeded init equal to PEFT's.
+        self.lora_embedding_A[name] = nn.Parameter(torch.randn(init.lora_A.shape).to(**kwargs))
+        self.lora_embedding_B[name] = nn.Parameter(torch.randn(init.lora_B.shape).to(**kwargs))
 
     def factors(self, name: str) -> tuple[Tensor, Tensor]:
         return self.lora_embedding_A[name], self.lora_embedding_B[name]

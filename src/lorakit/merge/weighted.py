@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
-from lorakit.inject import lora_layers
+from lorakit.inject import adapter_modules, lora_layers
+from lorakit.layers import ModulesToSaveWrapper
 from lorakit.merge import combine
 
 COMBINATIONS = ("linear", "cat", "svd")
@@ -37,10 +38,12 @@ def weighted_config(configs: Mapping[str, LoraConfig], adapters: Sequence[str], 
         if config.use_dora:
             raise ValueError(f"add_weighted_adapter: adapter {name!r} uses DoRA, which cannot be combined "
                              "linearly")
-        if (config.rank_pattern or config.alpha_pattern) and combination_type != "svd":
+        if (config.rank_pattern or config.alpha_pattern) and combination_type == "linear":
             raise ValueError(f"add_weighted_adapter: adapter {name!r} has rank/alpha patterns; "
-                             "use combination_type='svd'")
-    ranks = [configs[name].r for name in adapters]
+                             "use combination_type='cat' or 'svd'")
+    # Room for the largest rank an adapter has on any layer (rank patterns included); a layer whose ranks
+    # sum to less is padded with zeros (combine.cat), as PEFT does.
+    ranks = [max([configs[name].r, *configs[name].rank_pattern.values()]) for name in adapters]
     if combination_type == "linear" and len(set(ranks)) > 1:
         raise ValueError(f"add_weighted_adapter: 'linear' needs equal ranks, "
                          f"got {dict(zip(adapters, ranks))}")
@@ -53,11 +56,34 @@ def weighted_config(configs: Mapping[str, LoraConfig], adapters: Sequence[str], 
                          "regexes")
     else:
         new_targets = sorted(set().union(*targets))
+    saved = [m for name in adapters for m in configs[name].modules_to_save or []]
     return dataclasses.replace(
         configs[adapters[0]], r=new_rank, lora_alpha=new_rank, target_modules=new_targets, rank_pattern={},
-        alpha_pattern={}, init_lora_weights=True, use_rslora=False, modules_to_save=None,
-        layers_to_transform=None, layers_pattern=None,
+        alpha_pattern={}, init_lora_weights=True, use_rslora=False,
+        modules_to_save=list(dict.fromkeys(saved)) or None, layers_to_transform=None, layers_pattern=None,
     )
+
+
+def check_modules_to_save(model: nn.Module, adapters: Sequence[str]) -> None:
+    """ValueError if two of `adapters` have their own copy of the same module (modules_to_save): whole
+    trained modules cannot be combined (PEFT refuses the same)."""
+    shared = [name for name, module in adapter_modules(model) if isinstance(module, ModulesToSaveWrapper)
+              and sum(a in module.adapter_names() for a in adapters) > 1]
+    if shared:
+        raise ValueError("Cannot add weighted adapters if they target the same module with modules_to_save, "
+                         f"but found {len(shared)} such instance(s) (e.g. {shared[0]}).")
+
+
+def copy_modules_to_save(model: nn.Module, adapter_name: str, adapters: Sequence[str]) -> None:
+    """Give the combined adapter's copy of each modules_to_save module the weights of the one adapter among
+    `adapters` that trained it. (PEFT 0.21 gives it a fresh copy of the base module instead, losing the
+    trained weights.)"""
+    for _, module in adapter_modules(model):
+        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.adapter_names():
+            source = next((a for a in adapters if a in module.adapter_names()), None)
+            if source is not None:
+                copies = module.modules_to_save
+                copies[adapter_name].load_state_dict(copies[source].state_dict())
 
 
 def write_weighted_factors(model: nn.Module, adapter_name: str, adapters: Sequence[str],

@@ -1,0 +1,101 @@
+"""LoRA on nn.Conv1d / Conv2d / Conv3d against PEFT 0.21.2: seeded init, outputs, merging, files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+
+peft = pytest.importorskip("peft")
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+LIBS = {"peft": peft, "lorakit": lorakit}
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+class Net(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = CONV[dim](3, 6, 3, stride=2, padding=1)
+        self.head = CONV[dim](6, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(x))).flatten(1)
+
+
+def inputs(dim: int) -> torch.Tensor:
+    torch.manual_seed(5)
+    return torch.rand((2, 3) + (6,) * dim)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("init", [True, "gaussian"])
+def test_seeded_init_equals_peft(dim, init):
+    states = {}
+    for name, lib in LIBS.items():
+        torch.manual_seed(1)
+        model = lib.get_peft_model(
+            Net(dim), lib.LoraConfig(target_modules=["conv", "head"], init_lora_weights=init)
+        )
+        states[name] = lib.get_peft_model_state_dict(model)
+    assert states["lorakit"].keys() == states["peft"].keys()
+    for key, value in states["peft"].items():
+        assert torch.equal(states["lorakit"][key], value), key
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_outputs_merge_and_files_match_peft(dim, tmp_path):
+    x = inputs(dim)
+    config = {"target_modules": ["conv", "head"], "lora_alpha": 16, "lora_dropout": 0.0}
+    ref = peft.get_peft_model(Net(dim), peft.LoraConfig(init_lora_weights=False, **config))
+    ref.save_pretrained(tmp_path)
+    kit = lorakit.PeftModel.from_pretrained(Net(dim), tmp_path)
+    expected = ref(x)
+    torch.testing.assert_close(kit(x), expected, rtol=0, atol=1e-6)
+    if dim < 3:  # PEFT 0.21 cannot merge a 1×1×1 Conv3d (its squeeze assumes 2-D kernels)
+        ref.merge_adapter()
+        torch.testing.assert_close(
+            kit.get_base_model().conv.get_delta_weight("default"),
+            ref.base_model.model.conv.get_delta_weight("default"),
+            rtol=0,
+            atol=1e-6,
+        )
+    merged = kit.merge_and_unload()
+    assert not any(isinstance(m, lorakit.layers.LoraLayer) for m in merged.modules())
+    torch.testing.assert_close(merged(x), expected, rtol=0, atol=1e-5)
+    again = lorakit.get_peft_model(Net(dim), lorakit.LoraConfig(init_lora_weights=False, **config))
+    again.save_pretrained(tmp_path / "kit")
+    loaded = peft.PeftModel.from_pretrained(Net(dim), tmp_path / "kit")
+    torch.testing.assert_close(loaded(x), again(x), rtol=0, atol=1e-6)
+
+
+def test_training_updates_only_the_adapter_and_mixed_rows():
+    x = inputs(2)
+    model = lorakit.get_peft_model(
+        Net(2), lorakit.LoraConfig(target_modules=["conv"], init_lora_weights=False)
+    )
+    model.add_adapter("other", lorakit.LoraConfig(target_modules=["conv"], init_lora_weights=False))
+    model.eval()
+    rows = model(x, adapter_names=["other", "__base__"])
+    model.set_adapter("other")
+    torch.testing.assert_close(rows[0], model(x)[0])
+    with model.disable_adapter():
+        torch.testing.assert_close(rows[1], model(x)[1])
+    model.train()
+    model(x).sum().backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads == {"base_model.model.conv.lora_A.other.weight", "base_model.model.conv.lora_B.other.weight"}
+
+
+def test_grouped_or_dilated_convolutions_are_refused():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="groups=1 and dilation=1"):
+        lorakit.get_peft_model(model, lorakit.LoraConfig(target_modules=["0"]))
+    with pytest.raises(ValueError, match="DoRA"):
+        lorakit.get_peft_model(
+            nn.Sequential(nn.Conv2d(4, 4, 3)), lorakit.LoraConfig(target_modules=["0"], use_dora=True)
+        )
