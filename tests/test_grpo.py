@@ -154,3 +154,132 @@ def test_equal_rewards_give_exactly_zero_advantages_and_are_counted() -> None:
     assert scaled[4:].tolist() == pytest.approx([a, -a, -a, a], rel=1e-6)
     centred, _ = group_advantages(rewards, 4, scale=False)
     assert centred[4:].tolist() == pytest.approx([0.5, -0.5, -0.5, 0.5])
+
+
+# ---- rewards ------------------------------------------------------------------------------------------
+
+def test_builtin_and_user_rewards_are_weighted_summed_and_each_logged(tmp_path) -> None:
+    file = tmp_path / "my_rewards.py"
+    file.write_text("def shout(prompts, completions, level, **columns):\n"
+                    "    return [float(c.isupper()) * l for c, l in zip(completions, level)]\n")
+    rewards = build_rewards(["exact_match", "regex", "length", f"{file}:shout"], [1, 2, 0.5, 1], regex=r"^\d{4}$",
+                            length_target=4)
+    total, means = score(rewards, ["p1", "p2"], ["1999", "ABCDEFGH"], {"answer": ["1999 ", "x"], "level": [1.0, 3.0]},
+                         step=1)
+    # "1999": exact 1, regex 1 (×2), length 0, shout 0. "ABCDEFGH": length −4/4 (×0.5), shout 1 × level 3.
+    assert total == [3.0, 2.5]
+    assert means == {"reward_exact_match": 0.5, "reward_regex": 0.5, "reward_length": -0.5, "reward_shout": 1.5}
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("[1.0]", "step 7: reward bad returned 1 values for 2 completions"),
+    ("[1.0, 'x']", "step 7: reward bad returned 'x' for completion 1, expected a finite number"),
+    ("[1.0, float('nan')]", "step 7: reward bad returned nan for completion 1, expected a finite number"),
+    ("None", "step 7: reward bad returned NoneType, expected a list of 2 numbers"),
+])
+def test_a_reward_of_wrong_length_or_not_numbers_names_the_step_and_function(tmp_path, body, message) -> None:
+    file = tmp_path / "r.py"
+    file.write_text(f"def bad(prompts, completions, **columns):\n    return {body}\n")
+    with pytest.raises(LorakitError) as err:
+        score(build_rewards([f"{file}:bad"], []), ["p", "q"], ["a", "b"], {}, step=7)
+    assert str(err.value) == message
+
+
+# ---- prompt data ----------------------------------------------------------------------------------------
+
+def _rendered(tokenizer, prompt) -> list[int]:
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+
+
+def test_prompts_from_every_file_type_as_strings_or_messages_keep_their_columns(tmp_path, tokenizer) -> None:
+    import datasets
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]
+    rows = [{"prompt": "What is 2+2?", "answer": "4", "level": "1"}, {"prompt": messages, "answer": "hi", "level": "2"}]
+    files = [_write(tmp_path / "p.jsonl", rows), tmp_path / "p.json", tmp_path / "p.csv"]
+    files[1].write_text(json.dumps(rows), encoding="utf-8")
+    files[2].write_text('prompt,answer,level\nWhat is 2+2?,4,1\n"' + json.dumps(messages).replace('"', '""')
+                        + '",hi,2\n', encoding="utf-8")
+    for path in files:
+        loaded = load_prompts(str(path), tokenizer, max_prompt_len=200)
+        assert [r["prompt"] for r in loaded] == ["What is 2+2?", messages], path.name
+        assert [r["columns"] for r in loaded] == [{"answer": "4", "level": "1"}, {"answer": "hi", "level": "2"}]
+        assert [r["prompt_ids"] for r in loaded] == [_rendered(tokenizer, r["prompt"]) for r in rows]
+    parquet = tmp_path / "p.parquet"
+    datasets.Dataset.from_list([{"prompt": "Hello", "gold": 3}]).to_parquet(str(parquet))
+    assert [(r["prompt"], r["columns"]) for r in load_prompts(str(parquet), tokenizer, max_prompt_len=200)] == [
+        ("Hello", {"gold": 3})]
+    chat = _write(tmp_path / "chat.jsonl", [{"messages": messages + [{"role": "assistant", "content": "hi"}]}])
+    assert [(r["prompt"], r["columns"]) for r in load_prompts(str(chat), tokenizer, max_prompt_len=200)] == [
+        (messages, {"answer": "hi"})]
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ({"question": "x"}, 'bad.jsonl line 2: expected a "prompt" (a string or messages) or a "messages" column'),
+    ({"prompt": "  "}, "bad.jsonl line 2: empty prompt"),
+    ({"prompt": [{"role": "user"}]}, 'bad.jsonl line 2: "prompt" must be a string or a non-empty list'),
+    ({"prompt": "no answer"}, 'bad.jsonl line 2: missing column "answer"'),
+    ({"prompt": "long " * 300, "answer": "x"}, "bad.jsonl line 2: the prompt is"),
+])
+def test_bad_prompt_rows_fail_with_the_file_and_line(tmp_path, tokenizer, row, message) -> None:
+    path = _write(tmp_path / "bad.jsonl", [{"prompt": "fine", "answer": "a"}, row])
+    with pytest.raises(DataError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+        load_prompts(str(path), tokenizer, max_prompt_len=100, required=("answer",))
+
+
+# ---- bad input before the model loads ---------------------------------------------------------------------
+
+def _lorakit(capsys, *args: str) -> tuple[int, str]:
+    """Run the CLI in this process (as `lorakit ...` would): (exit code, stderr)."""
+    from lorakit.cli.main import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(list(args))
+    return exited.value.code, capsys.readouterr().err
+
+
+def test_bad_input_fails_in_one_line_before_the_model_loads(tmp_path, tiny_chat_model_dir, prompts, capsys,
+                                                             monkeypatch) -> None:
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("lorakit.train.trainer.load_base_model", no_model)
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text("def ok(prompts, completions, **columns):\n    return [0.0] * len(completions)\n")
+    no_answer = _write(tmp_path / "q.jsonl", [{"prompt": "p"}])
+    common = ["grpo", "--model", str(tiny_chat_model_dir), "--data", str(prompts["train"]), "--output", str(tmp_path / "o")]
+    cases = [
+        (["--num-generations", "1"], "--num-generations: expected at least 2 (advantages compare the completions of "
+                                     "a prompt), got 1"),
+        (["--reward", "missing.py:f"], "--reward missing.py:f: reward file missing.py does not exist"),
+        (["--reward", f"{rewards}:nope"], f"--reward {rewards}:nope: {rewards} has no function 'nope'"),
+        (["--reward", "regex"], "--reward regex: needs --reward-regex PATTERN"),
+        (["--reward", "exact_match,length", "--reward-weights", "1"],
+         "--reward-weights: expected 2 weights (one per --reward), got 1"),
+        (["--data", str(no_answer)], 'q.jsonl line 1: missing column "answer" (the exact_match reward compares with '
+                                     "it; see --answer-column)"),
+    ]
+    for extra, message in cases:
+        code, err = _lorakit(capsys, *common, *extra, "--overwrite")
+        assert code == 1 and err.strip() == f"error: {message}", extra
+
+
+# ---- sampling ---------------------------------------------------------------------------------------------
+
+def test_sampling_is_seeded_per_row_and_stops_at_stop_strings(tiny_chat_model_dir, tokenizer) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = lorakit.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir),
+                                   lorakit.LoraConfig(r=4, target_modules=["q_proj"]))
+    prompt = _rendered(tokenizer, "Hello")
+    first = generate_rows(model, tokenizer, [prompt] * 3, max_tokens=6, temperature=1.0, seeds=[1, 2, 3])
+    # Row 0 alone, with the same seed, draws the same tokens: a row depends on its seed, not on the batch.
+    again = generate_rows(model, tokenizer, [prompt], max_tokens=6, temperature=1.0, seeds=[1])
+    assert again[0].tokens == first[0].tokens and len(first[0].tokens) == 6
+    assert first[0].tokens != first[1].tokens and first[0].finish_reason == "length"
+    assert first[0].text == tokenizer.decode(first[0].tokens, skip_special_tokens=True)
+    # A stop string made of the second token's text ends the row before it.
+    stop = tokenizer.decode(first[0].tokens[1:2])
+    cut = generate_rows(model, tokenizer, [prompt], max_tokens=6, temperature=1.0, seeds=[1], stop=[stop])[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text and first[0].text.startswith(cut.text)
