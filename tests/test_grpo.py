@@ -283,3 +283,89 @@ def test_sampling_is_seeded_per_row_and_stops_at_stop_strings(tiny_chat_model_di
     stop = tokenizer.decode(first[0].tokens[1:2])
     cut = generate_rows(model, tokenizer, [prompt], max_tokens=6, temperature=1.0, seeds=[1], stop=[stop])[0]
     assert cut.finish_reason == "stop" and stop not in cut.text and first[0].text.startswith(cut.text)
+
+
+# ---- whole runs on the tiny model ------------------------------------------------------------------------
+# The tiny random model never writes a right date: the length reward (target 24 characters) gives its
+# completions rewards that differ, so groups have variance and the adapter moves.
+
+def _metrics(output: Path, kind: str) -> list[dict]:
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["kind"] == kind]
+
+
+def test_run_logs_rewards_kl_and_samples_writes_outputs_and_builds_one_model(tmp_path, tiny_chat_model_dir, prompts,
+                                                                             monkeypatch) -> None:
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    built = []
+    original = LlamaForCausalLM.__init__
+
+    def counting(self, *args, **kwargs):
+        built.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaForCausalLM, "__init__", counting)
+    result = train_grpo(_config(tiny_chat_model_dir, prompts, tmp_path / "run", beta=0.5,
+                                reward=["exact_match", "length"], length_target=24))
+    # β > 0, and the reference is the adapter switched off: one model was built, and it holds only the base
+    # weights and the adapter.
+    assert len(built) == 1
+    base_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir).parameters())
+    report = result.report
+    assert report["total_params"] == base_params + report["trainable_params"]
+    out = result.output_dir
+    for name in ("adapter/adapter_model.safetensors", "metrics.jsonl", "loss_curve.png", "report.json",
+                 "grpo_config.yaml"):
+        assert (out / name).is_file(), name
+    train, evals = _metrics(out, "train"), _metrics(out, "eval")
+    assert [r["step"] for r in train] == [1, 2] and [r["step"] for r in evals] == [2]
+    for record in train:
+        assert {"reward", "reward_std", "reward_exact_match", "reward_length", "kl", "completion_length", "clip_ratio",
+                "zero_variance_groups", "truncated"} <= record.keys()
+        assert record["reward_exact_match"] == 0 and -1 <= record["reward_length"] < 0
+        assert [set(s) for s in record["samples"]] == [{"completion", "reward"}] * 2
+    # Step 1 samples from the fresh adapter, which is the reference: KL 0; step 2's policy has moved.
+    assert train[0]["kl"] == pytest.approx(0, abs=1e-6) and train[1]["kl"] > 1e-6
+    assert train[0]["completion_length"] == 4 and train[0]["truncated"] == 1
+    assert report["method"] == "grpo" and report["train_prompts"] == 8 and report["groups_sampled"] == 4
+    assert evals[0]["val_loss"] == -evals[0]["val_reward"] and report["test_rows"] == 4
+    assert report["exact_match_base"] == report["exact_match_adapter"] == 0
+    assert report["reference"] == "base model (adapter disabled)"
+
+
+def test_resume_between_reuses_of_a_batch_matches_an_uninterrupted_run(tmp_path, tiny_chat_model_dir, prompts) -> None:
+    options = dict(num_iterations=2, max_steps=4, save_every=1, eval_every=4, reward=["length"], length_target=24)
+    whole = train_grpo(_config(tiny_chat_model_dir, prompts, tmp_path / "a", **options))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_grpo(_config(tiny_chat_model_dir, prompts, tmp_path / "b", **options), callbacks=[CrashAfter(3)])
+    # Step 3's checkpoint holds the second batch of completions, used once of μ = 2 times.
+    resumed = train_grpo(_config(tiny_chat_model_dir, prompts, tmp_path / "b", resume=True, **options))
+    for a, b in zip(_metrics(whole.output_dir, "train"), _metrics(tmp_path / "b", "train"), strict=True):
+        assert a["step"] == b["step"] and a["samples"] == b["samples"]
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["reward"] == b["reward"]
+    train = _metrics(whole.output_dir, "train")
+    assert train[0]["samples"] == train[1]["samples"] != train[2]["samples"] == train[3]["samples"]
+    from safetensors.torch import load_file
+
+    expected = load_file(str(whole.adapter_dir / "adapter_model.safetensors"))
+    got = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
+    assert all(torch.allclose(got[k], expected[k], atol=1e-6, rtol=0) for k in expected)
+
+
+def test_cli_runs_and_a_reward_failing_at_run_time_names_step_and_function(tmp_path, tiny_chat_model_dir, prompts,
+                                                                           capsys) -> None:
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text("def short(prompts, completions, **columns):\n    return [-len(c) for c in completions]\n\n"
+                       "def broken(prompts, completions, **columns):\n    return [1.0] * (len(completions) - 1)\n")
+    common = ["grpo", "--model", str(tiny_chat_model_dir), "--data", str(prompts["train"]), "--max-steps", "1",
+              "--batch-size", "2", "--num-generations", "2", "--max-completion-length", "3"]
+    code, err = _lorakit(capsys, *common, "--output", str(tmp_path / "ok"), "--reward", f"{rewards}:short",
+                         "--loss-type", "dapo")
+    assert code == 0, err
+    report = json.loads((tmp_path / "ok" / "report.json").read_text())
+    assert report["loss_type"] == "dapo" and report["rewards"] == ["short"]
+    code, err = _lorakit(capsys, *common, "--output", str(tmp_path / "bad"), "--reward", f"{rewards}:broken")
+    # The model had loaded (its progress output comes first); the error is still one line, without a traceback.
+    assert code == 1 and err.endswith("error: step 1: reward broken returned 3 values for 4 completions\n")
+    assert "Traceback" not in err
