@@ -4,7 +4,6 @@ input, sampling, whole runs on the tiny model and the CLI."""
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from pathlib import Path
 
