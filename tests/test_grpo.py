@@ -368,3 +368,25 @@ def test_cli_runs_and_a_reward_failing_at_run_time_names_step_and_function(tmp_p
     # The model had loaded (its progress output comes first); the error is still one line, without a traceback.
     assert code == 1 and err.endswith("error: step 1: reward broken returned 3 values for 4 completions\n")
     assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_a_short_run_raises_the_mean_reward(tmp_path, default_model_dir, prompts) -> None:
+    from tiny_models import tiny_llama
+    from transformers import AutoTokenizer
+
+    # A tiny random model whose next-token distributions are peaked (large initial weights, temperature 0.3):
+    # each prompt's samples are a handful of tokens, some starting with a letter from a to m (the regex
+    # reward pays those), so the policy gradient can move probability between them within a few steps.
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    model = tiny_llama(perturb=False, vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=True,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, initializer_range=0.5)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    config = _config(tmp_path / "model", prompts, tmp_path / "run", max_steps=24, eval_every=24, batch_size=4,
+                     num_generations=8, max_completion_length=1, temperature=0.3, learning_rate=2e-2,
+                     reward=["regex"], reward_regex=r"^\s?[a-m]", test_data=None)
+    train = _metrics(train_grpo(config).output_dir, "train")
+    first, last = [r["reward"] for r in train[:6]], [r["reward"] for r in train[-6:]]
+    assert statistics.mean(last) > statistics.mean(first) + 0.2, (first, last)
