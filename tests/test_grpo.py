@@ -352,6 +352,26 @@ def test_resume_between_reuses_of_a_batch_matches_an_uninterrupted_run(tmp_path,
     assert all(torch.allclose(got[k], expected[k], atol=1e-6, rtol=0) for k in expected)
 
 
+def test_continuing_an_adapter_uses_its_frozen_copy_as_the_reference(tmp_path, tiny_chat_model_dir, prompts) -> None:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    start = lorakit.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir),
+                                   lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                      init_lora_weights=False))
+    start.save_pretrained(tmp_path / "start")
+    result = train_grpo(_config(tiny_chat_model_dir, prompts, tmp_path / "run", adapter=str(tmp_path / "start"),
+                                beta=0.5, reward=["length"], length_target=24, validation_data=None, test_data=None))
+    train = _metrics(result.output_dir, "train")
+    # The starting adapter is not the identity, yet step 1's KL is 0: the reference is that adapter, frozen.
+    assert train[0]["kl"] == pytest.approx(0, abs=1e-6) and train[1]["kl"] > 1e-6
+    assert "reference" in result.model.peft_config and result.report["reference"].startswith("starting adapter")
+    before, after = load_file(str(tmp_path / "start" / "adapter_model.safetensors")), load_file(
+        str(result.adapter_dir / "adapter_model.safetensors"))
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+
+
 def test_cli_runs_and_a_reward_failing_at_run_time_names_step_and_function(tmp_path, tiny_chat_model_dir, prompts,
                                                                            capsys) -> None:
     rewards = tmp_path / "rewards.py"
