@@ -89,7 +89,8 @@ class GRPOObjective(BaseObjective):
     def __init__(self, config: GRPOConfig) -> None:
         self.config = config
         self.repeat = config.num_iterations
-        self.describe = f"grpo {config.loss_type} G={config.num_generations}"
+        loss = "" if config.loss_type == "grpo" else f" ({config.loss_type})"
+        self.describe = f"grpo{loss} G={config.num_generations} β={config.beta}"
         self.curves = ("reward", "completion_length") + (("kl",) if config.beta > 0 else ())
         self.clipped = ClippedObjective(config.loss_type, config.epsilon, config.epsilon_upper, config.beta,
                                         config.max_completion_length)
