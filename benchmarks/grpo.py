@@ -49,7 +49,7 @@ def run_lorakit(output: str, args: argparse.Namespace, evaluate: bool) -> dict:
                "max_completion_length": args.max_completion_length, "warmup_steps": args.warmup_steps,
                "overwrite": True, "eval_every": args.max_steps}
     if not evaluate:  # no validation or test scoring: the training alone, as TRL runs it
-        options["data"] = str(bundled_dataset_path("train"))
+        options["data"] = args.data or str(bundled_dataset_path("train"))
     result = train_grpo(GRPOConfig.from_options(options))
     rewards = [r["reward"] for r in _records(Path(output)) if r["kind"] == "train"]
     keys = ("exact_match_base", "exact_match_adapter", "base_val_loss", "best_val_loss", "steps", "train_seconds")
@@ -70,7 +70,7 @@ def run_trl(output: str, args: argparse.Namespace) -> dict:
     from lorakit.train.data import bundled_dataset_path, load_records
 
     rows = [{"prompt": r["messages"][:-1], "answer": r["messages"][-1]["content"]}
-            for r in load_records(bundled_dataset_path("train"))]
+            for r in load_records(args.data or bundled_dataset_path("train"))]
     config = GRPOConfig(
         output_dir=output, per_device_train_batch_size=args.batch_size * args.num_generations,
         num_generations=args.num_generations, max_completion_length=args.max_completion_length,
@@ -114,13 +114,23 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-completion-length", type=int, default=32)
     parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument("--train-rows", type=int, default=None,
+                        help="Side by side: train on the first N bundled training rows (both trainers).")
+    parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "OUTPUT"))
     args = parser.parse_args()
     if args.child:
         child(args.child[0], args.child[1], args)
         return
     root = Path(tempfile.mkdtemp(prefix="lorakit-bench-grpo-"))
-    common = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "part")]
+    if args.train_rows:
+        from lorakit.train.data import bundled_dataset_path
+
+        lines = bundled_dataset_path("train").read_text(encoding="utf-8").splitlines()[:args.train_rows]
+        args.data = str(root / "train.jsonl")
+        Path(args.data).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    common = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+              if k not in ("child", "part", "train_rows") and v is not None]
     payload: dict = {"machine": machine(), "settings": {k: v for k, v in vars(args).items() if k != "child"}}
     if args.part in ("em", "both"):
         result = run_child([__file__, "--child", "lorakit-em", str(root / "em"), *common])
