@@ -334,7 +334,8 @@ def test_run_logs_rewards_kl_and_samples_writes_outputs_and_builds_one_model(tmp
 
 
 def test_resume_between_reuses_of_a_batch_matches_an_uninterrupted_run(tmp_path, tiny_chat_model_dir, prompts) -> None:
-    options = dict(num_iterations=2, max_steps=4, save_every=1, eval_every=4, reward=["length"], length_target=24)
+    options = dict(num_iterations=2, max_steps=4, save_every=1, eval_every=4, reward=["length"], length_target=24,
+                   validation_data=None, test_data=None)
     whole = train_grpo(_config(tiny_chat_model_dir, prompts, tmp_path / "a", **options))
     with pytest.raises(RuntimeError, match="simulated crash"):
         train_grpo(_config(tiny_chat_model_dir, prompts, tmp_path / "b", **options), callbacks=[CrashAfter(3)])
