@@ -54,7 +54,7 @@ llama-cpp: $(STAMP)
 		$(PIP) install -c constraints.txt --no-binary llama-cpp-python llama-cpp-python diskcache
 
 test-llama-cpp: llama-cpp
-	$(PY) -m pytest -q -ra tests/test_export_llama_cpp.py tests/test_export_gguf_date_task.py $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra --llama-cpp tests/test_export_llama_cpp.py tests/test_export_gguf_date_task.py $(PYTEST_ARGS)
 
 # Fine-tune the embedded model, merge, export to GGUF, score in transformers (and llama.cpp if built).
 bench-gguf: $(STAMP)

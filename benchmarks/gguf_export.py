@@ -9,7 +9,9 @@
    and the adapter alone to a GGUF LoRA adapter.
 3. Score greedy exact match on the test split for the merged safetensors model and both GGUF files,
    loaded by transformers (`gguf_file=`, tokenizer and chat template from the GGUF alone); top-1
-   agreement with the merged model and perplexity over every token of the test conversations.
+   agreement with the merged model over every token of the test conversations and over their distinct
+   contexts (the shared system prompt and instruction once), the merge's logit gap at each disagreement,
+   and perplexity.
 4. With llama-cpp-python installed (`make llama-cpp`): exact match in llama.cpp itself, for the f16 file
    and for the f32 base + the GGUF adapter.
 
@@ -50,22 +52,48 @@ def load_gguf(path: Path):
     return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
+# logits: a disagreement where the merge itself ranks its top-1 and the model's pick this close is a near-tie
+NEAR_TIE = 0.1
+
+
 @torch.no_grad()
 def token_statistics(model, reference, tokenizer, records) -> dict[str, float]:
     """Top-1 agreement with `reference` and perplexity of both, over every next-token position of the
-    test conversations (chat template applied)."""
-    agree = total = 0
+    test conversations (chat template applied).
+
+    The conversations share their system prompt and instruction (the date task's first 36 tokens), so
+    those positions recur in every row with the same context and one flip there counts once per row.
+    Agreement is also given over distinct contexts (each token prefix once); for each such disagreement
+    the gap is the reference's logit of its own top-1 minus its logit of the model's pick.
+    """
+    agree = total = distinct_agree = 0
+    seen: set[tuple[int, ...]] = set()
+    gaps: list[float] = []
     nll = {"model": 0.0, "reference": 0.0}
     for record in records:
         text = tokenizer.apply_chat_template(record["messages"], tokenize=False)
-        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        row = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([row])
         logits = {"model": model(ids).logits[0, :-1], "reference": reference(ids).logits[0, :-1]}
         targets = ids[0, 1:]
-        agree += int((logits["model"].argmax(-1) == logits["reference"].argmax(-1)).sum())
+        picked, expected = logits["model"].argmax(-1), logits["reference"].argmax(-1)
+        agree += int((picked == expected).sum())
         total += len(targets)
+        for position in range(len(targets)):
+            if tuple(row[:position + 1]) in seen:
+                continue
+            seen.add(tuple(row[:position + 1]))
+            if picked[position] == expected[position]:
+                distinct_agree += 1
+            else:
+                scores = logits["reference"][position]
+                gaps.append(float(scores[expected[position]] - scores[picked[position]]))
         for name, value in logits.items():
             nll[name] += float(torch.nn.functional.cross_entropy(value, targets, reduction="sum"))
-    return {"top1_agreement": agree / total, "positions": total, "perplexity": math.exp(nll["model"] / total),
+    return {"top1_agreement": agree / total, "positions": total,
+            "top1_agreement_distinct": distinct_agree / len(seen), "contexts": len(seen),
+            "disagreements_distinct": len(gaps), "near_ties": sum(gap < NEAR_TIE for gap in gaps),
+            "largest_gap": max(gaps, default=0.0), "perplexity": math.exp(nll["model"] / total),
             "perplexity_merged": math.exp(nll["reference"] / total)}
 
 

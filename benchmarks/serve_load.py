@@ -15,6 +15,7 @@ the run stops by itself.
 
     .venv/bin/python benchmarks/serve_load.py                  # ~15 minutes on 2 CPU cores
     .venv/bin/python benchmarks/serve_load.py --duration 30 --cycles 100      # a quick look
+    .venv/bin/python benchmarks/serve_load.py --together --cycles 0           # both servers at once
 """
 
 from __future__ import annotations
@@ -244,26 +245,56 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=16, help="the server's (16 is its default)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of the server (OMP_NUM_THREADS); 1 on a busy shared machine")
+    parser.add_argument("--together", action="store_true",
+                        help="run both servers and both loads at the same time (ports --port and --port + 1), "
+                             "so that a machine whose load changes from minute to minute weighs on both alike")
     args = parser.parse_args()
     models = ["base", *(f"a{i}" for i in range(ADAPTERS))]
     jobs = [(m, p, kind) for m in models for p in range(len(PROMPTS)) for kind in ("short", "long")]
-    rows = {}
+    rows, loads = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         make_adapters(Path(tmp))
-        for scheduler in ("continuous", "static"):
+        if args.together:
+            rows, loads = side_by_side(Path(tmp), args, jobs)
+        for scheduler in () if args.together else ("continuous", "static"):
             log = Path(tmp) / f"{scheduler}.log"
             server = start_server(Path(tmp), args.port, scheduler, log, args.threads, args.max_batch_size)
             try:
                 print(f"{scheduler}: {CLIENTS} clients for {args.duration:.0f} s ...", file=sys.stderr,
                       flush=True)
+                before = os.getloadavg()[0]
                 rows[scheduler] = asyncio.run(load(args.port, jobs, args.duration))
+                loads[scheduler] = (before, os.getloadavg()[0])
                 if scheduler == "continuous" and args.cycles:
                     print(f"{args.cycles} adapter load/unload cycles ...", file=sys.stderr, flush=True)
                     rss = asyncio.run(adapter_cycles(args.port, server.pid, args.cycles))
             finally:
                 server.terminate()
                 server.wait(timeout=60)
-    report(rows, rss if args.cycles else [], args.duration, args.max_batch_size)
+    report(rows, rss if args.cycles and not args.together else [], args.duration, args.max_batch_size)
+    print("\nload average (1 min) at the start / end of each scheduler's load: "
+          + ", ".join(f"{name} {a:.1f} / {b:.1f}" for name, (a, b) in loads.items()))
+
+
+def side_by_side(adapters: Path, args: argparse.Namespace, jobs: list) -> tuple[dict, dict]:
+    """Both schedulers' servers under their loads at the same time (no adapter cycles)."""
+    names = ("continuous", "static")
+    servers = [start_server(adapters, args.port + i, name, adapters / f"{name}.log", args.threads,
+                            args.max_batch_size) for i, name in enumerate(names)]
+    try:
+        print(f"both: {CLIENTS} clients each for {args.duration:.0f} s ...", file=sys.stderr, flush=True)
+        before = os.getloadavg()[0]
+
+        async def both() -> list[tuple[Tally, float]]:
+            return await asyncio.gather(*(load(args.port + i, jobs, args.duration) for i in range(2)))
+
+        results = asyncio.run(both())
+        after = os.getloadavg()[0]
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait(timeout=60)
+    return dict(zip(names, results)), {name: (before, after) for name in names}
 
 
 def report(rows: dict[str, tuple[Tally, float]], rss: list[tuple[int, float]], duration: float,

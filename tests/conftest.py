@@ -54,3 +54,27 @@ def demo_subset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         paths[split] = directory / f"{split}.jsonl"
         paths[split].write_text("\n".join(lines) + "\n", encoding="utf-8")
     return paths
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--llama-cpp", action="store_true",
+                     help="run the tests marked llama_cpp (needs `make llama-cpp`; `make test-llama-cpp` does both)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that need what this machine lacks are deselected (listed as such, never silently skipped):
+    - `llama_cpp`: llama.cpp built from source (~20 min here); `make test-llama-cpp` (`--llama-cpp`) runs
+      them, and there a missing build is an error;
+    - `cuda`: a CUDA GPU; they run where torch sees one (benchmarks/gpu/run.sh runs `pytest -m cuda`), or
+      on the CPU as a dry run with LORAKIT_TEST_DEVICE=cpu (tests/test_cuda.py)."""
+    import torch
+
+    lacking = set()
+    if not config.getoption("--llama-cpp"):
+        lacking.add("llama_cpp")
+    if not torch.cuda.is_available() and os.environ.get("LORAKIT_TEST_DEVICE") != "cpu":
+        lacking.add("cuda")
+    deselected = [item for item in items if any(item.get_closest_marker(name) for name in lacking)]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if item not in deselected]

@@ -18,12 +18,11 @@ MAX_FUNCTION_LINES = 60
 
 # "path relative to src/lorakit:qualified function name" -> why it may be longer than MAX_FUNCTION_LINES.
 LONG_FUNCTIONS: dict[str, str] = {
-    "serve/app.py:create_app": "pending: serve",
+    "serve/app.py:create_app": "the route table: every HTTP route is a short closure over the server, declared "
+                               "in one place as FastAPI apps are read",
 }
 # Likewise for files over MAX_FILE_LINES.
-LONG_FILES: dict[str, str] = {
-    "layers/base.py": "pending: layers",
-}
+LONG_FILES: dict[str, str] = {}
 
 
 def module_name(path: Path) -> str:

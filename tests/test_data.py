@@ -20,8 +20,8 @@ from lorakit.train.data import (
     prompt_messages,
     reference_answer,
     split_validation,
-    validate_records,
 )
+from lorakit.train.formats import validate_records
 from lorakit.train.scoring import exact_match, normalise_answer
 from lorakit.train.tokenize import IGNORE_INDEX, collate, encode_example, pack_examples
 

@@ -11,6 +11,7 @@ embedded model's date task in the slow test compares f16 with the float32 merge)
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import gguf
@@ -72,6 +73,48 @@ def test_q8_0_stays_close_to_the_merged_model(family) -> None:
     agreement = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
     # random tiny models have near-ties; the embedded model's ≥ 99 % is in the slow date-task test
     assert agreement >= 0.8
+
+
+def converter_row_order(weights: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's convert_hf_to_gguf.py (LlamaModel.permute): q/k rows of each head from rotate-half
+    halves to interleaved pairs."""
+    shape = weights.shape
+    return weights.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"], indirect=True)
+def test_q8_0_is_what_llama_cpps_converter_writes(family, tmp_path) -> None:
+    """As `convert_hf_to_gguf.py --outtype q8_0`: every matrix q8_0, token_embd and output included (the
+    converter keeps them f16 only for ternary types), vectors f32; the bytes are the `gguf` package's
+    quantizer applied once to the float32 merge (q/k rows of `llama` models in the converter's order)."""
+    from safetensors.torch import load_file
+
+    root = family["root"]
+    export_gguf(root / "merged", tmp_path / "m.gguf", type="q8_0")
+    config = json.loads((root / "merged" / "config.json").read_text())
+    arch = gguf.MODEL_ARCH.QWEN2 if family["name"] == "qwen2" else gguf.MODEL_ARCH.LLAMA
+    names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    stored = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    merged = {}
+    for path in sorted((root / "merged").glob("*.safetensors")):
+        merged.update(load_file(path))
+    if family["tied"]:
+        merged.pop("lm_head.weight", None)
+    assert set(stored) == {names.get_name(n, try_suffixes=(".weight", ".bias")) for n in merged}
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    for name, weight in merged.items():
+        assert weight.dtype == torch.float32, name
+        tensor = stored[names.get_name(name, try_suffixes=(".weight", ".bias"))]
+        kind = tensor.name.split(".")[-2]
+        if arch == gguf.MODEL_ARCH.LLAMA and kind in heads and tensor.name.endswith(".weight"):
+            weight = converter_row_order(weight, heads[kind])
+        if weight.dim() == 1:
+            assert tensor.tensor_type == gguf.GGMLQuantizationType.F32, tensor.name
+            expected = weight.numpy()
+        else:
+            assert tensor.tensor_type == gguf.GGMLQuantizationType.Q8_0, tensor.name
+            expected = gguf.quants.quantize(weight.contiguous().numpy(), gguf.GGMLQuantizationType.Q8_0)
+        assert tensor.data.tobytes() == expected.tobytes(), tensor.name
 
 
 def test_tokenizer_metadata_round_trips(family) -> None:

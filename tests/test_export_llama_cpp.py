@@ -3,7 +3,8 @@ with the GGUF LoRA adapter, give lorakit's greedy tokens; llama.cpp's tokenizer,
 metadata alone, gives transformers' token ids.
 
 llama.cpp comes from the `llama-cpp-python` source distribution (it vendors llama.cpp), built by
-`make llama-cpp` (about 20 minutes on 2 cores, so not part of `make test`); skipped when it is absent.
+`make llama-cpp` (about 20 minutes on 2 cores), so these tests are marked `llama_cpp`: `make test` deselects
+them and `make test-llama-cpp` builds llama.cpp and runs them.
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ from gguf_models import CASES, NEW_TOKENS, build_family, greedy, load_dir, quiet
 import lorakit
 from lorakit.export import export_adapter_gguf, export_gguf
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.llama_cpp]
 
 
 @pytest.fixture(scope="module")
 def llama_cpp():
     try:
         import llama_cpp
-    except ImportError:
-        pytest.skip("llama-cpp-python is not installed; `make llama-cpp` builds it from its sdist")
+    except ImportError as err:
+        raise RuntimeError("llama-cpp-python is not installed; `make llama-cpp` builds it from its sdist") from err
     return llama_cpp
 
 

@@ -217,7 +217,7 @@ def test_prompts_from_every_file_type_as_strings_or_messages_keep_their_columns(
 @pytest.mark.parametrize(("row", "message"), [
     ({"question": "x"}, 'bad.jsonl line 2: expected a "prompt" (a string or messages) or a "messages" column'),
     ({"prompt": "  "}, "bad.jsonl line 2: empty prompt"),
-    ({"prompt": [{"role": "user"}]}, 'bad.jsonl line 2: "prompt" must be a string or a non-empty list'),
+    ({"prompt": [{"role": "user"}]}, 'bad.jsonl line 2: prompt message 1: missing field "content"'),
     ({"prompt": "no answer"}, 'bad.jsonl line 2: missing column "answer"'),
     ({"prompt": "long " * 300, "answer": "x"}, "bad.jsonl line 2: the prompt is"),
 ])

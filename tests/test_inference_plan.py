@@ -3,7 +3,8 @@ it applies, and kept current as adapters are added, switched, disabled, merged, 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -31,17 +32,22 @@ def _two_adapters(kind: str = "llama", **config) -> PeftModel:
     return model.eval()
 
 
-def _general_path_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Names passed to the general (autograd) path's per-adapter update, recorded for each call."""
+@contextmanager
+def _general_path_calls(model: PeftModel) -> Iterator[list[str]]:
+    """Within the block, the module name of every LoRA Linear call that does not take the plain path
+    (`LoraLinear.takes_plain_path`, asked with the call's own input and base output)."""
     calls: list[str] = []
-    real = LoraLinear._add_lora
 
-    def spy(self, name, x, result):
-        calls.append(name)
-        return real(self, name, x, result)
+    def record(layer: LoraLinear, args: tuple, output: torch.Tensor) -> None:
+        if not layer.takes_plain_path(args[0], layer.base_layer(args[0])):
+            calls.append(layer.module_name)
 
-    monkeypatch.setattr(LoraLinear, "_add_lora", spy)
-    return calls
+    handles = [layer.register_forward_hook(record) for layer in _layers(model)]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _outputs(model: PeftModel) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,35 +90,32 @@ STATES: dict[str, Callable[[PeftModel], None]] = {
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 @pytest.mark.parametrize("state", list(STATES))
-def test_no_grad_forward_equals_general_path_and_takes_the_plan(kind: str, state: str,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_grad_forward_equals_general_path_and_takes_the_plan(kind: str, state: str) -> None:
     model = _two_adapters(kind, **({"fan_in_fan_out": True} if kind == "gpt2" else {}))
     base = make_model(kind)
     with torch.no_grad():
         base_logits = base(input_ids=input_ids()).logits
     STATES[state](model)
-    calls = _general_path_calls(monkeypatch)
-    planned, general = _outputs(model)
-    with_grad = len(calls)
-    assert with_grad > 0, "the grad-enabled forward takes the general path"
-    calls.clear()
-    with torch.no_grad():
-        model(input_ids=input_ids())
-    assert calls == [], "the no-grad forward takes the planned path"
+    with _general_path_calls(model) as calls:
+        planned, general = _outputs(model)
+        assert len(calls) > 0, "the grad-enabled forward takes the general path"
+        calls.clear()
+        with torch.no_grad():
+            model(input_ids=input_ids())
+    assert calls == [], "the no-grad forward takes the plain path"
     assert max_diff(planned, general) < 1e-6
     assert max_diff(planned, base_logits) > 1e-3, "the adapters change the output"
 
 
-def test_no_grad_path_follows_disable_merge_and_unmerge(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_grad_path_follows_disable_merge_and_unmerge() -> None:
     model = _two_adapters()
     ids = input_ids()
-    with torch.no_grad():
+    with torch.no_grad(), _general_path_calls(model) as calls:
         base_logits = make_model("llama")(input_ids=ids).logits
         adapted = model(input_ids=ids).logits
         with model.disable_adapter():
             assert max_diff(model(input_ids=ids).logits, base_logits) < 1e-6
         model.merge_adapter()
-        calls = _general_path_calls(monkeypatch)
         # Merged: the planned path adds nothing more (adding the update twice would differ by ~the update).
         assert max_diff(model(input_ids=ids).logits, adapted) < 1e-4
         model.unmerge_adapter()
@@ -120,14 +123,12 @@ def test_no_grad_path_follows_disable_merge_and_unmerge(monkeypatch: pytest.Monk
         assert calls == []
 
 
-def test_dropout_is_applied_in_train_mode_even_without_grad(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dropout_is_applied_in_train_mode_even_without_grad() -> None:
     model = _two_adapters(lora_dropout=0.5)
-    calls = _general_path_calls(monkeypatch)
     planned, general = _outputs(model)
     assert max_diff(planned, general) < 1e-6, "eval mode: dropout is the identity on both paths"
-    calls.clear()
     model.train()
-    with torch.no_grad():
+    with torch.no_grad(), _general_path_calls(model) as calls:
         first = model(input_ids=input_ids()).logits
         second = model(input_ids=input_ids()).logits
     assert calls, "train mode with dropout takes the general path"
@@ -137,17 +138,18 @@ def test_dropout_is_applied_in_train_mode_even_without_grad(monkeypatch: pytest.
 @pytest.mark.parametrize("config", [{"use_dora": True}, {"lora_bias": True}], ids=["dora", "lora_bias"])
 def test_dora_and_lora_bias_keep_the_general_path(config: dict) -> None:
     model = _two_adapters(**config)
-    assert all(layer._plan is None for layer in _layers(model))
+    with torch.no_grad(), _general_path_calls(model) as calls:
+        model(input_ids=input_ids())
+    assert len(calls) == len(_layers(model)), "every layer takes the general path"
     planned, general = _outputs(model)
     assert max_diff(planned, general) < 1e-6
 
 
-def test_low_precision_base_with_float32_adapters_rounds_once(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_low_precision_base_with_float32_adapters_rounds_once() -> None:
     with seeded(0):
         model = get_peft_model(make_model("llama", dtype=torch.bfloat16), LoraConfig(r=4, target_modules="all-linear"))
     perturb_adapter(model)
-    calls = _general_path_calls(monkeypatch)
-    with torch.no_grad():
+    with torch.no_grad(), _general_path_calls(model) as calls:
         model(input_ids=input_ids())
     assert calls, "bfloat16 inputs and float32 factors: the general path casts and rounds once"
 

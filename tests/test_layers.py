@@ -145,7 +145,7 @@ def test_plain_tensor_bin_loads(tmp_path: Path) -> None:
 
 def test_unsafe_adapter_names_are_refused() -> None:
     model = get_peft_model(make_model("llama"), LoraConfig(target_modules=["q_proj"]))
-    for name in ("../x", "a/b", "", ".."):
+    for name in ("../x", "a/b", "", "..", "train", "eval", "to", "state_dict"):
         with pytest.raises(ValueError, match="adapter name"):
             model.add_adapter(name, LoraConfig(target_modules=["v_proj"]))
 

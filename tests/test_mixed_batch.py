@@ -4,6 +4,8 @@ base rows and generate's row expansion (beams); the stacks are cached and rebuil
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from pathlib import Path
 
 import pytest
@@ -68,21 +70,17 @@ def _single_runs(model, names: set[str], fn):
     return out
 
 
-def _refuse(*args, **kwargs):
-    raise AssertionError("per-adapter path used for a plain LoRA row of a mixed batch")
-
-
 @pytest.mark.parametrize("mix", list(MIXES))
-def test_mixed_rows_equal_single_adapter_runs(mix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mixed_rows_equal_single_adapter_runs(mix: str) -> None:
     kind, configs = MIXES[mix]
     rows = ROWS[mix]
     model = _adapters(kind, configs)
     ids = input_ids(len(rows), 7)
     single = _single_runs(model, set(rows), lambda: logits(model, ids))
-    with monkeypatch.context() as patch:  # plain LoRA rows must all take the stacked path
-        patch.setattr(LoraLinear, "_adapter_out", _refuse)
-        patch.setattr(LoraEmbedding, "_adapted", _refuse)
-        mixed_out = logits(model, ids, adapter_names=rows)
+    mixed_out = logits(model, ids, adapter_names=rows)
+    for layer in model.modules():  # plain LoRA rows all take the stacked path: every layer stacked its adapters
+        if isinstance(layer, (LoraLinear, LoraEmbedding)):
+            assert layer.row_stack.stack.names == tuple(sorted(set(rows) & set(layer.r))), layer.module_name
     for i, name in enumerate(rows):
         assert max_diff(single[name][i], single[BASE_ROW][i]) > 1e-3 or name == BASE_ROW, (i, name)
         assert max_diff(mixed_out[i], single[name][i]) <= 1e-4, (i, name)
@@ -138,9 +136,9 @@ def test_stacks_are_cached_and_rebuilt_when_adapters_change(tmp_path: Path) -> N
     ids = input_ids(len(rows), 5)
     layer = model.base_model.model.model.layers[0].self_attn.v_proj
     logits(model, ids, adapter_names=rows)
-    first = mixed._STACKS[layer]
+    first = layer.row_stack.stack
     logits(model, ids, adapter_names=rows)
-    assert mixed._STACKS[layer] is first, "the same adapters should reuse the stacked factors"
+    assert layer.row_stack.stack is first, "the same adapters should reuse the stacked factors"
 
     def check() -> None:
         single = _single_runs(model, set(rows), lambda: logits(model, ids))
@@ -151,7 +149,7 @@ def test_stacks_are_cached_and_rebuilt_when_adapters_change(tmp_path: Path) -> N
     model.set_adapter("a1")
     perturb_adapter(model, seed=99)  # in-place change of a1's factors (as an optimizer step would)
     check()
-    assert mixed._STACKS[layer] is not first
+    assert layer.row_stack.stack is not first
 
     # Delete a0 and load a different adapter under the same name: the stale stack must not be used.
     other = _adapters(kind, configs)
@@ -226,3 +224,31 @@ def test_training_with_gradients_falls_back_and_trains_each_row_adapter() -> Non
     for name in ("a0", "a1"):
         grads = [p.grad for n, p in model.named_parameters() if f".{name}." in n]
         assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), name
+
+
+def test_two_threads_in_two_blocks_each_compute_their_own_rows() -> None:
+    """Row state is per thread: blocks open at the same time in two threads, and a third thread outside any
+    block, each get their own answer, while the layers' stacks are swapped between adapter sets underneath."""
+    kind, configs = MIXES["llama-ranks-1-4-8-embed"]
+    model = _adapters(kind, configs)
+    ids = input_ids(3, 6)
+    plans = {"first": ["a0", "a1", BASE_ROW], "second": ["a2", BASE_ROW, "a0"], "outside": None}
+    expected = {key: logits(model, ids, adapter_names=rows) for key, rows in plans.items()}
+    assert max_diff(expected["first"], expected["second"]) > 1e-3
+    barrier = threading.Barrier(len(plans))
+    results: dict[str, list[torch.Tensor]] = {}
+
+    def run(key: str) -> None:
+        rows = plans[key]
+        with torch.no_grad(), row_adapters(rows) if rows else contextlib.nullcontext():
+            barrier.wait()  # every thread is inside its block (or outside any) before the first forward
+            results[key] = [model(input_ids=ids).logits for _ in range(6)]
+
+    threads = [threading.Thread(target=run, args=(key,)) for key in plans]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    for key, outs in results.items():
+        assert all(max_diff(out, expected[key]) <= 1e-6 for out in outs), key
+    assert set(results) == set(plans)

@@ -225,6 +225,16 @@ def test_sampling_is_row_wise_and_never_raises() -> None:
     assert len(draws) > 5  # temperature 1 does sample
 
 
+def test_greedy_rows_take_the_argmax_also_beside_a_nan_row() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(3, 50)
+    expected = logits.argmax(dim=-1)
+    assert pick_tokens(logits, [0.0] * 3, [1.0] * 3, [None] * 3).tolist() == expected.tolist()
+    logits[1, 4], logits[2] = float("inf"), float("nan")
+    chosen = pick_tokens(logits, [0.0] * 3, [1.0] * 3, [None] * 3)
+    assert chosen[0] == expected[0] and chosen[1] == 4 and 0 <= chosen[2] < 50
+
+
 def test_a_failing_row_fails_only_its_request(running: Running, monkeypatch: pytest.MonkeyPatch) -> None:
     alone = _completion(running, "alpha", "The sky is", max_tokens=6)[1]["choices"][0]["text"]
     push = TextTracker.push

@@ -164,7 +164,7 @@ def test_masked_or_left_padded_batches_are_not_shared(monkeypatch, tiny_costs) -
 
 def test_mixed_adapter_rows_are_not_shared(monkeypatch, tiny_costs) -> None:
     """Rows on different adapters have different prefix hidden states (DPO's one-pass reference is such a batch)."""
-    from lorakit.layers.base import BASE_ROW, row_adapters
+    from lorakit.layers.rows import BASE_ROW, row_adapters
 
     model = _model("llama")
     ids, mask, labels = _batch()

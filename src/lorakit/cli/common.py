@@ -28,12 +28,14 @@ def parse_adapter_specs(specs: list[str] | None) -> list[tuple[str, Path]]:
 
 
 def load_model_with_adapters(model: str | None, adapters: list[str] | None, *, active: str | None = None,
-                             trust_remote_code: bool = False):
-    """(model, tokenizer, adapter names): the base with every adapter loaded, `active` (or the first) on.
+                             trust_remote_code: bool = False, device: str = "auto", dtype: str = "auto"):
+    """(model, tokenizer, adapter names): the base with every adapter loaded, `active` (or the first) on,
+    on `device` with the base in `dtype` (--device, --dtype: lorakit.device; adapters keep float32 factors).
 
     With no adapters the plain transformers model is returned. A model that ships its own code loads
     only with `trust_remote_code`.
     """
+    from lorakit.device import resolve_device, resolve_dtype
     from lorakit.model import PeftModel
     from lorakit.models.sources import load_causal_lm, load_tokenizer
 
@@ -42,8 +44,10 @@ def load_model_with_adapters(model: str | None, adapters: list[str] | None, *, a
         loaded = ", ".join(n for n, _ in specs) or "none"
         raise LorakitError(f"--use {active!r}: no adapter of that name; loaded: {loaded}")
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
-    base = load_causal_lm(model, trust_remote_code=trust_remote_code)
-    base.eval()
+    where = resolve_device(device)
+    base = load_causal_lm(model, dtype=resolve_dtype(dtype, where), trust_remote_code=trust_remote_code,
+                          attn_implementation="sdpa")
+    base.to(where).eval()
     if not specs:
         return base, tokenizer, []
     first_name, first_path = specs[0]

@@ -19,7 +19,8 @@ def _eval(config: EvalConfig) -> None:
     from lorakit.train.evaluate import evaluate_models
 
     loaded, tokenizer, names = load_model_with_adapters(config.model, config.adapter,
-                                                        trust_remote_code=config.trust_remote_code)
+                                                        trust_remote_code=config.trust_remote_code,
+                                                        device=config.device, dtype=config.dtype)
     report = evaluate_models(loaded, tokenizer, names, config)
     if config.as_json:
         typer.echo(json.dumps(report, indent=2))

@@ -10,6 +10,7 @@ import typer
 
 from lorakit.cli.app import app
 from lorakit.cli.options import config_command
+from lorakit.device import DEVICE_HELP, DTYPE_HELP, DtypeName, valid_device_name
 from lorakit.options import (
     TRUST_REMOTE_CODE_HELP,
     OptionError,
@@ -32,10 +33,14 @@ class ChatConfig(Options):
     system: str | None = option(None, help="System message.")
     max_new_tokens: int = option(256, help="Maximum new tokens.")
     temperature: float = option(0.0, help="0 = greedy.")
+    device: str = option("auto", help=DEVICE_HELP)
+    dtype: DtypeName = option("auto", help=DTYPE_HELP)
     trust_remote_code: bool = option(False, help=TRUST_REMOTE_CODE_HELP)
 
     def validate(self) -> None:
         positive_ints(self, ("max_new_tokens",))
+        if not valid_device_name(self.device):
+            raise OptionError("device", "auto, cpu, cuda or cuda:N", self.device)
         if not finite(self.temperature) or self.temperature < 0:
             raise OptionError("temperature", "a non-negative number (0 = greedy)", self.temperature)
 
@@ -53,7 +58,7 @@ def _reply(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int
     import torch
 
     encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True)
+                                            return_dict=True).to(next(model.parameters()).device)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     base_only = use_base and hasattr(model, "disable_adapter")
     with torch.no_grad(), model.disable_adapter() if base_only else contextlib.nullcontext():
@@ -67,7 +72,8 @@ def _generate(config: GenerateConfig) -> None:
     from lorakit.cli.common import load_model_with_adapters
 
     loaded, tokenizer, _ = load_model_with_adapters(config.model, config.adapter, active=config.use,
-                                                    trust_remote_code=config.trust_remote_code)
+                                                    trust_remote_code=config.trust_remote_code,
+                                                    device=config.device, dtype=config.dtype)
     messages = [{"role": "system", "content": config.system}] if config.system else []
     messages.append({"role": "user", "content": config.prompt})
     typer.echo(_reply(loaded, tokenizer, messages, config.max_new_tokens, config.temperature,
@@ -79,7 +85,8 @@ def _chat(config: ChatConfig) -> None:
     from lorakit.cli.common import load_model_with_adapters
 
     loaded, tokenizer, names = load_model_with_adapters(config.model, config.adapter, active=config.use,
-                                                        trust_remote_code=config.trust_remote_code)
+                                                        trust_remote_code=config.trust_remote_code,
+                                                        device=config.device, dtype=config.dtype)
     current = config.use or (names[0] if names else "base")
     start: list[dict[str, str]] = [{"role": "system", "content": config.system}] if config.system else []
     history = list(start)

@@ -25,10 +25,14 @@ _ADAPTER_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0
 
 
 def check_adapter_name(name: str) -> str:
-    """Adapter names become sub-folder names on save: refuse separators, '..' and odd characters."""
+    """Adapter names become sub-folder names on save and keys of the layers' `nn.ModuleDict`s: refuse
+    separators, '..', odd characters and the names of module methods ('train', 'eval', 'to', ...), which a
+    ModuleDict cannot hold."""
     if not isinstance(name, str) or not name or name in (".", "..") or not set(name) <= _ADAPTER_NAME_CHARS:
         raise ValueError(f"adapter name {name!r}: use letters, digits, '_', '-' or '.' "
                          "(it becomes a folder name)")
+    if hasattr(nn.ModuleDict, name):
+        raise ValueError(f"adapter name {name!r}: the name of a torch module attribute; choose another name")
     return name
 
 

@@ -5,16 +5,13 @@ A LoRA layer wraps the original module as `base_layer` and adds, per adapter nam
 `lora_magnitude_vector`. These attribute names are PEFT's, so parameter names such as
 `...q_proj.lora_A.default.weight` are the ones user code (custom optimizers, LoRA+) already selects by.
 
-Mixed-adapter batches: `row_adapters(names)` sets, for the duration of a forward or generate call, which
-adapter each batch row uses; layers read it instead of receiving an extra forward argument.
+Mixed-adapter batches (each row its own adapter) are described in layers/rows.py.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -23,78 +20,9 @@ from torch import Tensor, nn
 
 from lorakit.init import Initialiser, LoraInit, init_zeros, moves_base_weight
 from lorakit.io.peft_keys import LINEAR_FACTORS
+from lorakit.layers.rows import StackSlot
 from lorakit.merge.delta import add_delta, dora_merge, dora_norm, dora_unmerge
 from lorakit.quant import weights as quant
-
-BASE_ROW = "__base__"
-"""Name that selects no adapter for a row of a mixed-adapter batch (PEFT's convention)."""
-
-class RowBlock(tuple):
-    """The per-row adapter names of one `row_adapters()` entry, a new object per entry.
-
-    Its identity marks one forward or generate call, so per-layer caches (layers/mixed.py) can check once per
-    call, not at every decoding step, that what they hold is still current.
-    """
-
-    __slots__ = ()
-
-
-_ROW_ADAPTERS: ContextVar[RowBlock | None] = ContextVar("lorakit_row_adapters", default=None)
-# The same value as a module global, read while torch.compile traces: dynamo cannot trace ContextVar.get (it
-# would break the graph at every LoRA layer) but guards on a global. Under compile the innermost
-# row_adapters() of the whole process applies; in eager code each thread and task sees its own.
-_COMPILE_ROWS: tuple[str, ...] | None = None
-
-
-@contextmanager
-def row_adapters(names: Sequence[str]) -> Iterator[None]:
-    """Within the block, batch row i uses adapter `names[i]` in every adapter layer.
-
-    Layers check once per block (and when grad or train mode changes) that the adapter factors they stacked
-    are current (layers/mixed.py), so adapters edited inside one block without such a change are not seen
-    there. `PeftModel.forward`/`generate(adapter_names=...)` open one block per call.
-    """
-    global _COMPILE_ROWS
-    token = _ROW_ADAPTERS.set(RowBlock(names))
-    previous, _COMPILE_ROWS = _COMPILE_ROWS, tuple(names)
-    try:
-        yield
-    finally:
-        _ROW_ADAPTERS.reset(token)
-        _COMPILE_ROWS = previous
-
-
-def _current_rows() -> tuple[str, ...] | None:
-    return _COMPILE_ROWS if torch.compiler.is_compiling() else _ROW_ADAPTERS.get()
-
-
-def current_block() -> RowBlock | None:
-    """The innermost `row_adapters()` entry of this thread or task; None outside one and while torch.compile
-    traces (compiled code reads the names from a global, so it has no block to cache against)."""
-    return None if torch.compiler.is_compiling() else _ROW_ADAPTERS.get()
-
-
-def rows_for_batch(batch_size: int) -> tuple[str, ...] | None:
-    """The per-row adapter names for a batch, expanded when generate() repeats rows (beams, samples)."""
-    names = _current_rows()
-    if names is None:
-        return None
-    if batch_size % len(names):
-        raise ValueError(f"adapter_names has {len(names)} entries but the batch has {batch_size} rows")
-    repeat = batch_size // len(names)
-    return tuple(n for n in names for _ in range(repeat)) if repeat > 1 else names
-
-
-def mixed_rows_active() -> bool:
-    """Whether a mixed-adapter batch is being computed (rows may use different adapters)."""
-    return _current_rows() is not None
-
-
-def row_groups(names: Sequence[str], device: torch.device) -> Iterator[tuple[str, Tensor]]:
-    """(adapter name, row indices) for each adapter used in a mixed batch, base rows skipped."""
-    for name in dict.fromkeys(names):
-        if name != BASE_ROW:
-            yield name, torch.tensor([i for i, n in enumerate(names) if n == name], device=device)
 
 
 @runtime_checkable
@@ -174,6 +102,8 @@ class LoraLayer(nn.Module):
         # saving can write an adapter for the untouched base.
         self.initial_factors: dict[str, tuple[Tensor, Tensor]] = {}
         self._dora_norms: dict[str, Tensor] = {}
+        # The adapters' factors stacked side by side for mixed-adapter batches (layers/mixed.py).
+        self.row_stack = StackSlot()
 
     # ---- what subclasses provide -----------------------------------------------------------------
 

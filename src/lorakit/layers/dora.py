@@ -21,9 +21,10 @@ def magnitude_scale(weight: Tensor, lora_weight: Tensor, scaling: float, magnitu
     return magnitude / dora_norm(combined, feature_axis).detach().to(magnitude.dtype)
 
 
-def linear_term(base_out: Tensor, lora_out: Tensor, scale: Tensor, scaling: float) -> Tensor:
-    """What DoRA adds to a linear layer's output: (m/‖·‖ − 1) · W x + (m/‖·‖) · s · B A x.
+def linear_term(base_out: Tensor, adapted_out: Tensor, scale: Tensor) -> Tensor:
+    """What DoRA adds to a linear layer's output: (m/‖·‖) · (W x + s · B A x) − W x.
 
-    base_out is W x without the bias (the bias is not rescaled); lora_out is B A x; scale has shape (out,).
+    base_out is W x without the bias (the bias is not rescaled); adapted_out is W x + s · B A x (the LoRA
+    update of base_out); scale, m/‖·‖, has shape (out,).
     """
-    return (scale - 1) * base_out + scale * lora_out * scaling
+    return scale * adapted_out - base_out

@@ -13,8 +13,9 @@ from torch import Tensor, nn
 from lorakit.init import LoraInit
 from lorakit.io.peft_keys import EMBEDDING_FACTORS
 from lorakit.layers import dora, mixed
-from lorakit.layers.base import AdapterSpec, LoraLayer, row_groups, rows_for_batch
+from lorakit.layers.base import AdapterSpec, LoraLayer
 from lorakit.layers.linear import _device_of
+from lorakit.layers.rows import row_groups, rows_for_batch
 from lorakit.merge.delta import lora_delta
 
 

@@ -13,7 +13,9 @@ from torch import Tensor, nn
 
 from lorakit.init import LoraInit
 from lorakit.layers import dora, mixed
-from lorakit.layers.base import AdapterSpec, LoraLayer, mixed_rows_active, row_groups, rows_for_batch
+from lorakit.layers.base import AdapterSpec, LoraLayer
+from lorakit.layers.rows import mixed_rows_active, row_groups, rows_for_batch
+from lorakit.layers.update import lora_update
 from lorakit.merge.delta import lora_delta
 
 
@@ -97,69 +99,71 @@ class LoraLinear(LoraLayer):
 
     # ---- forward ---------------------------------------------------------------------------------
 
+    def takes_plain_path(self, x: Tensor, result: Tensor) -> bool:
+        """Whether a forward with input x and base output `result` can take the plain no-grad path: no
+        autograd, every live adapter plain LoRA (no DoRA, no lora_bias), no dropout to apply, one dtype
+        throughout and no mixed-adapter rows.
+
+        Generation and evaluation take it. At decode time a LoRA layer sees a handful of tokens, so its cost
+        is per-op and per-line overhead rather than arithmetic: this path looks its modules up once per
+        state change and makes no casts, and with one dtype its add is the single rounding of the general
+        path, so both give the same numbers.
+        """
+        plan = self._plan
+        return (plan is not None and not torch.is_grad_enabled() and not (plan.dropout and self.training)
+                and (not plan.factors or plan.dtype == x.dtype == result.dtype) and not mixed_rows_active())
+
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        plan = self._plan
-        if (plan is not None and not torch.is_grad_enabled() and not (plan.dropout and self.training)
-                and (not plan.factors or plan.dtype == x.dtype == result.dtype) and not mixed_rows_active()):
-            # No-grad forward (generation, evaluation) with plain LoRA adapters. At decode time a LoRA layer
-            # sees a handful of tokens, so its cost is per-op and per-line overhead, not arithmetic: three ops
-            # per adapter, modules looked up once per state change, no casts (one dtype throughout, so this
-            # add is the single rounding of the general path). Unmerged generation went from 0.79 to 0.83–0.87
-            # of the base's tokens/s (benchmarks/bench_inference.py).
-            for name, lora_a, lora_b in plan.factors:
-                result = torch.add(result, F.linear(F.linear(x, lora_a.weight), lora_b.weight), alpha=self.scaling[name])
+        if self.takes_plain_path(x, result):
+            for name, lora_a, lora_b in self._plan.factors:
+                result = lora_update(result, x, lora_a.weight, lora_b.weight, self.scaling[name])
             return result
         if self.disabled:
             return result
         rows = rows_for_batch(x.shape[0]) if self.r else None
         if rows is not None:
-            if self.merged_adapters:
-                raise ValueError(f"{self.module_name}: adapter_names cannot be used while adapters are merged")
-            # Plain LoRA rows all at once in batched matmuls (layers/mixed.py); the rows it leaves (DoRA; in
-            # training, dropout or gradients) take the per-adapter path below.
-            result, rows = mixed.add_linear_rows(self, x, result, rows)
-            for name, index in row_groups(rows, x.device):
-                if name in self.r:
-                    base_rows = result.index_select(0, index)
-                    sub = base_rows + self._adapter_out(name, x.index_select(0, index), base_rows)
-                    result = result.index_copy(0, index, sub.to(result.dtype))
-            return result
+            return self._forward_rows(x, result, rows)
         adapted = result
         for name in self._live_adapters():
-            if name in self.lora_magnitude_vector:
-                adapted = adapted + self._adapter_out(name, x, result)
-            else:
-                adapted = self._add_lora(name, x, adapted)
+            adapted = self._adapted(name, x, adapted, result)
         # The sum is formed in the adapters' dtype (float32 by default) and rounded once to the base dtype,
         # as PEFT does: rounding the update to float16/bfloat16 before adding would round twice.
         return adapted.to(result.dtype)
 
-    def _add_lora(self, name: str, x: Tensor, result: Tensor) -> Tensor:
-        """result + s · B A dropout(x) as one addmm over the flattened rows.
+    def _forward_rows(self, x: Tensor, result: Tensor, rows: tuple[str, ...]) -> Tensor:
+        """A mixed-adapter batch: row i adapted by `rows[i]`."""
+        if self.merged_adapters:
+            raise ValueError(f"{self.module_name}: adapter_names cannot be used while adapters are merged")
+        # Plain LoRA rows all at once in batched matmuls (layers/mixed.py); the rows it leaves (DoRA; in
+        # training, dropout or gradients) take the per-adapter path.
+        result, rows = mixed.add_linear_rows(self, x, result, rows)
+        for name, index in row_groups(rows, x.device):
+            if name in self.r:
+                base_rows = result.index_select(0, index)
+                sub = self._adapted(name, x.index_select(0, index), base_rows, base_rows)
+                result = result.index_copy(0, index, sub.to(result.dtype))
+        return result
 
-        The scaling is addmm's alpha and the add is fused into B's matmul, so no
-        full-size (tokens × out) temporary is made for the update, its scaling or the sum — they are one
-        read of `result` and one write, in the forward and the backward pass alike.
-        """
+    def _adapted(self, name: str, x: Tensor, so_far: Tensor, result: Tensor) -> Tensor:
+        """`so_far` (the output with earlier adapters applied) plus adapter `name`'s term for input x, in the
+        adapter's dtype; `result` is the base layer's output, which DoRA rescales."""
         lora_a, lora_b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        scaling = self.scaling[name]
         x = x.to(lora_a.weight.dtype)
-        # Without dropout (p = 0, the usual case) the identity module is not even called: at decode time a
-        # LoRA layer's cost is mostly per-op overhead, so every op saved shows in tokens/s.
-        hidden = lora_a(x if isinstance(dropout, nn.Identity) else dropout(x))
-        out = torch.addmm(result.reshape(-1, result.shape[-1]).to(hidden.dtype), hidden.reshape(-1, hidden.shape[-1]),
-                          lora_b.weight.t(), alpha=self.scaling[name])
-        if lora_b.bias is not None:
-            out = out + self.scaling[name] * lora_b.bias
-        return out.view(*result.shape[:-1], out.shape[-1])
+        if name in self.lora_magnitude_vector:
+            return so_far + self._dora_term(name, x, result)
+        # Without dropout (p = 0, the usual case) the identity module is not even called: per-op overhead
+        # is most of a LoRA layer's cost at decode time.
+        out = lora_update(so_far, x if isinstance(dropout, nn.Identity) else dropout(x), lora_a.weight,
+                          lora_b.weight, scaling)
+        return out if lora_b.bias is None else out + scaling * lora_b.bias
 
-    def _adapter_out(self, name: str, x: Tensor, result: Tensor) -> Tensor:
-        """This adapter's addition to the base layer output `result` for input x, in the adapter's dtype."""
+    def _dora_term(self, name: str, x: Tensor, result: Tensor) -> Tensor:
+        """DoRA's addition to the base output `result` (layers/dora.py): (m/‖W + s·BA‖_c) (W x + s·B A x) − W x,
+        with x in the adapter's dtype."""
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]
         dropout, scaling = self.lora_dropout[name], self.scaling[name]
-        x = x.to(lora_a.weight.dtype)
-        if name not in self.lora_magnitude_vector:
-            return lora_b(lora_a(dropout(x))) * scaling
         lora_weight = lora_b.weight @ lora_a.weight
         weight = self.base_weight()
         if self.fan_in_fan_out:
@@ -174,8 +178,7 @@ class LoraLinear(LoraLayer):
             x = dropout(x)
             weight = weight.to(x.dtype)
             base_out = F.linear(x, weight.T if self.fan_in_fan_out else weight)
-        lora_out = lora_b(lora_a(x))
-        return dora.linear_term(base_out, lora_out, scale, scaling)
+        return dora.linear_term(base_out, lora_update(base_out, x, lora_a.weight, lora_b.weight, scaling), scale)
 
 
 def _device_of(module: nn.Module) -> torch.device:

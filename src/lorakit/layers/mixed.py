@@ -18,15 +18,16 @@ A/B per row would copy rows × (in + out) × R floats per layer and decoding ste
 down[slot] at their token ids and use `bmm`. The padding and the mask add exact zeros, so each row
 equals its per-adapter result up to float rounding.
 
-Stacking costs a copy of every factor, so it is cached per layer, keyed by the adapter set of the batch
+Stacking costs a copy of every factor, so each layer keeps its stack (`LoraLayer.row_stack`, see
+layers/rows.py for thread-safety), checked against the adapter set of the batch
 and by a version of each factor: the tensor itself (held by weak reference, so a deleted adapter reloaded
 under the same name never matches), its storage pointer and torch's in-place version counter (bumped by
 optimizer steps, `copy_` while loading, `merge`-style writes). Prefill and every decoding step of a
 generation hit the same entry. That check runs once per layer per forward or generate call (`RowBlock`):
 adapters do not change in the middle of a call, and checking at every decoding step cost ~10 % of a
 mixed-batch generation (benchmarks/bench_inference.py). Writes through `param.data` bypass torch's
-version counter; code that edits factors that way and then runs a mixed batch must call `clear_stacks()`
-first.
+version counter; code that edits factors that way and then runs a mixed batch must call
+`layer.row_stack.clear()` first.
 
 Rows this path does not take are left to the caller's per-adapter path: DoRA adapters (their magnitude
 rescaling depends on the whole adapted weight, not on a per-row low-rank term) and, while training,
@@ -42,7 +43,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lorakit.layers.base import BASE_ROW, LoraLayer, RowBlock, current_block
+from lorakit.layers.base import LoraLayer
+from lorakit.layers.rows import BASE_ROW, RowBlock, current_block
+from lorakit.layers.update import lora_update
 
 
 @dataclass(eq=False)
@@ -99,14 +102,6 @@ class _Stack:
                 and _versions(flat, scalings, tensors) == self.versions)
 
 
-_STACKS: weakref.WeakKeyDictionary[LoraLayer, _Stack] = weakref.WeakKeyDictionary()
-
-
-def clear_stacks() -> None:
-    """Forget every cached stack (needed only after editing adapter factors through `param.data`)."""
-    _STACKS.clear()
-
-
 def _versions(flat: Sequence[Tensor], scalings: Sequence[float], groups: Sequence[tuple[Tensor, ...]]) -> tuple:
     # One scaling per adapter, repeated for each of its tensors so the tuple lines up with `flat`.
     per_tensor = [s for s, group in zip(scalings, groups) for _ in group]
@@ -132,7 +127,7 @@ def _stack(layer: LoraLayer, rows: Sequence[str]) -> _Stack | None:
     """The cached stack for the stackable adapters among `rows`, rebuilt if any of them changed."""
     grad = torch.is_grad_enabled()
     block = current_block()
-    cached = _STACKS.get(layer)
+    cached = layer.row_stack.stack
     mode = (grad, layer.training)
     if cached is not None:
         if block is not None and cached.checked_in is block and cached.checked_mode == mode:
@@ -152,7 +147,7 @@ def _stack(layer: LoraLayer, rows: Sequence[str]) -> _Stack | None:
         return None
     scalings = [float(layer.scaling[n]) for n in names]
     if cached is None or not cached.fresh(tuple(names), tensors, scalings):
-        cached = _STACKS[layer] = _build(tuple(names), tensors, scalings)
+        cached = layer.row_stack.stack = _build(tuple(names), tensors, scalings)
     cached.checked_in, cached.checked_mode = block, mode
     return cached
 
@@ -197,10 +192,9 @@ def add_linear_rows(layer: LoraLayer, x: Tensor, result: Tensor, rows: Sequence[
     slot, mask, left_over = stack.row_slots(tuple(rows), x.device)
     down, up = stack.side_by_side()
     flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(down.dtype)
-    hidden = torch.matmul(flat, down) * mask.unsqueeze(1)  # (batch, tokens, K·R): each row's own slot only
-    # The add into the base output is fused into U's matmul, as in the single-adapter path.
-    out = torch.addmm(result.reshape(-1, result.shape[-1]).to(down.dtype), hidden.reshape(-1, hidden.shape[-1]), up)
-    out = out.view(flat.shape[0], flat.shape[1], -1)
+    # D and U play A and B of one adapter of rank K·R; the mask keeps each row to its own slot's columns.
+    out = lora_update(result.reshape(flat.shape[0], flat.shape[1], -1), flat, down.t(), up.t(), 1.0,
+                      mask=mask.unsqueeze(1))
     if stack.bias is not None:
         out = out + stack.bias.index_select(0, slot).unsqueeze(1)
     return out.view(result.shape).to(result.dtype), left_over

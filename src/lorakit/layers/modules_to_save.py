@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 
 from torch import Tensor, nn
 
-from lorakit.layers.base import row_groups, rows_for_batch
+from lorakit.layers.rows import row_groups, rows_for_batch
 
 
 class ModulesToSaveWrapper(nn.Module):

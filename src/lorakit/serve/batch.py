@@ -80,6 +80,7 @@ class Batch:
             except Exception as err:  # the shared cache may be half-updated: every running row fails
                 log.exception("decoding step failed for %d rows", len(self.rows))
                 self._fail(self.rows, err)
+        self._drop_done()  # before the newcomers join: the rows that just finished are not copied along
         joining = [row for row in newcomers if not row.cancelled]
         if joining:
             try:

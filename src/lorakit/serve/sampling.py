@@ -40,9 +40,13 @@ class TokenLogprob:
 def pick_tokens(logits: Tensor, temperature: Sequence[float], top_p: Sequence[float],
                 generators: Sequence[torch.Generator | None]) -> Tensor:
     """Next token per row of `logits` (rows, vocab): argmax where temperature is 0, else a top-p sample."""
+    sampled = [i for i, (t, g) in enumerate(zip(temperature, generators)) if t > 0 and g is not None]
+    if not sampled and bool(torch.isfinite(logits).all()):
+        # All greedy and finite: the argmax of the float64 copy below is this one (widening is exact), and
+        # copying the (rows, vocab) logits is a visible part of a large batch's decoding step on CPU.
+        return logits.argmax(dim=-1)
     clean = logits.double().nan_to_num(nan=-torch.inf, posinf=torch.finfo(torch.float64).max)
     chosen = clean.argmax(dim=-1)
-    sampled = [i for i, (t, g) in enumerate(zip(temperature, generators)) if t > 0 and g is not None]
     if not sampled:
         return chosen
     index = torch.tensor(sampled, device=logits.device)

@@ -5,26 +5,29 @@ Continuous batching (the default, `--scheduler continuous`):
 * The model thread runs steps back to back while there is work. A step is one decoding token for every
   running row, then the prefill of the rows admitted for this step, which join the batch (`batch.Batch`).
   A request that arrives during a step joins at the next one: it never waits for the batch to drain.
-* Admission, before each step: waiting rows join while the batch holds fewer than `max_batch_size` rows
-  and the prompts admitted for this step hold at most `max_prefill_tokens` tokens together. A prompt longer
-  than that is admitted alone when its turn comes, so it cannot wait forever.
-* Fairness between adapters: waiting rows queue per adapter, first come first served within one. Admission
-  takes one row from each adapter in turn, resuming after the adapter served last, so a flood of requests
-  for one adapter delays the others by at most one row per turn.
+* Admission, before each step: waiting rows join, in the order of `waiting.WaitingRows` (short requests
+  first, with ageing so that long ones are not starved; fair between adapters), while the batch holds
+  fewer than `max_batch_size` rows and the prompts admitted for this step hold at most
+  `max_prefill_tokens` tokens together. A prompt longer than that is admitted alone when its turn comes,
+  so it cannot wait forever. Rows that end in this step's decoding (their last token by max_tokens, or
+  their client gone) already count as gone: the newcomers' prefill comes after the decoding, so their
+  places are free by then. The budget bounds how long newcomers' prefill stalls the running rows.
 * Rows leave in the step where they finish (end of sequence, stop string, max_tokens, error) or where their
   client is found gone; a cancelled waiting row is dropped when its turn comes, without taking a place.
 * When idle, the first request waits `batch_window_ms` so that requests sent at the same moment are
   prefilled together.
 
-Static batching (`--scheduler static`, kept to measure against): rows are admitted only when the batch is
-empty, after the same window, up to `max_batch_size` of them; newcomers wait for the whole batch to end.
+Static batching (`--scheduler static`, the batching of before, kept to measure against): rows are admitted
+only when the batch is empty, after the same window, up to `max_batch_size` of them (no prefill budget:
+no running row waits for their prefill), first come first served within an adapter and round robin
+between adapters; newcomers wait for the whole batch to end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict, deque
+import sys
 from collections.abc import Awaitable, Callable
 
 from torch import nn
@@ -32,6 +35,7 @@ from torch import nn
 from lorakit.serve.batch import Batch, StepReport
 from lorakit.serve.engine import Row
 from lorakit.serve.metrics import Metrics
+from lorakit.serve.waiting import WaitingRows
 
 log = logging.getLogger("lorakit.serve")
 SCHEDULERS = ("continuous", "static")
@@ -43,7 +47,7 @@ class Scheduler:
 
     def __init__(self, batch: Batch, run_on_model: RunStep,
                  model: Callable[[], nn.Module], metrics: Metrics, *, policy: str = "continuous",
-                 max_batch_size: int = 16, max_prefill_tokens: int = 4096,
+                 max_batch_size: int = 16, max_prefill_tokens: int = 512,
                  batch_window_ms: float = 5.0) -> None:
         if policy not in SCHEDULERS:
             raise ValueError(f"scheduler {policy!r}: use one of {', '.join(SCHEDULERS)}")
@@ -51,7 +55,7 @@ class Scheduler:
         self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
         self._window = batch_window_ms / 1000
         self._run, self._model = run_on_model, model
-        self._waiting: OrderedDict[str, deque[Row]] = OrderedDict()  # adapter -> its rows; next turn first
+        self._waiting = WaitingRows(unit_cost=policy == "static")
         self._work = asyncio.Event()
         self.running: tuple[Row, ...] = ()
         self.steps = 0
@@ -59,10 +63,10 @@ class Scheduler:
 
     @property
     def waiting(self) -> int:
-        return sum(len(rows) for rows in self._waiting.values())
+        return len(self._waiting)
 
     def submit(self, row: Row) -> None:
-        self._waiting.setdefault(row.adapter, deque()).append(row)
+        self._waiting.push(row, self.steps)
         self.metrics.set_queue(len(self.running), self.waiting)
         self._work.set()
 
@@ -93,17 +97,13 @@ class Scheduler:
         """The waiting rows that join the batch at the next step (see the module docstring)."""
         if self.policy == "static" and self.running:
             return []
-        room, budget, chosen = self.max_batch_size - len(self.running), self.max_prefill_tokens, []
-        while room > 0 and self._waiting:
-            adapter, queue = next(iter(self._waiting.items()))
-            row = queue[0]
+        staying = sum(not (row.cancelled or len(row.tokens) + 1 >= row.max_tokens) for row in self.running)
+        budget = self.max_prefill_tokens if self.policy == "continuous" else sys.maxsize
+        room, chosen = self.max_batch_size - staying, []
+        while room > 0 and (row := self._waiting.peek()) is not None:
             if not row.cancelled and chosen and len(row.prompt_ids) > budget:
                 break
-            queue.popleft()
-            if queue:
-                self._waiting.move_to_end(adapter)  # the next adapter's turn
-            else:
-                del self._waiting[adapter]
+            self._waiting.pop()
             chosen.append(row)  # a cancelled one too: the step ends it without running it (and reports it)
             if not row.cancelled:
                 room, budget = room - 1, budget - len(row.prompt_ids)
@@ -111,5 +111,5 @@ class Scheduler:
 
     def cancel_all(self) -> None:
         """At shutdown: every running and waiting row stops at the next step."""
-        for row in [*self.running, *(r for rows in self._waiting.values() for r in rows)]:
+        for row in [*self.running, *self._waiting]:
             row.cancelled = True

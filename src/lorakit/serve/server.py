@@ -109,7 +109,8 @@ class Server:
 
         directory = resolve_model_source(model)
         tokenizer = load_tokenizer(directory, trust_remote_code=trust_remote_code)
-        base = load_causal_lm(directory, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+        base = load_causal_lm(directory, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
+                              attn_implementation="sdpa")
         base.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
         names = [directory.name, "base", *([model] if model else [])]
         server = cls(base, tokenizer, names, settings)

@@ -11,7 +11,7 @@ from pathlib import Path
 class ServeSettings:
     # batching (scheduler.py)
     max_batch_size: int = 16  # most rows in the running batch
-    max_prefill_tokens: int = 4096  # most prompt tokens prefilled in one step (one longer prompt runs alone)
+    max_prefill_tokens: int = 512  # most prompt tokens prefilled in one step (one longer prompt runs alone)
     batch_window_ms: float = 5.0
     scheduler: str = "continuous"  # or "static", to measure against
     # model and adapters

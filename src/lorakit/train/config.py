@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from lorakit.config import LoraConfig
+from lorakit.device import DEVICE_HELP, DTYPE_HELP, DtypeName, valid_device_name
 from lorakit.options import (
     TRUST_REMOTE_CODE_HELP,
     OptionError,
@@ -81,11 +82,17 @@ class TuningConfig(Options):
     save_every: int | None = option(None, help="Checkpoint every N steps (default: --eval-every).")
     early_stopping_patience: int | None = option(None, help="Stop after N evaluations without improvement.")
     seed: int = option(0, help="Seed for data order, initialisation and dropout.")
+    device: str = option("auto", help=DEVICE_HELP + " Under a launch of several processes each takes its "
+                                      "own GPU (auto) or all run on the CPU (cpu).")
+    dtype: DtypeName = option("auto", help=DTYPE_HELP + " A bf16/fp16 base trains under autocast; fp16 "
+                                           "scales the loss.")
     gradient_checkpointing: bool = option(False, help="Recompute activations in backward to save memory.")
     compile: bool = option(False, help="torch.compile the decoder layers for training (a one-off compile, "
                                        "then faster steps).")
     fsdp: bool = option(False, help="Shard the model, adapter and optimizer state over the processes of a "
                                     "torchrun/accelerate launch (FSDP2) instead of replicating them (DDP).")
+    liger: bool = option(False, help="On CUDA, swap RMSNorm, RoPE and SwiGLU for liger-kernel's Triton "
+                                     "kernels (lorakit's gpu extra; the answer-only loss stays lorakit's).")
     load_in_8bit: bool = option(False, help="Load the base in 8-bit (bitsandbytes).")
     load_in_4bit: bool = option(False, help="Load the base in 4-bit NF4 (bitsandbytes, QLoRA).")
     trust_remote_code: bool = option(False, help=TRUST_REMOTE_CODE_HELP)
@@ -118,6 +125,11 @@ class TuningConfig(Options):
         if not finite(self.validation_fraction) or not 0 <= self.validation_fraction < 1:
             raise OptionError("validation_fraction", "a fraction in [0, 1)", self.validation_fraction)
         one_of(self, "lr_scheduler", SCHEDULERS)
+        if not valid_device_name(self.device):
+            raise OptionError("device", "auto, cpu, cuda or cuda:N", self.device)
+        if self.fsdp and self.dtype == "fp16":
+            raise ValueError("--dtype fp16 with --fsdp: fp16 loss scaling of sharded gradients is not "
+                             "supported; use --dtype bf16")
         if self.load_in_8bit and self.load_in_4bit:
             raise ValueError("--load-in-8bit and --load-in-4bit: choose one")
         if self.resume and self.overwrite:

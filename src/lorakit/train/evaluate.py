@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lorakit.options import TRUST_REMOTE_CODE_HELP, Options, option, positive_ints
+from lorakit.device import DEVICE_HELP, DTYPE_HELP, DtypeName, valid_device_name
+from lorakit.options import TRUST_REMOTE_CODE_HELP, OptionError, Options, option, positive_ints
 from lorakit.train.loss import causal_lm_loss
 from lorakit.train.scoring import exact_match, normalise_answer
 from lorakit.train.tokenize import collate
@@ -131,10 +132,14 @@ class EvalConfig(Options):
     max_new_tokens: int = option(24, help="Tokens generated per row for exact match.")
     limit: int | None = option(None, help="Evaluate at most N rows.")
     as_json: bool = option(False, help="Print JSON instead of a table.", flags=("--json",))
+    device: str = option("auto", help=DEVICE_HELP)
+    dtype: DtypeName = option("auto", help=DTYPE_HELP)
     trust_remote_code: bool = option(False, help=TRUST_REMOTE_CODE_HELP)
 
     def validate(self) -> None:
         positive_ints(self, ("max_seq_len", "batch_size", "max_new_tokens"), ("limit",))
+        if not valid_device_name(self.device):
+            raise OptionError("device", "auto, cpu, cuda or cuda:N", self.device)
 
 
 def evaluate_models(model: nn.Module, tokenizer, adapters: Sequence[str],

@@ -30,14 +30,8 @@ import torch
 from torch import Tensor
 
 from lorakit.errors import DataError
-from lorakit.train.data import (
-    BUNDLED_DIR,
-    Record,
-    _check_messages,
-    _json_type,
-    load_records,
-    split_validation,
-)
+from lorakit.train.data import BUNDLED_DIR, Record, load_records, split_validation
+from lorakit.train.formats import check_messages, json_type
 from lorakit.train.tokenize import IGNORE_INDEX, collate, encode_example
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -68,9 +62,9 @@ def validate_preference_records(records: Sequence[Mapping[str, Any]], source: st
                                 f'and "rejected")')
             value = record[name]
             if isinstance(value, list):
-                _check_messages(value, location, name)
+                check_messages(value, location, name)
             elif not isinstance(value, str):
-                raise DataError(f'{location}: "{name}" must be a string or a list of messages, got {_json_type(value)}')
+                raise DataError(f'{location}: "{name}" must be a string or a list of messages, got {json_type(value)}')
         for side in SIDES:
             answer = record[side]
             if isinstance(answer, str) and not answer.strip():

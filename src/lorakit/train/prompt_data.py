@@ -21,6 +21,7 @@ from typing import Any
 
 from lorakit.errors import DataError
 from lorakit.train.data import load_records
+from lorakit.train.formats import check_messages
 
 PROMPT_KEYS = ("prompt", "messages")
 
@@ -41,7 +42,7 @@ def _prompt_of(record: Mapping[str, Any], location: str, answer_column: str) -> 
         prompt = record["prompt"]
     elif "messages" in record:
         messages = record["messages"]
-        _check_messages(messages, location, "messages")
+        check_messages(messages, location, "messages")
         last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
         prompt = messages if last is None else messages[:last]
         if last is not None and answer_column not in columns:
@@ -52,16 +53,8 @@ def _prompt_of(record: Mapping[str, Any], location: str, answer_column: str) -> 
         if not prompt.strip():
             raise DataError(f"{location}: empty prompt")
     else:
-        _check_messages(prompt, location, "prompt")
+        check_messages(prompt, location, "prompt")
     return prompt, columns
-
-
-def _check_messages(messages: Any, location: str, field: str) -> None:
-    ok = isinstance(messages, list) and messages and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)
-    if not ok:
-        raise DataError(f'{location}: "{field}" must be a string or a non-empty list of {{"role", "content"}} '
-                        "objects with string values")
 
 
 def load_prompts(path: str, tokenizer, *, max_prompt_len: int, answer_column: str = "answer",

@@ -20,7 +20,8 @@ from lorakit.train.config import TuningConfig
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-def make_accelerator(log_with: Sequence[Any] = (), logging_dir: Path | None = None) -> Accelerator:
+def make_accelerator(log_with: Sequence[Any] = (), logging_dir: Path | None = None,
+                     cpu: bool = False) -> Accelerator:
     """The run's Accelerator: one process, or all the processes of an `accelerate launch`/`torchrun` launch;
     `log_with` and `logging_dir` are its experiment trackers and where they write (`train.tracking`).
 
@@ -32,13 +33,17 @@ def make_accelerator(log_with: Sequence[Any] = (), logging_dir: Path | None = No
 
     accelerate's own FSDP, DeepSpeed and Megatron plugins are refused: lorakit shards with FSDP2 itself
     (`--fsdp`, train/fsdp.py) and saves what it shards; DeepSpeed needs CUDA and is not supported.
+
+    `cpu` (--device cpu) makes a launch of several processes run on the CPU even where there are GPUs. The
+    Trainer places the model itself (`training_device`), so accelerate's device placement is off.
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    accelerator = Accelerator(cpu=world_size > 1 and not _device_for_data_parallel(),
-                              log_with=list(log_with) or None, project_dir=logging_dir)
+    accelerator = Accelerator(cpu=world_size > 1 and (cpu or not _device_for_data_parallel()),
+                              device_placement=False, log_with=list(log_with) or None,
+                              project_dir=logging_dir)
     # (WORLD_SIZE unset with several processes is accelerate's own MPI launch of CPU processes: fine.)
     if world_size > 1 and accelerator.num_processes != world_size:
         raise LorakitError(f"launched as {world_size} processes, but accelerate set up {accelerator.num_processes}; "
@@ -49,6 +54,23 @@ def make_accelerator(log_with: Sequence[Any] = (), logging_dir: Path | None = No
                            "does not use; launch plain processes and pass --fsdp to shard with FSDP2 "
                            "(DeepSpeed is not supported; see docs/distributed.md)")
     return accelerator
+
+
+def training_device(config: TuningConfig, accelerator: Accelerator) -> torch.device:
+    """Where this process trains: --device auto is the device accelerate chose (a GPU when there is one;
+    also Apple's MPS or an XPU), cpu/cuda/cuda:N what they say; under a launch of several processes the
+    device accelerate gave each (its own GPU, or the CPU with --device cpu), so --device cuda:N is refused."""
+    from lorakit.device import resolve_device
+
+    if config.device == "auto":
+        return accelerator.device
+    if accelerator.num_processes == 1:
+        return resolve_device(config.device)
+    if config.device not in ("auto", "cpu", "cuda"):
+        raise LorakitError(f"--device {config.device}: under a launch of {accelerator.num_processes} "
+                           "processes each process takes its own GPU; use --device auto (or set "
+                           "CUDA_VISIBLE_DEVICES)")
+    return accelerator.device
 
 
 def _device_for_data_parallel() -> bool:
@@ -83,24 +105,36 @@ def prepare_output(config: TuningConfig, config_file: str) -> None:
     (out / config_file).write_text(yaml.safe_dump(config.to_options(), sort_keys=False))
 
 
-def load_base_model(config: TuningConfig, device: torch.device | None) -> tuple[torch.nn.Module, str]:
-    """(the base model, quantized if asked and prepared for training, where it was loaded from); moved to
-    `device` unless that is None (it stays where it was loaded: the CPU)."""
+def load_base_model(config: TuningConfig, device: torch.device, dtype: torch.dtype = torch.float32,
+                    move: bool = True) -> tuple[torch.nn.Module, str]:
+    """(the base model in `dtype` with SDPA attention, quantized if asked and prepared for training, where it
+    was loaded from); moved to `device` unless `move` is False (it stays where it was loaded: the CPU, for
+    FSDP2 to shard). A quantized base is placed on `device` as it loads and computes in `dtype` if that is
+    half precision."""
     from lorakit.models.sources import load_causal_lm, resolve_model_source
 
-    kwargs: dict[str, Any] = {}
-    if config.load_in_8bit or config.load_in_4bit:
+    kwargs: dict[str, Any] = {"attn_implementation": "sdpa"}
+    quantized = config.load_in_8bit or config.load_in_4bit
+    if quantized:
+        from lorakit.device import HALF_DTYPES
         from lorakit.quant import quantization_config
 
-        kwargs["quantization_config"] = quantization_config(load_in_8bit=config.load_in_8bit,
-                                                            load_in_4bit=config.load_in_4bit)
-    model = load_causal_lm(config.model, trust_remote_code=config.trust_remote_code, **kwargs)
-    if not kwargs and device is not None:
-        model.to(device)
-    else:
+        compute = dtype if dtype in HALF_DTYPES else None
+        kwargs["quantization_config"] = quantization_config(
+            load_in_8bit=config.load_in_8bit, load_in_4bit=config.load_in_4bit, compute_dtype=compute)
+        if device.type == "cuda":
+            kwargs["device_map"] = {"": device}
+    model = load_causal_lm(config.model, dtype=dtype, trust_remote_code=config.trust_remote_code, **kwargs)
+    if config.liger:
+        from lorakit.train.kernels import apply_liger
+
+        apply_liger(model, device)
+    if quantized:
         from lorakit.quant import prepare_for_kbit_training
 
         prepare_for_kbit_training(model, gradient_checkpointing=config.gradient_checkpointing)
+    elif move:
+        model.to(device)
     model.config.use_cache = False
     return model, str(resolve_model_source(config.model))
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from lorakit.layers.base import mixed_rows_active
+from lorakit.layers.rows import mixed_rows_active
 
 # A decoder pass over n token positions costs about max(n, EFFICIENT_TOKENS) on a CPU: below that many
 # rows a matmul runs well under its peak rate. Fitted to measured SFT steps (forward + backward) of

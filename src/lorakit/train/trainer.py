@@ -8,6 +8,11 @@ metrics, the plot and the report.
 One optimizer step is one window of `grad_accum` micro-batches (`repeat` steps per window for objectives
 that reuse a window). The summed loss of each micro-batch is divided by the objective's count for the whole
 window over all processes, so accumulation and data parallelism give the update of one big batch.
+
+Device and precision (`--device`, `--dtype`): one process runs where --device says; the processes of a launch
+take accelerate's devices (a GPU each). A bf16/fp16 base trains with float32 trainable weights under
+autocast, fp16 with loss scaling (train/precision.py); evaluation and the closing summary run under the
+same autocast.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from lorakit.device import resolve_dtype
 from lorakit.errors import LorakitError
 from lorakit.train.batching import epoch_batches, windows
 from lorakit.train.checkpoint import Progress
@@ -31,8 +37,15 @@ from lorakit.train.fsdp import FullySharded, check_launch
 from lorakit.train.objective import Batch, Objective, ObjectiveModule
 from lorakit.train.optim import build_optimizer, build_scheduler, total_optimizer_steps
 from lorakit.train.parallel import DataParallel
+from lorakit.train.precision import Precision, keep_trainable_float32
 from lorakit.train.report import MetricsLog, RunReport, truncate_metrics
-from lorakit.train.setup import count_parameters, load_base_model, make_accelerator, prepare_output
+from lorakit.train.setup import (
+    count_parameters,
+    load_base_model,
+    make_accelerator,
+    prepare_output,
+    training_device,
+)
 from lorakit.train.tracking import Tracking, log_with, logging_dir, trackers
 
 
@@ -77,7 +90,8 @@ class Trainer:
         from lorakit.models.sources import load_tokenizer
 
         config, objective = self.config, self.objective
-        self.acc = acc = make_accelerator(log_with(config), logging_dir(config))
+        self.acc = acc = make_accelerator(log_with(config), logging_dir(config), cpu=config.device == "cpu")
+        self.device = training_device(config, acc)
         if config.fsdp:
             check_launch(acc.num_processes, config)
         self.tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
@@ -90,8 +104,11 @@ class Trainer:
         set_seed(config.seed)
         started = time.perf_counter()
         # A sharded model goes to the device only once sharded (FullySharded.setup).
-        base, source = load_base_model(config, None if config.fsdp else acc.device)
+        dtype = resolve_dtype(config.dtype, self.device)
+        base, source = load_base_model(config, self.device, dtype, move=not config.fsdp)
+        self.precision = Precision(self.device, dtype)
         self.model = objective.build(base, source)
+        keep_trainable_float32(self.model)
         if config.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         parameters = count_parameters(self.model)
@@ -109,7 +126,7 @@ class Trainer:
             self._save_best()
         acc.wait_for_everyone()
         summary = self._summary()
-        report = self.report.finish(acc.device, acc.num_processes, acc.is_main_process, summary,
+        report = self.report.finish(self.device, acc.num_processes, acc.is_main_process, summary,
                                     time.perf_counter() - started, self.out, self.log.read())
         for callback in self.callbacks:
             callback.on_end(report)
@@ -179,7 +196,7 @@ class Trainer:
 
     def _step(self, window: list[list[int]]) -> tuple[float, int, dict[str, Any]]:
         """One optimizer step over a window of micro-batches: (mean loss, tokens, mean figures)."""
-        acc, device = self.acc, self.acc.device
+        acc, device = self.acc, self.device
         batches = [self.objective.batch([self.data.train[i] for i in ids]) for ids in window]
         count = acc.reduce(torch.tensor(float(sum(self.objective.count(b) for b in batches)), device=device),
                            reduction="sum").clamp(min=1)
@@ -188,14 +205,16 @@ class Trainer:
         for i, batch in enumerate(batches):
             batch = _to(batch, device)
             with self.parallel.no_sync(self.module, last=i == len(batches) - 1):
-                loss_sum, batch_figures = self.module(batch)
+                with self.precision.autocast():
+                    loss_sum, batch_figures = self.module(batch)
                 # DDP averages gradients over processes; scale so the result is the mean over the window.
-                acc.backward(loss_sum * (acc.num_processes / count))
+                self.precision.backward(acc, loss_sum * (acc.num_processes / count))
             total += loss_sum.detach()
             _accumulate(figures, batch_figures, len(batches))
         if self.config.max_grad_norm > 0:
+            self.precision.unscale(self.optimizer)
             figures["grad_norm"] = self.parallel.clip_grad_norm(self.module, self.config.max_grad_norm)
-        self.optimizer.step()
+        self.precision.step(self.optimizer)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         mean_loss = (acc.reduce(total, reduction="sum") / count).item()
@@ -219,7 +238,7 @@ class Trainer:
         self.module.eval()
         try:
             # No-grad passes under --compile would compile graphs of their own: run them eagerly.
-            with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+            with torch.no_grad(), torch.compiler.set_stance("force_eager"), self.precision.autocast():
                 return self.objective_module.evaluate(shard, reduce)
         finally:
             self.module.train()
@@ -265,7 +284,10 @@ class Trainer:
         `lorakit eval` on the saved adapter."""
         if self.parallel.sharded:
             return {"summary": f"not scored under --fsdp; run `lorakit eval --adapter {self.best_dir}`"}
-        return self.objective.summary(self.model, self.best_dir) if self.acc.is_main_process else {}
+        if not self.acc.is_main_process:
+            return {}
+        with self.precision.autocast():
+            return self.objective.summary(self.model, self.best_dir)
 
     def _record(self, **record: Any) -> None:
         self.log.write(**record)
