@@ -319,26 +319,21 @@ def merged_blocks(base: Tensor, plan: TensorPlan | None, adapters: Sequence[Adap
     row-wise DoRA norms, so temporaries stay at `BLOCK_ELEMENTS` however large the tensor (a 128k-token
     embedding). DoRA with column norms (Conv1D, embeddings) needs every row and takes the tensor whole.
     """
-    if plan is None or not plan.ops:
-        yield base.to(dtype)
-        return
     current = base
-    for op in plan.ops:
+    for op in plan.ops if plan is not None else ():
         if isinstance(op, ReplaceOp):
             current = adapters[op.adapter].get(op.key).to(base.dtype)
-    updates = [op for op in plan.ops if not isinstance(op, ReplaceOp)]
-    if not updates:
-        yield current.to(dtype)
-        return
+    updates = [op for op in plan.ops if not isinstance(op, ReplaceOp)] if plan is not None else []
     column_norms = any(isinstance(op, LoraOp) and op.magnitude is not None and op.feature_axis != 0
                        for op in updates)
     if current.dim() == 0 or column_norms:
-        yield _updated(current, updates, adapters, None).to(dtype)
+        yield (_updated(current, updates, adapters, None) if updates else current).to(dtype)
         return
     step = max(1, BLOCK_ELEMENTS // max(1, math.prod(current.shape[1:])))
     for start in range(0, current.shape[0], step):
         rows = slice(start, start + step)
-        yield _updated(current[rows], updates, adapters, rows).to(dtype)
+        # A copied tensor is converted block by block too: a dtype change never holds a second whole copy.
+        yield (_updated(current[rows], updates, adapters, rows) if updates else current[rows]).to(dtype)
 
 
 def _updated(weight: Tensor, updates: list[Op], adapters: Sequence[AdapterFile],
