@@ -99,3 +99,29 @@ def machine() -> dict[str, Any]:
 
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
             "python": platform.python_version()}
+
+
+
+def run_measured(argv: Sequence[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run `argv` as a fresh process: its wall seconds, its own peak RSS in bytes (wait4's ru_maxrss for
+    this child alone) and its stdout; raises with the tail of stderr when it fails."""
+    import os
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        process = subprocess.Popen(list(argv), stdout=out, stderr=err, env={**os.environ, **(env or {})})
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - start
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({process.returncode}):\n{stderr[-3000:]}")
+    return {"seconds": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024, "stdout": stdout}
+
+
+def import_baseline_rss() -> int:
+    """Peak RSS in bytes of a fresh `python -c "import torch, transformers"`: what every job pays first."""
+    return run_measured([sys.executable, "-c", "import torch, transformers"])["peak_rss_bytes"]

@@ -42,7 +42,8 @@ def _print_report(report: ExportReport) -> None:
         table.add_row("note", note)
     if report.memory is not None:
         bound = report.memory
-        table.add_row("peak memory", f"{bound.measured_peak_above_start_bytes / 2**20:,.0f} MiB above the start "
+        table.add_row("peak memory", f"{bound.peak_rss_bytes / 2**20:,.0f} MiB RSS; "
+                      f"{bound.measured_peak_above_start_bytes / 2**20:,.0f} MiB above the start "
                       f"(bound {bound.predicted_peak_above_start_bytes / 2**20:,.0f} MiB)")
     table.add_row("time", f"{report.seconds:.1f} s")
     Console().print(table)

@@ -245,9 +245,11 @@ def _read_header(fd: int, path: Path) -> dict[str, _Entry]:
             continue
         try:
             begin, end = (int(x) for x in spec["data_offsets"])
-            entry = _Entry(name, 8 + length + begin, DTYPES[spec["dtype"]], tuple(int(d) for d in spec["shape"]))
+            shape = tuple(int(d) for d in spec["shape"])
+            entry = _Entry(name, 8 + length + begin, DTYPES[spec["dtype"]], shape)
         except (KeyError, TypeError, ValueError):
-            raise AdapterFileError(f"{path}: tensor {name!r} has an unreadable header entry {spec!r}") from None
+            raise AdapterFileError(f"{path}: tensor {name!r} has an unreadable header entry "
+                                   f"{spec!r}") from None
         if end - begin != entry.nbytes or entry.offset + entry.nbytes > size:
             raise AdapterFileError(f"{path}: tensor {name!r}: its byte range [{begin}, {end}) does not hold "
                                    f"{entry.dtype} {entry.shape} within the file (truncated?)")

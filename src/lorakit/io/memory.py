@@ -12,9 +12,15 @@ measured side uses the kernel's high-water mark (VmHWM), reset at the start wher
 
 from __future__ import annotations
 
+import os
+import pickle
 import resource
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 OVERHEAD_BYTES = 64 * 2**20
 
@@ -43,6 +49,32 @@ class PeakMemory:
         predicted = 2 * largest_tensor_bytes + OVERHEAD_BYTES
         measured = max(0, peak - self.start)
         return MemoryBound(largest_tensor_bytes, predicted, measured, self.start, peak, measured <= predicted)
+
+
+def run_forked(function: Callable[..., T], *args: object) -> T:
+    """`function(*args)` computed in a forked child and returned pickled, so that what it imports or
+    allocates (transformers' modeling code: ~100 MB for a model built on the meta device) never becomes
+    resident in this process. Computed here where fork is unavailable or the child fails."""
+    if not hasattr(os, "fork"):
+        return function(*args)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: compute, send, exit without running the parent's cleanup
+        code = 1
+        try:
+            os.close(read)
+            with os.fdopen(write, "wb") as pipe:
+                pipe.write(pickle.dumps(function(*args)))
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        data = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    if status != 0 or not data:
+        return function(*args)
+    return pickle.loads(data)
 
 
 def _reset_peak() -> None:

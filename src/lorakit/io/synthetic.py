@@ -2,8 +2,9 @@
 
 For scale tests and benchmarks (an 8B-shaped checkpoint on a machine with less RAM than that): the
 tensor names, shapes and order are those of the transformers model built from `config` on the meta
-device (no memory), the values are seeded normals N(0, 0.02²) (norm weights 1), generated in row blocks
-and streamed to disk with `ShardedWriter`, so writing needs memory for one block, not a tensor.
+device (no memory), the values N(0, 0.02²) (norm weights 1): each block of rows is a slice, at a seeded
+random offset, of one pool of 2²⁴ seeded normals (drawing 8 billion fresh normals would take longer than
+the disk), streamed to disk with `ShardedWriter`, so writing needs memory for one block, not a tensor.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from lorakit.io.atomic import atomic_write_text
 from lorakit.io.checkpoint import OutputTensor, ShardedWriter, shard_layout
 
 _BLOCK_ELEMENTS = 2**23
+_POOL_ELEMENTS = 2**24
 _STD = 0.02
 
 
@@ -45,9 +47,10 @@ def write_random_checkpoint(directory: str | Path, config: Any, dtype: torch.dty
     tensors = [OutputTensor(name, dtype, shape) for name, shape in params]
     writer = ShardedWriter(directory, shard_layout(tensors, max_shard_size))
     generator = torch.Generator().manual_seed(seed)
+    pool = torch.randn(_POOL_ELEMENTS, generator=generator).mul_(_STD)
     try:
         for tensor in tensors:
-            writer.write(tensor.name, _random_blocks(tensor, generator))
+            writer.write(tensor.name, _random_blocks(tensor, pool, generator))
         writer.close()
     except BaseException:
         writer.abort()
@@ -56,17 +59,23 @@ def write_random_checkpoint(directory: str | Path, config: Any, dtype: torch.dty
     return sum(t.nbytes for t in tensors)
 
 
-def _random_blocks(tensor: OutputTensor, generator: torch.Generator) -> Any:
+def _random_blocks(tensor: OutputTensor, pool: torch.Tensor, generator: torch.Generator) -> Any:
     if len(tensor.shape) == 1 and "norm" in tensor.name:
         yield torch.ones(tensor.shape, dtype=tensor.dtype)
         return
     if not tensor.shape:
-        yield torch.randn((), generator=generator).mul_(_STD).to(tensor.dtype)
+        yield pool[0].to(tensor.dtype)
         return
-    step = max(1, _BLOCK_ELEMENTS // max(1, math.prod(tensor.shape[1:])))
+    row = max(1, math.prod(tensor.shape[1:]))
+    step = max(1, _BLOCK_ELEMENTS // row)
     for start in range(0, tensor.shape[0], step):
         rows = min(step, tensor.shape[0] - start)
-        yield torch.randn((rows, *tensor.shape[1:]), generator=generator).mul_(_STD).to(tensor.dtype)
+        count = rows * row
+        if count > pool.numel():  # rows wider than the pool: fresh normals
+            yield torch.randn((rows, *tensor.shape[1:]), generator=generator).mul_(_STD).to(tensor.dtype)
+            continue
+        offset = int(torch.randint(0, pool.numel() - count + 1, (), generator=generator))
+        yield pool[offset:offset + count].view(rows, *tensor.shape[1:]).to(tensor.dtype)
 
 
 def write_random_adapter(directory: str | Path, config: Any, rank: int, target_modules: list[str],

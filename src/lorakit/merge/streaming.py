@@ -3,9 +3,10 @@
 The base is read tensor by tensor (`TensorReader`: no memory map) and the output written shard by shard,
 header first, block of rows by block of rows, so memory holds one input tensor and a few row blocks,
 never a shard or the model: peak RSS above the start ≤ 2 × largest tensor + 64 MB (`lorakit.io.memory`),
-recorded predicted vs measured in merge_report.json. A 100 GB model merges on a laptop. Each tensor is `plan.merged_blocks` (float32 maths, one rounding). The output goes
-to a temporary directory renamed into place at the end, after verification, so an interrupted or failed
-merge never leaves a directory that looks complete.
+recorded predicted vs measured in merge_report.json. A 100 GB model merges on a laptop. Each tensor is
+`plan.merged_blocks` (float32 maths, one rounding). The output goes to a temporary directory renamed into
+place at the end, after verification, so an interrupted or failed merge never leaves a directory that
+looks complete.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class MergeReport:
     peak_rss_bytes: int
     memory: MemoryBound
     seconds: float
+    verify_seconds: float
     verification: TensorCheck | None
     outputs: OutputCheck | None
 
@@ -123,7 +125,9 @@ def merge_checkpoint(
             files = _write_tensors(tmp, plan, target, shard_bytes, progress)
             _copy_support_files(base_dir, tmp)
             _write_config(tmp / "config.json", config, target, plan.untie_embeddings)
+            verify_start = time.perf_counter()
             check = verify_checkpoint(tmp, plan, target, progress=progress) if verify else None
+            verify_seconds = round(time.perf_counter() - verify_start, 3)
             bound = memory.bound(_largest_tensor(plan, target))
             if check is not None and not check.passed:
                 raise VerificationError(f"{output}: verification failed, nothing written: "
@@ -134,8 +138,10 @@ def merge_checkpoint(
                 base=str(base_dir), adapters=[str(d) for d in directories], weights=weights,
                 output=str(output),
                 dtype=dtype if target is not None else _dtype_names(checkpoint), **_file_counts(tmp, files),
-                **_tensor_counts(plan), untied_embeddings=plan.untie_embeddings, peak_rss_bytes=bound.peak_rss_bytes, memory=bound,
-                seconds=round(time.perf_counter() - start, 3), verification=check, outputs=outputs,
+                **_tensor_counts(plan), untied_embeddings=plan.untie_embeddings,
+                peak_rss_bytes=bound.peak_rss_bytes, memory=bound,
+                seconds=round(time.perf_counter() - start, 3), verify_seconds=verify_seconds,
+                verification=check, outputs=outputs,
             )
             atomic_write_text(tmp / REPORT_NAME, json.dumps(report.to_dict(), indent=2) + "\n")
     return report
