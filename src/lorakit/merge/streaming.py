@@ -108,12 +108,7 @@ def merge_checkpoint(
     start = time.perf_counter()
     memory = PeakMemory()
     paths, weights = _adapters_and_weights(adapters, weights)
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
-    shard_bytes = parse_size(max_shard_size)
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output}: already exists; pass --overwrite (overwrite=True) to replace it")
+    shard_bytes, output = _check_output(dtype, max_shard_size, Path(output), overwrite)
     base_dir = _resolve_base(base)
     config = _read_config(base_dir)
     checkpoint = open_checkpoint(base_dir)
@@ -125,9 +120,7 @@ def merge_checkpoint(
             files = _write_tensors(tmp, plan, target, shard_bytes, progress)
             _copy_support_files(base_dir, tmp)
             _write_config(tmp / "config.json", config, target, plan.untie_embeddings)
-            verify_start = time.perf_counter()
-            check = verify_checkpoint(tmp, plan, target, progress=progress) if verify else None
-            verify_seconds = round(time.perf_counter() - verify_start, 3)
+            check, verify_seconds = _verify(tmp, plan, target, verify, progress)
             bound = memory.bound(_largest_tensor(plan, target))
             if check is not None and not check.passed:
                 raise VerificationError(f"{output}: verification failed, nothing written: "
@@ -145,6 +138,24 @@ def merge_checkpoint(
             )
             atomic_write_text(tmp / REPORT_NAME, json.dumps(report.to_dict(), indent=2) + "\n")
     return report
+
+
+def _check_output(dtype: str, max_shard_size: int | str, output: Path, overwrite: bool) -> tuple[int, Path]:
+    """(shard size in bytes, output directory), after checking the dtype and that output may be written."""
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
+    shard_bytes = parse_size(max_shard_size)
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output}: already exists; pass --overwrite (overwrite=True) to replace it")
+    return shard_bytes, output
+
+
+def _verify(directory: Path, plan: MergePlan, dtype: torch.dtype | None, verify: bool,
+            progress: bool) -> tuple[TensorCheck | None, float]:
+    """The verification of what was written (None when not asked for) and the seconds it took."""
+    start = time.perf_counter()
+    check = verify_checkpoint(directory, plan, dtype, progress=progress) if verify else None
+    return check, round(time.perf_counter() - start, 3)
 
 
 def _adapters_and_weights(adapters: str | os.PathLike | Sequence[str | os.PathLike],
