@@ -6,7 +6,7 @@ PEFT's merge_and_unload + save_pretrained on the same files beside it.
     PYTHONPATH=src nice -n 10 .venv/bin/python benchmarks/merge_memory.py [--compare-src /work/main/src]
 
 Each merge runs as `python -m lorakit merge` in a fresh process; its peak RSS is the process's own
-(wait4), less the peak RSS of a fresh `python -c "import torch, transformers"` (the issue's baseline).
+(VmHWM, polled), less the peak RSS of a fresh `python -c "import torch, transformers"` (the issue's baseline).
 --compare-src runs the same merges with another checkout's sources (e.g. the previous implementation).
 Files go under --workdir (default /work/bigtmp/merge-memory) and are deleted at the end.
 """
@@ -61,17 +61,23 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", default="/work/bigtmp/merge-memory")
     parser.add_argument("--compare-src", default=None, help="another src/ to measure the same way")
+    parser.add_argument("--reuse", action="store_true", help="reuse inputs left in --workdir")
+    parser.add_argument("--no-peft", action="store_true")
     args = parser.parse_args()
     root = Path(args.workdir)
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
+    if not args.reuse:
+        shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
     try:
-        bases = write_inputs(root)
+        if args.reuse and (root / "adapter").is_dir():
+            bases = {"100MB shards": root / "base-sharded", "single file": root / "base-single"}
+        else:
+            bases = write_inputs(root)
         baseline = import_baseline_rss()
         sources = {"this checkout": None, **({"compare": args.compare_src} if args.compare_src else {})}
         rows = []
-        for layout, base in bases.items():
-            for label, src in sources.items():
+        for label, src in sources.items():
+            for layout, base in bases.items():
                 out = root / "merged"
                 env = {"PYTHONPATH": src} if src else None
                 run = run_measured([sys.executable, "-m", "lorakit", "merge", "--model", str(base), "--adapter",
@@ -90,7 +96,10 @@ def main() -> None:
                     "verified": (report.get("verification") or {}).get("passed"),
                 })
                 shutil.rmtree(out)
-        rows.append(peft_row(bases["100MB shards"], root, baseline))
+                print(json.dumps(rows[-1]), flush=True)
+        if not args.no_peft:
+            rows.append(peft_row(bases["100MB shards"], root, baseline))
+            print(json.dumps(rows[-1]), flush=True)
         payload = {"machine": machine(), "baseline_rss_mb": baseline / MB, "checkpoint_mb": CHECKPOINT_BYTES / MB, "rows": rows}
         save_results("merge_memory", payload)
         print(f"import torch, transformers baseline: {baseline / MB:.0f} MB")

@@ -13,7 +13,7 @@
    merge's floor is reading 16 GB and writing 16 GB at those rates.
 3. `lorakit merge` (5 GB output shards, verification on: it re-reads base and output) and `lorakit export
    --type f16` (on the same weights under Llama-3-8B's config: the export refuses Llama-3.1's rope
-   scaling), each a fresh process: wall time, peak RSS (wait4) less the `import torch, transformers`
+   scaling), each a fresh process: wall time, peak RSS (VmHWM, polled) less the `import torch, transformers`
    baseline, GB/s of weights written.
 4. PEFT `merge_and_unload` + `save_pretrained` needs the whole model in memory: it runs only if
    MemAvailable exceeds its estimate (the checkpoint × PEFT's measured peak/checkpoint ratio on the 1 GB
