@@ -80,8 +80,9 @@ def main() -> None:
             for layout, base in bases.items():
                 out = root / "merged"
                 env = {"PYTHONPATH": src} if src else None
-                run = run_measured([sys.executable, "-m", "lorakit", "merge", "--model", str(base), "--adapter",
-                                    str(root / "adapter"), "-o", str(out), "--max-shard-size", "100MB"], env)
+                argv = [sys.executable, "-m", "lorakit", "merge", "--model", str(base), "--adapter",
+                        str(root / "adapter"), "-o", str(out), "--max-shard-size", "100MB"]
+                run = run_measured(argv, env)
                 report = json.loads((out / "merge_report.json").read_text())
                 memory = report.get("memory", {})
                 extra = run["peak_rss_bytes"] - baseline
@@ -100,14 +101,17 @@ def main() -> None:
         if not args.no_peft:
             rows.append(peft_row(bases["100MB shards"], root, baseline))
             print(json.dumps(rows[-1]), flush=True)
-        payload = {"machine": machine(), "baseline_rss_mb": baseline / MB, "checkpoint_mb": CHECKPOINT_BYTES / MB, "rows": rows}
+        payload = {"machine": machine(), "baseline_rss_mb": baseline / MB,
+                   "checkpoint_mb": CHECKPOINT_BYTES / MB, "rows": rows}
         save_results("merge_memory", payload)
         print(f"import torch, transformers baseline: {baseline / MB:.0f} MB")
         print(markdown_table(rows, [("layout", "input"), ("code", "code"), ("seconds", "s"),
-                                    ("peak_rss_mb", "peak RSS MB"), ("above_baseline_mb", "above baseline MB"),
+                                    ("peak_rss_mb", "peak RSS MB"),
+                                    ("above_baseline_mb", "above baseline MB"),
                                     ("bound_mb", "bound MB"), ("within_bound", "within"),
                                     ("report_measured_mb", "report: measured MB"),
-                                    ("report_predicted_mb", "report: predicted MB"), ("verified", "verified")]))
+                                    ("report_predicted_mb", "report: predicted MB"),
+                                    ("verified", "verified")]))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -15,7 +15,7 @@ optimizer state (bytes of AdamW's exp_avg and exp_avg_sq after the first step), 
 the step's temporaries (peak RSS within a step less the RSS at its start less the gradients). The tokens
 are random ids (memory and time do not depend on them); the weights are random, so the loss means nothing.
 --stop-above-gb stops the run (exit, no crash) when RSS passes it, or when the machine's MemAvailable
-falls under 1.5 GB.
+falls under 3 GB.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def mem_available() -> int:
 
 class Sampler:
     """Peak RSS seen since `reset`, sampled every 20 ms; exits the process past `limit` bytes or when the
-    machine's MemAvailable falls under 1.5 GB (the machine is shared: never push it into the OOM killer)."""
+    machine's MemAvailable falls under 3 GB (the machine is shared: never push it into the OOM killer)."""
 
     def __init__(self, limit: int) -> None:
         self.limit, self.peak = limit, 0
@@ -59,7 +59,7 @@ class Sampler:
         while True:
             now = rss()
             self.peak = max(self.peak, now)
-            if now > self.limit or mem_available() < 1.5 * GB:
+            if now > self.limit or mem_available() < 3 * GB:
                 print(json.dumps({"stopped": f"RSS {now / GB:.1f} GB (limit {self.limit / GB:.1f}), "
                                              f"MemAvailable {mem_available() / GB:.1f} GB"}), flush=True)
                 os._exit(3)
@@ -118,7 +118,8 @@ def main() -> None:
     prepare_for_kbit_training(model, gradient_checkpointing=True)
     model.config.use_cache = False
     result.update(load_seconds=time.perf_counter() - start, load_peak_rss_bytes=sampler.peak,
-                  weights_rss_bytes=rss() - result["baseline_rss_bytes"], weights_tensor_bytes=tensor_bytes(model))
+                  weights_rss_bytes=rss() - result["baseline_rss_bytes"],
+                  weights_tensor_bytes=tensor_bytes(model))
     print(json.dumps(result), flush=True)
     config = lorakit.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0)
     model = lorakit.get_peft_model(model, config)

@@ -130,7 +130,8 @@ def peft_merge(root: Path, checkpoint_bytes: int, baseline: int, ratio: float) -
     result = {"mem_available_bytes": available, "estimated_peak_bytes": estimate, "peft_ratio": ratio}
     if estimate + 2 * GB > available:
         result["skipped"] = (f"PEFT loads the whole model: estimated peak {estimate / GB:.1f} GB "
-                             f"({ratio:.2f} × the {checkpoint_bytes / GB:.2f} GB checkpoint + the import baseline) + 2 GB "
+                             f"({ratio:.2f} × the {checkpoint_bytes / GB:.2f} GB checkpoint + the import "
+                             "baseline) + 2 GB "
                              f"margin exceeds MemAvailable {available / GB:.1f} GB (24 GB machine shared "
                              "with other jobs); not run, to keep the machine alive")
         return result
@@ -189,7 +190,8 @@ def main() -> None:
             "seconds": run["seconds"], "report_seconds": report["seconds"],
             "verify_seconds": report["verify_seconds"], "merge_seconds": merge_only,
             "read_plus_write_floor_seconds": floor, "ratio_to_floor": merge_only / floor,
-            "copy_floor_seconds": size / disk["copy_Bps"], "ratio_to_copy": merge_only / (size / disk["copy_Bps"]),
+            "copy_floor_seconds": size / disk["copy_Bps"],
+            "ratio_to_copy": merge_only / (size / disk["copy_Bps"]),
             "GBps_written": size / merge_only / GB, "peak_rss_bytes": run["peak_rss_bytes"],
             "above_baseline_bytes": run["peak_rss_bytes"] - baseline, "bound_bytes": bound,
             "within_bound": run["peak_rss_bytes"] - baseline <= bound, "report_memory": report["memory"],

@@ -1,5 +1,6 @@
 """Streaming merge (issue 6): `merge_checkpoint` against the in-memory `merge_and_unload`, PEFT 0.21.2,
-the unmerged adapter model, and its own verification; sharding, dtypes and support files (peak memory: test_merge_memory.py).
+the unmerged adapter model, and its own verification; sharding, dtypes and support files (peak memory:
+test_merge_memory.py).
 
 Every case builds a tiny random model in code, saves it (sharded) as the base, trains nothing but offsets
 every adapter tensor by noise, saves the adapter, then merges it both ways.
