@@ -99,3 +99,50 @@ def machine() -> dict[str, Any]:
 
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
             "python": platform.python_version()}
+
+
+
+
+def run_measured(argv: Sequence[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run `argv` as a fresh process: its wall seconds, its peak RSS in bytes and its stdout; raises with
+    the tail of stderr when it fails.
+
+    The peak is the child's VmHWM read from /proc/<pid>/status every 50 ms until it exits (VmHWM only
+    grows, so only a peak reached in the last 50 ms could be missed). Not wait4's ru_maxrss: Linux keeps
+    in it the high-water mark of the memory the child had before exec, i.e. this process's RSS at fork,
+    so it never reads below the parent's RSS."""
+    import os
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        process = subprocess.Popen(list(argv), stdout=out, stderr=err, env={**os.environ, **(env or {})})
+        peak = 0
+        while process.poll() is None:
+            peak = max(peak, _hwm(process.pid))
+            time.sleep(0.05)
+        seconds = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({process.returncode}):\n{stderr[-3000:]}")
+    return {"seconds": seconds, "peak_rss_bytes": peak, "stdout": stdout}
+
+
+def _hwm(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def import_baseline_rss() -> int:
+    """Peak RSS in bytes of a fresh `python -c "import torch, transformers"` (its own VmHWM, printed by
+    itself): what every job pays first."""
+    code = ("import torch, transformers\n"
+            "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])")
+    return int(run_measured([sys.executable, "-c", code])["stdout"].split()[-1]) * 1024

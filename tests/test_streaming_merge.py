@@ -1,5 +1,6 @@
 """Streaming merge (issue 6): `merge_checkpoint` against the in-memory `merge_and_unload`, PEFT 0.21.2,
-the unmerged adapter model, and its own verification; sharding, dtypes, support files and peak memory.
+the unmerged adapter model, and its own verification; sharding, dtypes and support files (peak memory:
+test_merge_memory.py).
 
 Every case builds a tiny random model in code, saves it (sharded) as the base, trains nothing but offsets
 every adapter tensor by noise, saves the adapter, then merges it both ways.
@@ -8,10 +9,6 @@ every adapter tensor by noise, saves the adapter, then merges it both ways.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -352,94 +349,3 @@ def test_verify_outputs_reports_logit_agreement(tmp_path: Path) -> None:
     # A base-only comparison would differ: the adapters do change the logits.
     unmerged_gap = max_diff(logits(load(tmp_path / "base")), logits(load(tmp_path / "out")))
     assert unmerged_gap > 1e-2
-
-
-# ---- peak memory on a 1 GB checkpoint ---------------------------------------------------------------
-
-HIDDEN, INTERMEDIATE, LAYERS, VOCAB = 1024, 4096, 15, 8192
-
-
-def _write_big_checkpoint(directory: Path) -> int:
-    """A LlamaForCausalLM checkpoint of ~1.07 GB in ~100 MB float32 shards, written shard by shard."""
-    from transformers import LlamaConfig
-
-    directory.mkdir()
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-                         num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False)
-    config.architectures = ["LlamaForCausalLM"]
-    config.save_pretrained(directory)
-    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "lm_head.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,)}
-    for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        shapes.update({p + f"self_attn.{n}_proj.weight": (HIDDEN, HIDDEN) for n in "qkvo"})
-        shapes.update({p + "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN), p + "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
-                       p + "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
-                       p + "input_layernorm.weight": (HIDDEN,), p + "post_attention_layernorm.weight": (HIDDEN,)})
-    generator = torch.Generator().manual_seed(0)
-    groups: list[list[str]] = []
-    current: dict[str, torch.Tensor] = {}
-
-    def flush() -> None:  # at most one shard is ever held here
-        save_file(current, str(directory / f"shard{len(groups)}.safetensors"), metadata={"format": "pt"})
-        groups.append(list(current))
-        current.clear()
-
-    for name, shape in shapes.items():
-        if current and sum(t.numel() * 4 for t in current.values()) + 4 * torch.Size(shape).numel() > 100_000_000:
-            flush()
-        current[name] = torch.randn(shape, generator=generator) * 0.02
-    flush()
-    weight_map = {}
-    for i, names in enumerate(groups):
-        file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        os.replace(directory / f"shard{i}.safetensors", directory / file)
-        weight_map.update(dict.fromkeys(names, file))
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    return sum(4 * torch.Size(s).numel() for s in shapes.values())
-
-
-def _child_peak(code: str) -> dict:
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "2"})
-    assert result.returncode == 0, result.stderr[-2000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-STATUS = """
-def status():
-    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
-    return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM")}
-"""
-
-
-@pytest.mark.slow
-def test_peak_memory_stays_far_below_checkpoint_size(tmp_path: Path) -> None:
-    size = _write_big_checkpoint(tmp_path / "base")
-    assert size >= 1_000_000_000 and len(list((tmp_path / "base").glob("*.safetensors"))) >= 10
-    generator = torch.Generator().manual_seed(1)
-    adapter = {}
-    for i in range(LAYERS):
-        for n in ("q", "v"):
-            key = f"base_model.model.model.layers.{i}.self_attn.{n}_proj"
-            adapter[f"{key}.lora_A.weight"] = torch.randn(16, HIDDEN, generator=generator) * 0.01
-            adapter[f"{key}.lora_B.weight"] = torch.randn(HIDDEN, 16, generator=generator) * 0.01
-    (tmp_path / "adapter").mkdir()
-    save_file(adapter, str(tmp_path / "adapter" / "adapter_model.safetensors"), metadata={"format": "pt"})
-    lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]).save_pretrained(tmp_path / "adapter")
-
-    baseline = _child_peak(STATUS + "import torch, transformers, json\nprint(json.dumps(status()))")
-    merged = _child_peak(STATUS + f"""
-import json, time, torch, transformers
-from lorakit.merge.streaming import merge_checkpoint
-start = time.perf_counter()
-report = merge_checkpoint({str(tmp_path / 'base')!r}, {str(tmp_path / 'adapter')!r}, {str(tmp_path / 'out')!r})
-print(json.dumps({{**status(), "seconds": time.perf_counter() - start, "merged": report.tensors_merged,
-                  "passed": report.verification.passed, "report_peak": report.peak_rss_bytes}}))
-""")
-    extra = merged["VmHWM"] - baseline["VmRSS"]
-    print(f"checkpoint {size / 1e9:.2f} GB; baseline RSS {baseline['VmRSS'] / 2**20:.0f} MiB; merge peak "
-          f"{merged['VmHWM'] / 2**20:.0f} MiB; extra {extra / 2**20:.0f} MiB = {extra / size:.3f} x; {merged['seconds']:.1f} s")
-    assert merged["merged"] == 2 * LAYERS and merged["passed"]
-    assert extra < 0.4 * size
-    out = open_checkpoint(tmp_path / "out")
-    assert out.total_bytes == size

@@ -40,6 +40,11 @@ def _print_report(report: ExportReport) -> None:
     table.add_row("written", f"{size / 1e6:,.1f} MB" if size >= 1e6 else f"{size / 1e3:,.1f} kB")
     for note in report.notes:
         table.add_row("note", note)
+    if report.memory is not None:
+        bound = report.memory
+        table.add_row("peak memory", f"{bound.peak_rss_bytes / 2**20:,.0f} MiB RSS; "
+                      f"{bound.measured_peak_above_start_bytes / 2**20:,.0f} MiB above the start "
+                      f"(bound {bound.predicted_peak_above_start_bytes / 2**20:,.0f} MiB)")
     table.add_row("time", f"{report.seconds:.1f} s")
     Console().print(table)
 

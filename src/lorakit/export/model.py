@@ -26,6 +26,7 @@ from lorakit.export.tensor_types import FLOAT_TYPES, TYPES, encode, parse_type, 
 from lorakit.export.tokenizer import add_tokenizer
 from lorakit.export.writer import ExportReport, PlannedTensor, gguf_output, report, write_tensors
 from lorakit.io.checkpoint import TensorInfo, TensorReader, open_checkpoint
+from lorakit.io.memory import PeakMemory
 from lorakit.merge.adapter_file import open_adapter
 from lorakit.merge.plan import MergePlan, build_plan, describe_base, merged_blocks
 
@@ -48,6 +49,7 @@ def export_gguf(
     template) that llama.cpp and transformers' GGUF loader read.
     """
     start = time.perf_counter()
+    memory = PeakMemory()
     paths = [Path(p) for p in adapters]
     weights = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
     if len(weights) != len(paths):
@@ -78,8 +80,9 @@ def export_gguf(
             return _assemble(blocks, tensor, architecture.row_order(tensor.name, tensor.shape[0]))
 
         write_tensors(writer, planned, produce, progress)
+    largest = max((max(t.nbytes, info.nbytes) for t, _, info in tensors), default=0)
     return report("model", base_dir, [a.directory for a in opened], weights, output, architecture.name, type,
-                  planned, start, _notes(plan, architecture, planned, requested))
+                  planned, start, _notes(plan, architecture, planned, requested), memory.bound(largest))
 
 
 def _resolve_base(base: str | os.PathLike | None) -> Path:

@@ -23,6 +23,7 @@ from typing import Any
 import gguf
 
 from lorakit.errors import LorakitError
+from lorakit.io.memory import run_forked
 
 # tokenizer.json Split patterns of the byte-level BPE families llama.cpp knows, by llama.cpp's name.
 SPLIT_PATTERNS = {
@@ -60,7 +61,22 @@ def pre_tokenizer_name(pre_tokenizer: dict[str, Any] | None, file: Path) -> str:
 
 
 def add_tokenizer(writer: gguf.GGUFWriter, directory: Path, vocab_size: int) -> None:
-    """Write the tokenizer of the model in `directory` (tokenizer.json + tokenizer_config.json)."""
+    """Write the tokenizer of the model in `directory` (tokenizer.json + tokenizer_config.json).
+
+    It is read in a forked child (`run_forked`) that returns plain lists: loading it with transformers
+    (tokenizers, tokenization code, the parsed vocabulary) would otherwise leave ~130 MB resident through
+    the streaming export."""
+    pre, tokens, types, special = run_forked(_read_tokenizer, directory, vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special.add_to_gguf(writer, quiet=True)
+
+
+def _read_tokenizer(directory: Path, vocab_size: int) -> tuple[str, list[str], list[gguf.TokenType],
+                                                                 gguf.SpecialVocab]:
+    """(pre-tokenizer name, tokens, token types, special vocabulary with merges and add_bos/add_eos)."""
     from transformers import AutoTokenizer
 
     file = directory / "tokenizer.json"
@@ -79,10 +95,6 @@ def add_tokenizer(writer: gguf.GGUFWriter, directory: Path, vocab_size: int) -> 
     pre = pre_tokenizer_name(spec.get("pre_tokenizer"), file)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     tokens, types = _tokens(tokenizer, vocab_size, file)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
     special = gguf.SpecialVocab(directory, load_merges=True, n_vocab=vocab_size)
     if not special.merges:
         raise LorakitError(f"{file}: has no BPE merges")
@@ -91,7 +103,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, directory: Path, vocab_size: int) -> 
         "bos": tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id],
         "eos": tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id],
     }
-    special.add_to_gguf(writer, quiet=True)
+    return pre, tokens, types, special
 
 
 def _tokens(tokenizer: Any, vocab_size: int, file: Path) -> tuple[list[str], list[gguf.TokenType]]:

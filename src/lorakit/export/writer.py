@@ -2,8 +2,9 @@
 
 A GGUF file is a header, metadata, the table of every tensor's name/shape/type/offset, then the tensor
 data. The table needs only shapes and types, so it is written before any weight is computed (the plan);
-each tensor is then computed, encoded and appended in table order, and dropped. Memory holds one output
-tensor at a time, as `lorakit merge` does.
+each tensor is then computed, encoded and appended in table order, and dropped. Memory holds one input
+and one output tensor at a time, as `lorakit merge` does (≤ 2 × largest tensor + 64 MB above the start,
+`lorakit.io.memory`).
 
 The file is written under a temporary name beside the output and renamed into place at the end, so an
 interrupted or failed export leaves no file that looks complete, and an existing file stays untouched.
@@ -24,6 +25,7 @@ import numpy as np
 
 from lorakit.export.tensor_types import stored_shape, type_name
 from lorakit.io.atomic import atomic_file
+from lorakit.io.memory import MemoryBound
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class ExportReport:
     total_bytes: int
     seconds: float
     notes: list[str] = field(default_factory=list)
+    memory: MemoryBound | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,10 +117,11 @@ def file_type_counts(plan: Sequence[PlannedTensor]) -> dict[str, int]:
 
 def report(kind: str, base: Path, adapters: Sequence[Path], weights: Sequence[float], output: Path,
            architecture: str, requested: str, plan: Sequence[PlannedTensor], start: float,
-           notes: Sequence[str] = ()) -> ExportReport:
+           notes: Sequence[str] = (), memory: MemoryBound | None = None) -> ExportReport:
     return ExportReport(
         kind=kind, base=str(base), adapters=[str(a) for a in adapters], weights=list(weights),
         output=str(output), architecture=architecture, type=requested, tensors=len(plan),
         types=file_type_counts(plan),
         total_bytes=output.stat().st_size, seconds=round(time.perf_counter() - start, 3), notes=list(notes),
+        memory=memory,
     )

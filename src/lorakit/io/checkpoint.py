@@ -1,9 +1,8 @@
 """Local safetensors checkpoints, read and written one tensor at a time.
 
-Reading goes through safetensors' memory-mapped `safe_open`: a tensor read from it is a view of the
-mapped file, so nothing is copied until it is used. The mapping keeps every page it has touched resident
-until it is closed, so `TensorReader` closes and reopens a file once `MAPPED_BYTES_LIMIT` bytes have
-been read through it; resident memory then stays bounded however large the shards are.
+Reading (`TensorReader`) copies one tensor's byte range (or a block of its rows) out of the file with
+`os.preadv`: no memory map, whose touched pages would stay resident until it is closed and so grow with
+the shard. Resident memory is what the caller holds: one tensor, whatever the shard size.
 
 Writing (`ShardedWriter`) needs no more than the tensor in hand: the output layout (names, dtypes,
 shapes, hence every byte offset) is known before the first tensor is computed, so each shard's header is
@@ -31,9 +30,6 @@ from lorakit.errors import AdapterFileError
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-
-# Enough to amortise reopening (a header parse), small next to any real checkpoint.
-MAPPED_BYTES_LIMIT = 32 * 2**20
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -141,44 +137,124 @@ def file_tensors(path: Path) -> list[TensorInfo]:
 
 
 class TensorReader:
-    """Reads tensors from the safetensors files of one directory, with one file mapped at a time.
+    """Reads tensors from the safetensors files of one directory with `os.preadv`, one tensor (or one block
+    of rows) at a time, into memory the returned tensor owns.
 
-    Returned tensors are views of the mapping: use them, then drop them. Use as a context manager.
+    Nothing is memory-mapped, so resident memory is the tensors the caller holds and no more, however large
+    the shards; the page cache the reads fill is dropped behind them (`posix_fadvise(DONTNEED)`), so a
+    checkpoint larger than RAM streams through without evicting everything else. Use as a context manager.
     """
 
-    def __init__(self, directory: str | Path, mapped_limit: int = MAPPED_BYTES_LIMIT) -> None:
+    def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
-        self.mapped_limit = mapped_limit
-        self._file: str | None = None
-        self._handle: Any = None
-        self._read = 0
+        self._files: dict[str, tuple[int, dict[str, _Entry]]] = {}
 
     def get(self, file: str, name: str) -> Tensor:
-        if file != self._file or self._read >= self.mapped_limit:
-            self.close()
+        """The whole tensor `name` of `file`."""
+        entry = self._entry(file, name)
+        return self._read(file, entry, 0, entry.shape[0] if entry.shape else 1)
+
+    def rows(self, file: str, name: str, start: int, stop: int) -> Tensor:
+        """Rows start:stop (dim 0) of tensor `name` of `file`, read alone."""
+        entry = self._entry(file, name)
+        if not entry.shape:
+            return self._read(file, entry, 0, 1)
+        stop = min(stop, entry.shape[0])
+        return self._read(file, entry, min(start, stop), stop)
+
+    def _entry(self, file: str, name: str) -> _Entry:
+        if file not in self._files:
             path = self.directory / file
             try:
-                self._handle = safe_open(str(path), framework="pt")
-            except (SafetensorError, OSError) as err:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as err:
                 raise AdapterFileError(f"{path}: not a readable safetensors file ({err})") from None
-            self._file, self._read = file, 0
-        try:
-            tensor = self._handle.get_tensor(name)
-        except SafetensorError as err:
-            raise AdapterFileError(f"{self.directory / file}: cannot read tensor {name!r} ({err})") from None
-        self._read += tensor.numel() * tensor.element_size()
-        return tensor
+            try:
+                self._files[file] = (fd, _read_header(fd, path))
+            except BaseException:
+                os.close(fd)
+                raise
+        entry = self._files[file][1].get(name)
+        if entry is None:
+            raise AdapterFileError(f"{self.directory / file}: has no tensor {name!r}")
+        return entry
+
+    def _read(self, file: str, entry: _Entry, start: int, stop: int) -> Tensor:
+        fd = self._files[file][0]
+        row_bytes = entry.nbytes // entry.shape[0] if entry.shape and entry.shape[0] else entry.nbytes
+        offset, size = entry.offset + start * row_bytes, (stop - start) * row_bytes
+        data = torch.empty(size, dtype=torch.uint8)
+        view = memoryview(data.numpy())
+        done = 0
+        while done < size:
+            # Linux reads at most ~2 GiB per call: loop over bounded pieces.
+            got = os.preadv(fd, [view[done:done + _READ_CHUNK]], offset + done)
+            if got <= 0:
+                raise AdapterFileError(f"{self.directory / file}: ends inside tensor {entry.name!r} "
+                                       "(truncated?)")
+            done += got
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, offset, size, os.POSIX_FADV_DONTNEED)
+        shape = ((stop - start), *entry.shape[1:]) if entry.shape else ()
+        return data.view(entry.dtype).reshape(shape)
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.__exit__(None, None, None)
-        self._handle, self._file = None, None
+        for fd, _ in self._files.values():
+            os.close(fd)
+        self._files.clear()
 
     def __enter__(self) -> TensorReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_READ_CHUNK = 2**30
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor of a safetensors header: absolute byte offset in the file, dtype and shape."""
+
+    name: str
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _read_header(fd: int, path: Path) -> dict[str, _Entry]:
+    """Parse a safetensors header (8-byte little-endian length, then JSON) and check every tensor's byte
+    range against its dtype, its shape and the file size."""
+    size = os.fstat(fd).st_size
+    prefix = os.pread(fd, 8, 0)
+    length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+    if not 0 < length <= size - 8:
+        raise AdapterFileError(f"{path}: not a safetensors file (bad header length)")
+    try:
+        header = json.loads(os.pread(fd, length, 8))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterFileError(f"{path}: not a safetensors file (header is not JSON: {err})") from None
+    entries = {}
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = (int(x) for x in spec["data_offsets"])
+            shape = tuple(int(d) for d in spec["shape"])
+            entry = _Entry(name, 8 + length + begin, DTYPES[spec["dtype"]], shape)
+        except (KeyError, TypeError, ValueError):
+            raise AdapterFileError(f"{path}: tensor {name!r} has an unreadable header entry "
+                                   f"{spec!r}") from None
+        if end - begin != entry.nbytes or entry.offset + entry.nbytes > size:
+            raise AdapterFileError(f"{path}: tensor {name!r}: its byte range [{begin}, {end}) does not hold "
+                                   f"{entry.dtype} {entry.shape} within the file (truncated?)")
+        entries[name] = entry
+    return entries
 
 
 @dataclass(frozen=True)
@@ -216,7 +292,8 @@ def shard_names(count: int) -> list[str]:
 class ShardedWriter:
     """Writes the planned shards tensor by tensor, in the planned order; `close` writes the index.
 
-    Every shard is written and fsynced as it fills, so memory holds at most the tensor being written.
+    Every shard's header goes first (offsets precomputed from the layout), then its tensors as they come,
+    block by block; each shard is fsynced as it fills. Memory holds at most the block being written.
     """
 
     def __init__(self, directory: str | Path, layout: list[list[OutputTensor]]) -> None:
@@ -270,6 +347,9 @@ class ShardedWriter:
         if self._fh is not None:
             self._fh.flush()
             os.fsync(self._fh.fileno())
+            if hasattr(os, "posix_fadvise"):
+                # Written and synced: drop its pages from the cache rather than push others' out.
+                os.posix_fadvise(self._fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
             self._fh.close()
             self._fh = None
 

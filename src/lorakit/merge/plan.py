@@ -30,6 +30,7 @@ from torch import Tensor
 
 from lorakit.errors import AdapterFileError
 from lorakit.io.checkpoint import Checkpoint, TensorInfo
+from lorakit.io.memory import run_forked
 from lorakit.merge.adapter_file import AdapterFile, LoraModule, SavedTensor
 from lorakit.merge.delta import add_delta, dora_merge, lora_delta
 
@@ -105,21 +106,30 @@ class BaseModel:
 
 
 def describe_base(directory: Path, config: dict[str, Any]) -> BaseModel:
+    """The base's Conv1D modules, tied parameters and prefix, looked up in a forked child (`run_forked`):
+    the modeling code it imports would otherwise stay resident (~100 MB) through a streaming merge."""
+    facts = run_forked(_model_facts, directory)
+    if facts is None:  # custom/unknown architectures: config-only rules
+        return BaseModel(config, conv1d=None)
+    conv1d, tie_groups, prefix = facts
+    return BaseModel(config, conv1d=frozenset(conv1d), tie_groups=tie_groups, prefix=prefix)
+
+
+def _model_facts(directory: Path) -> tuple[list[str], tuple[tuple[str, ...], ...], str] | None:
+    """(Conv1D module names, tied parameter groups, base-model prefix), or None if the architecture
+    cannot be built on the meta device."""
     try:
         model = _meta_model(directory)
-    except Exception:  # noqa: BLE001 - custom/unknown architectures: fall back to config-only rules
-        return BaseModel(config, conv1d=None)
+    except Exception:  # noqa: BLE001 - custom/unknown architectures
+        return None
     from lorakit.layers import is_conv1d
 
     groups: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(param), []).append(name)
-    return BaseModel(
-        config,
-        conv1d=frozenset(name for name, module in model.named_modules() if is_conv1d(module)),
-        tie_groups=tuple(tuple(names) for names in groups.values() if len(names) > 1),
-        prefix=getattr(model, "base_model_prefix", "") or "",
-    )
+    return ([name for name, module in model.named_modules() if is_conv1d(module)],
+            tuple(tuple(names) for names in groups.values() if len(names) > 1),
+            getattr(model, "base_model_prefix", "") or "")
 
 
 def _meta_model(directory: Path) -> torch.nn.Module:
@@ -319,26 +329,21 @@ def merged_blocks(base: Tensor, plan: TensorPlan | None, adapters: Sequence[Adap
     row-wise DoRA norms, so temporaries stay at `BLOCK_ELEMENTS` however large the tensor (a 128k-token
     embedding). DoRA with column norms (Conv1D, embeddings) needs every row and takes the tensor whole.
     """
-    if plan is None or not plan.ops:
-        yield base.to(dtype)
-        return
     current = base
-    for op in plan.ops:
+    for op in plan.ops if plan is not None else ():
         if isinstance(op, ReplaceOp):
             current = adapters[op.adapter].get(op.key).to(base.dtype)
-    updates = [op for op in plan.ops if not isinstance(op, ReplaceOp)]
-    if not updates:
-        yield current.to(dtype)
-        return
+    updates = [op for op in plan.ops if not isinstance(op, ReplaceOp)] if plan is not None else []
     column_norms = any(isinstance(op, LoraOp) and op.magnitude is not None and op.feature_axis != 0
                        for op in updates)
     if current.dim() == 0 or column_norms:
-        yield _updated(current, updates, adapters, None).to(dtype)
+        yield (_updated(current, updates, adapters, None) if updates else current).to(dtype)
         return
     step = max(1, BLOCK_ELEMENTS // max(1, math.prod(current.shape[1:])))
     for start in range(0, current.shape[0], step):
         rows = slice(start, start + step)
-        yield _updated(current[rows], updates, adapters, rows).to(dtype)
+        # A copied tensor is converted block by block too: a dtype change never holds a second whole copy.
+        yield (_updated(current[rows], updates, adapters, rows) if updates else current[rows]).to(dtype)
 
 
 def _updated(weight: Tensor, updates: list[Op], adapters: Sequence[AdapterFile],

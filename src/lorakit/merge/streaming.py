@@ -1,17 +1,18 @@
 """Merge adapters into a base checkpoint on disk, one tensor at a time (`lorakit merge`).
 
-The base is read through safetensors' memory map and the output written shard by shard as it fills, so
-memory holds about one tensor plus a bounded window of mapped pages, never the model: a 100 GB model
-merges on a laptop. Each tensor is `plan.merged_blocks` (float32 maths, one rounding). The output goes
-to a temporary directory renamed into place at the end, after verification, so an interrupted or failed
-merge never leaves a directory that looks complete.
+The base is read tensor by tensor (`TensorReader`: no memory map) and the output written shard by shard,
+header first, block of rows by block of rows, so memory holds one input tensor and a few row blocks,
+never a shard or the model: peak RSS above the start ≤ 2 × largest tensor + 64 MB (`lorakit.io.memory`),
+recorded predicted vs measured in merge_report.json. A 100 GB model merges on a laptop. Each tensor is
+`plan.merged_blocks` (float32 maths, one rounding). The output goes to a temporary directory renamed into
+place at the end, after verification, so an interrupted or failed merge never leaves a directory that
+looks complete.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import time
 from collections.abc import Sequence
@@ -35,6 +36,7 @@ from lorakit.io.checkpoint import (
     parse_size,
     shard_layout,
 )
+from lorakit.io.memory import MemoryBound, PeakMemory
 from lorakit.merge.adapter_file import open_adapter
 from lorakit.merge.plan import MergePlan, build_plan, describe_base, merged_blocks, target_dtype
 from lorakit.merge.verify import (
@@ -68,7 +70,9 @@ class MergeReport:
     tensors_added: int
     untied_embeddings: bool
     peak_rss_bytes: int
+    memory: MemoryBound
     seconds: float
+    verify_seconds: float
     verification: TensorCheck | None
     outputs: OutputCheck | None
 
@@ -102,14 +106,9 @@ def merge_checkpoint(
     trained biases) replace the base's as loading would. DoRA adapters take weight 1 only.
     """
     start = time.perf_counter()
-    _reset_peak_rss()
+    memory = PeakMemory()
     paths, weights = _adapters_and_weights(adapters, weights)
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
-    shard_bytes = parse_size(max_shard_size)
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output}: already exists; pass --overwrite (overwrite=True) to replace it")
+    shard_bytes, output = _check_output(dtype, max_shard_size, Path(output), overwrite)
     base_dir = _resolve_base(base)
     config = _read_config(base_dir)
     checkpoint = open_checkpoint(base_dir)
@@ -121,7 +120,8 @@ def merge_checkpoint(
             files = _write_tensors(tmp, plan, target, shard_bytes, progress)
             _copy_support_files(base_dir, tmp)
             _write_config(tmp / "config.json", config, target, plan.untie_embeddings)
-            check = verify_checkpoint(tmp, plan, target, progress=progress) if verify else None
+            check, verify_seconds = _verify(tmp, plan, target, verify, progress)
+            bound = memory.bound(_largest_tensor(plan, target))
             if check is not None and not check.passed:
                 raise VerificationError(f"{output}: verification failed, nothing written: "
                                         f"{check.failures[0]}")
@@ -131,11 +131,31 @@ def merge_checkpoint(
                 base=str(base_dir), adapters=[str(d) for d in directories], weights=weights,
                 output=str(output),
                 dtype=dtype if target is not None else _dtype_names(checkpoint), **_file_counts(tmp, files),
-                **_tensor_counts(plan), untied_embeddings=plan.untie_embeddings, peak_rss_bytes=_peak_rss(),
-                seconds=round(time.perf_counter() - start, 3), verification=check, outputs=outputs,
+                **_tensor_counts(plan), untied_embeddings=plan.untie_embeddings,
+                peak_rss_bytes=bound.peak_rss_bytes, memory=bound,
+                seconds=round(time.perf_counter() - start, 3), verify_seconds=verify_seconds,
+                verification=check, outputs=outputs,
             )
             atomic_write_text(tmp / REPORT_NAME, json.dumps(report.to_dict(), indent=2) + "\n")
     return report
+
+
+def _check_output(dtype: str, max_shard_size: int | str, output: Path, overwrite: bool) -> tuple[int, Path]:
+    """(shard size in bytes, output directory), after checking the dtype and that output may be written."""
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
+    shard_bytes = parse_size(max_shard_size)
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output}: already exists; pass --overwrite (overwrite=True) to replace it")
+    return shard_bytes, output
+
+
+def _verify(directory: Path, plan: MergePlan, dtype: torch.dtype | None, verify: bool,
+            progress: bool) -> tuple[TensorCheck | None, float]:
+    """The verification of what was written (None when not asked for) and the seconds it took."""
+    start = time.perf_counter()
+    check = verify_checkpoint(directory, plan, dtype, progress=progress) if verify else None
+    return check, round(time.perf_counter() - start, 3)
 
 
 def _adapters_and_weights(adapters: str | os.PathLike | Sequence[str | os.PathLike],
@@ -200,6 +220,13 @@ def _write_tensors(directory: Path, plan: MergePlan, dtype: torch.dtype | None, 
         bar.close()
 
 
+def _largest_tensor(plan: MergePlan, dtype: torch.dtype | None) -> int:
+    """Bytes of the largest tensor read or written (a dtype conversion can make the output the larger)."""
+    sizes = [max(info.nbytes, info.nbytes // info.dtype.itemsize * target_dtype(info.dtype, dtype).itemsize)
+             for _, info in plan.outputs()]
+    return max(sizes, default=0)
+
+
 def _dtype_names(checkpoint: Checkpoint) -> str:
     """The base's floating dtypes, which "auto" keeps (e.g. "bfloat16", or "bfloat16,float32" if mixed)."""
     floating = {str(i.dtype).removeprefix("torch.") for i in checkpoint.tensors.values()
@@ -249,22 +276,3 @@ def _write_config(file: Path, config: dict[str, Any], dtype: torch.dtype | None,
         if isinstance(config.get("text_config"), dict) and config["text_config"].get("tie_word_embeddings"):
             config["text_config"] = {**config["text_config"], "tie_word_embeddings": False}
     atomic_write_text(file, json.dumps(config, indent=2) + "\n")
-
-
-def _reset_peak_rss() -> None:
-    """Start a new peak-RSS measurement (Linux: writing 5 to clear_refs resets VmHWM)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def _peak_rss() -> int:
-    """Peak resident memory of this process in bytes (since the reset, where the kernel allows it)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

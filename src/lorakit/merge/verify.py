@@ -3,7 +3,8 @@
 `verify_checkpoint` re-opens what was written, as a reader would, and recomputes every tensor from the
 base checkpoint and the adapter files: merged tensors must be within 1 ulp of the target dtype of the
 expected round(W + Σ ΔW), every other tensor bit-identical to the base (after the dtype conversion asked
-for). It streams like the merge does, so it needs no more memory.
+for). It streams like the merge does: one base tensor and one block of written rows at a time, so it
+needs no more memory than the merge.
 
 `compare_outputs` loads the base with the adapters unmerged (lorakit's PeftModel) and the merged model,
 both computing in float32, and compares their logits on a few prompts.
@@ -12,8 +13,9 @@ both computing in float32, and compares their logits on a few prompts.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -94,7 +96,8 @@ def verify_checkpoint(directory: str | Path, plan: MergePlan, dtype: torch.dtype
             tensor_plan = plan.tensors.get(name)
             exact = tensor_plan is None or not tensor_plan.merged
             blocks = merged_blocks(base_reader.get(info.file, info.name), tensor_plan, plan.adapters, target)
-            problem, error, ulps = _compare(out_reader.get(out_info.file, name), blocks, exact, target)
+            written_rows = partial(out_reader.rows, out_info.file, name)
+            problem, error, ulps = _compare(written_rows, blocks, exact, target)
             identical, merged = identical + exact, merged + (not exact)
             max_abs, max_ulps = max(max_abs, error), max(max_ulps, ulps)
             if problem == "differs":
@@ -108,14 +111,16 @@ def verify_checkpoint(directory: str | Path, plan: MergePlan, dtype: torch.dtype
                        failures[:_MAX_FAILURES])
 
 
-def _compare(out: Tensor, blocks: Iterator[Tensor], exact: bool,
+def _compare(written_rows: Callable[[int, int], Tensor], blocks: Iterator[Tensor], exact: bool,
              dtype: torch.dtype) -> tuple[str | None, float, float]:
-    """Compare a written tensor with its expected blocks of rows: ("differs"/"nonfinite"/None, max abs
-    error, max error in ulps of `dtype`); float64 temporaries are bounded by `_CHUNK` elements."""
+    """Compare a written tensor, read block by block with `written_rows(start, stop)`, with its expected
+    blocks of rows: ("differs"/"nonfinite"/None, max abs error, max error in ulps of `dtype`); float64
+    temporaries are bounded by `_CHUNK` elements."""
     start, worst_abs, worst_ulps = 0, 0.0, 0.0
     for block in blocks:
         rows = block.shape[0] if block.dim() else 1
-        part = out[start:start + rows] if block.dim() else out
+        part = written_rows(start, start + rows)
+        part = part.reshape(()) if not block.dim() else part
         start += rows
         if exact:
             if not torch.equal(_bytes(part), _bytes(block)):
