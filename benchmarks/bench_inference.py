@@ -29,8 +29,10 @@ def saved_adapters(base, count: int, root: Path) -> list[Path]:
     paths = []
     for index in range(count):
         torch.manual_seed(index)
-        model = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
-                                                                               init_lora_weights=False))
+        model = lorakit.get_peft_model(
+            copy.deepcopy(base),
+            lorakit.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False),
+        )
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if "lora_B" in name:
@@ -66,20 +68,39 @@ def main() -> None:
     def generator(model):
         def run() -> None:
             with torch.no_grad():
-                model.generate(**encoded, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                               pad_token_id=tokenizer.pad_token_id)
+                model.generate(
+                    **encoded,
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
         return run
 
     tokens = encoded["input_ids"].shape[0] * new_tokens
-    times = alternate({"base": generator(base), "lorakit": generator(ours), "peft": generator(theirs)}, args.rounds)
+    times = alternate(
+        {"base": generator(base), "lorakit": generator(ours), "peft": generator(theirs)}, args.rounds
+    )
     base_s = compare(times, "lorakit", "base")["base_median_s"]
     unmerged = compare(times)
-    rows.append({"case": "generate: base", "lorakit": tokens / base_s, "peft": tokens / base_s, "unit": "tok/s"})
-    rows.append({"case": "generate: unmerged adapter", "lorakit": tokens / unmerged["lorakit_median_s"],
-                 "peft": tokens / unmerged["peft_median_s"], "unit": "tok/s", "vs_base": base_s / unmerged["lorakit_median_s"]})
+    rows.append(
+        {"case": "generate: base", "lorakit": tokens / base_s, "peft": tokens / base_s, "unit": "tok/s"}
+    )
+    rows.append(
+        {
+            "case": "generate: unmerged adapter",
+            "lorakit": tokens / unmerged["lorakit_median_s"],
+            "peft": tokens / unmerged["peft_median_s"],
+            "unit": "tok/s",
+            "vs_base": base_s / unmerged["lorakit_median_s"],
+        }
+    )
     merged_ours = ours.merge_and_unload()
     merged_theirs = theirs.merge_and_unload()
-    times = alternate({"lorakit": generator(merged_ours), "peft": generator(merged_theirs), "base": generator(base)}, args.rounds)
+    times = alternate(
+        {"lorakit": generator(merged_ours), "peft": generator(merged_theirs), "base": generator(base)},
+        args.rounds,
+    )
     merged = compare(times)
     rows.append({"case": "generate: merged adapter", "lorakit": tokens / merged["lorakit_median_s"],
                  "peft": tokens / merged["peft_median_s"], "unit": "tok/s",
@@ -94,8 +115,15 @@ def main() -> None:
 
     times = alternate({"lorakit": load_ours, "peft": load_theirs}, args.rounds)
     result = compare(times)
-    rows.append({"case": "load one adapter", "lorakit": result["lorakit_median_s"] * 1e3, "peft": result["peft_median_s"] * 1e3,
-                 "unit": "ms", "ratio": result["ratio_median"]})
+    rows.append(
+        {
+            "case": "load one adapter",
+            "lorakit": result["lorakit_median_s"] * 1e3,
+            "peft": result["peft_median_s"] * 1e3,
+            "unit": "ms",
+            "ratio": result["ratio_median"],
+        }
+    )
 
     ours = lorakit.PeftModel.from_pretrained(copy.deepcopy(base), adapters[0], adapter_name="a0").eval()
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(adapters[0]), adapter_name="a0").eval()
@@ -113,8 +141,15 @@ def main() -> None:
 
     times = alternate({"lorakit": switcher(ours), "peft": switcher(theirs)}, args.rounds)
     result = compare(times)
-    rows.append({"case": "set_adapter (10 loaded)", "lorakit": result["lorakit_median_s"] * 1e2, "peft": result["peft_median_s"] * 1e2,
-                 "unit": "ms/switch", "ratio": result["ratio_median"]})
+    rows.append(
+        {
+            "case": "set_adapter (10 loaded)",
+            "lorakit": result["lorakit_median_s"] * 1e2,
+            "peft": result["peft_median_s"] * 1e2,
+            "unit": "ms/switch",
+            "ratio": result["ratio_median"],
+        }
+    )
 
     names = (["a0", "a1", "a2", "a3", "__base__"] * 4)[:16]
     batch = tokenizer([prompt] * 16, return_tensors="pt")
@@ -122,15 +157,28 @@ def main() -> None:
     def mixed(model):
         def run() -> None:
             with torch.no_grad():
-                model.generate(**batch, adapter_names=names, max_new_tokens=16, min_new_tokens=16, do_sample=False,
-                               pad_token_id=tokenizer.pad_token_id)
+                model.generate(
+                    **batch,
+                    adapter_names=names,
+                    max_new_tokens=16,
+                    min_new_tokens=16,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
         return run
 
     times = alternate({"lorakit": mixed(ours), "peft": mixed(theirs)}, args.rounds)
     result = compare(times)
     mixed_tokens = 16 * 16
-    rows.append({"case": "mixed batch 16 rows, 4 adapters + base", "lorakit": mixed_tokens / result["lorakit_median_s"],
-                 "peft": mixed_tokens / result["peft_median_s"], "unit": "tok/s", "ratio": 1 / result["ratio_median"]})
+    rows.append(
+        {
+            "case": "mixed batch 16 rows, 4 adapters + base",
+            "lorakit": mixed_tokens / result["lorakit_median_s"],
+            "peft": mixed_tokens / result["peft_median_s"],
+            "unit": "tok/s",
+            "ratio": 1 / result["ratio_median"],
+        }
+    )
     save_results("inference", {"machine": machine(), "rows": rows})
     print(markdown_table(rows, [("case", "case"), ("lorakit", "lorakit"), ("peft", "PEFT"), ("unit", "unit"),
                                 ("vs_base", "lorakit vs base speed"), ("ratio", "ratio")]))

@@ -52,7 +52,9 @@ def child(variant: str, adapter: str, output: str) -> None:
         merged.save_pretrained(output, max_shard_size="100MB")
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"variant": variant, "seconds": seconds, "peak_rss_mb": peak, "baseline_rss_mb": baseline}))
+    print(
+        json.dumps({"variant": variant, "seconds": seconds, "peak_rss_mb": peak, "baseline_rss_mb": baseline})
+    )
 
 
 def main() -> None:
@@ -70,8 +72,10 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="lorakit-bench-merge-"))
     torch.manual_seed(0)
-    model = lorakit.get_peft_model(load_causal_lm(None), lorakit.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
-                                                                           init_lora_weights=False))
+    model = lorakit.get_peft_model(
+        load_causal_lm(None),
+        lorakit.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False),
+    )
     model.save_pretrained(root / "adapter")
     del model
     size_mb = sum(p.stat().st_size for p in resolve_model_source(None).glob("*.safetensors")) / 2**20
@@ -79,22 +83,36 @@ def main() -> None:
     for index in range(args.rounds):
         for variant in VARIANTS:
             out = root / f"{variant}-{index}"
-            results[variant].append(run_child([__file__, "--child", variant, str(root / "adapter"), str(out)]))
+            results[variant].append(
+                run_child([__file__, "--child", variant, str(root / "adapter"), str(out)])
+            )
             print(results[variant][-1], flush=True, file=sys.stderr)
     rows = []
     for variant, runs in results.items():
         seconds = statistics.median(r["seconds"] for r in runs)
         extra = statistics.median(r["peak_rss_mb"] - r["baseline_rss_mb"] for r in runs)
-        rows.append({"variant": variant, "seconds": seconds, "peak_extra_mb": extra, "of_checkpoint": extra / size_mb})
+        rows.append(
+            {"variant": variant, "seconds": seconds, "peak_extra_mb": extra, "of_checkpoint": extra / size_mb}
+        )
     peft_row = rows[-1]
     for row in rows:
         row["time_vs_peft"] = row["seconds"] / peft_row["seconds"]
         row["memory_vs_peft"] = row["peak_extra_mb"] / peft_row["peak_extra_mb"]
     save_results("merge", {"machine": machine(), "checkpoint_mb": size_mb, "rows": rows})
     print(f"checkpoint: {size_mb:.0f} MB fp32")
-    print(markdown_table(rows, [("variant", "variant"), ("seconds", "time s"), ("time_vs_peft", "time vs PEFT"),
-                                ("peak_extra_mb", "peak RSS above baseline MB"), ("of_checkpoint", "× checkpoint"),
-                                ("memory_vs_peft", "memory vs PEFT")]))
+    print(
+        markdown_table(
+            rows,
+            [
+                ("variant", "variant"),
+                ("seconds", "time s"),
+                ("time_vs_peft", "time vs PEFT"),
+                ("peak_extra_mb", "peak RSS above baseline MB"),
+                ("of_checkpoint", "× checkpoint"),
+                ("memory_vs_peft", "memory vs PEFT"),
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

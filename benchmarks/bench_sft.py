@@ -29,10 +29,23 @@ def run_lorakit(output: str, max_steps: int | None) -> dict:
     from lorakit.train.data import bundled_dataset_path
     from lorakit.train.sft import train
 
-    config = TrainConfig.from_options({
-        "output": output, "data": str(bundled_dataset_path("train")), "r": 8, "lora_alpha": 16,
-        "target_modules": "all-linear", "batch_size": 8, "epochs": 1, "learning_rate": 1e-3, "warmup_steps": 10,
-        "lr_scheduler": "cosine", "eval_every": 10_000, "max_steps": max_steps, "overwrite": True})
+    config = TrainConfig.from_options(
+        {
+            "output": output,
+            "data": str(bundled_dataset_path("train")),
+            "r": 8,
+            "lora_alpha": 16,
+            "target_modules": "all-linear",
+            "batch_size": 8,
+            "epochs": 1,
+            "learning_rate": 1e-3,
+            "warmup_steps": 10,
+            "lr_scheduler": "cosine",
+            "eval_every": 10_000,
+            "max_steps": max_steps,
+            "overwrite": True,
+        }
+    )
     result = train(config)
     return {"train_seconds": result.report["train_seconds"], "adapter": str(result.adapter_dir)}
 
@@ -45,14 +58,34 @@ def run_trl(output: str, max_steps: int | None) -> dict:
     from lorakit.models.sources import load_causal_lm, load_tokenizer
     from lorakit.train.data import bundled_dataset_path, load_records
 
-    rows = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in load_records(bundled_dataset_path("train"))]
-    args = SFTConfig(output_dir=output, per_device_train_batch_size=8, num_train_epochs=1, learning_rate=1e-3,
-                     lr_scheduler_type="cosine", warmup_steps=10, max_steps=max_steps or -1, logging_steps=25,
-                     save_strategy="no", report_to="none", gradient_checkpointing=False, use_cpu=True, max_length=256,
-                     dataloader_num_workers=0, seed=0)
-    trainer = SFTTrainer(model=load_causal_lm(None), args=args, train_dataset=datasets.Dataset.from_list(rows),
-                         processing_class=load_tokenizer(None),
-                         peft_config=peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    rows = [
+        {"prompt": r["messages"][:-1], "completion": r["messages"][-1:]}
+        for r in load_records(bundled_dataset_path("train"))
+    ]
+    args = SFTConfig(
+        output_dir=output,
+        per_device_train_batch_size=8,
+        num_train_epochs=1,
+        learning_rate=1e-3,
+        lr_scheduler_type="cosine",
+        warmup_steps=10,
+        max_steps=max_steps or -1,
+        logging_steps=25,
+        save_strategy="no",
+        report_to="none",
+        gradient_checkpointing=False,
+        use_cpu=True,
+        max_length=256,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    trainer = SFTTrainer(
+        model=load_causal_lm(None),
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=load_tokenizer(None),
+        peft_config=peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
@@ -95,21 +128,38 @@ def main() -> None:
     for index in range(args.rounds):
         for variant in runs:
             extra = ["--max-steps", str(args.max_steps)] if args.max_steps else []
-            runs[variant].append(run_child([__file__, "--child", variant, str(root / f"{variant}-{index}"), *extra]))
+            runs[variant].append(
+                run_child([__file__, "--child", variant, str(root / f"{variant}-{index}"), *extra])
+            )
             print(runs[variant][-1], file=sys.stderr, flush=True)
     rows = []
     for variant, results in runs.items():
-        rows.append({"variant": variant, "train_seconds": statistics.median(r["train_seconds"] for r in results),
-                     "wall_seconds": statistics.median(r["wall_seconds"] for r in results),
-                     "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in results),
-                     "exact_match": exact_match(results[-1]["adapter"])})
+        rows.append(
+            {
+                "variant": variant,
+                "train_seconds": statistics.median(r["train_seconds"] for r in results),
+                "wall_seconds": statistics.median(r["wall_seconds"] for r in results),
+                "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in results),
+                "exact_match": exact_match(results[-1]["adapter"]),
+            }
+        )
     for row in rows:
         row["time_vs_trl"] = row["train_seconds"] / rows[1]["train_seconds"]
         row["memory_vs_trl"] = row["peak_rss_mb"] / rows[1]["peak_rss_mb"]
     save_results("sft", {"machine": machine(), "rows": rows})
-    print(markdown_table(rows, [("variant", "variant"), ("train_seconds", "train s"), ("time_vs_trl", "time vs TRL"),
-                                ("peak_rss_mb", "peak RSS MB"), ("memory_vs_trl", "memory vs TRL"),
-                                ("exact_match", "exact match")]))
+    print(
+        markdown_table(
+            rows,
+            [
+                ("variant", "variant"),
+                ("train_seconds", "train s"),
+                ("time_vs_trl", "time vs TRL"),
+                ("peak_rss_mb", "peak RSS MB"),
+                ("memory_vs_trl", "memory vs TRL"),
+                ("exact_match", "exact match"),
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -63,7 +63,8 @@ def step_flops(model, batch: dict[str, torch.Tensor]) -> float:
     supervised = int((batch["labels"][:, 1:] != -100).sum())
     base = model.get_base_model()
     head = base.get_output_embeddings()
-    # Frozen linear layers (LoRA layers' base layers included), and the LoRA factors (the trainable nn.Linear).
+    # Frozen linear layers (LoRA layers' base layers included), and the LoRA factors (the trainable
+    # nn.Linear).
     linear_params = sum(m.weight.numel() for m in base.modules()
                         if isinstance(m, torch.nn.Linear) and m is not head and not m.weight.requires_grad)
     lora_params = sum(p.numel() for p in base.parameters() if p.requires_grad)
@@ -81,7 +82,9 @@ def build(targets, r: int = 8):
 
     base = load_causal_lm(None)
     torch.manual_seed(0)
-    ours = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(r=r, lora_alpha=16, target_modules=targets))
+    ours = lorakit.get_peft_model(
+        copy.deepcopy(base), lorakit.LoraConfig(r=r, lora_alpha=16, target_modules=targets)
+    )
     theirs = peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=16, target_modules=targets))
     theirs.load_state_dict(ours.state_dict(), strict=False)
     # B = 0 at init; give it values so that both compute a real LoRA update.
@@ -106,7 +109,9 @@ def lorakit_stepper(model, batch: dict[str, torch.Tensor]):
     return step
 
 
-def run_case(targets, batch_size: int, length: int, rounds: int) -> tuple[dict[str, float], dict[str, float], float]:
+def run_case(
+    targets, batch_size: int, length: int, rounds: int
+) -> tuple[dict[str, float], dict[str, float], float]:
     """(timing summary lorakit vs PEFT, compiled lorakit vs PEFT, useful FLOPs per step) of one case."""
     from lorakit.train.compile import compiled_decoder_layers
 
@@ -122,8 +127,15 @@ def run_case(targets, batch_size: int, length: int, rounds: int) -> tuple[dict[s
 
     torch._dynamo.reset()
     with compiled_decoder_layers(compiled):
-        times = alternate({"lorakit": lorakit_stepper(ours, batch), "compiled": lorakit_stepper(compiled, batch),
-                           "peft": peft_step}, rounds=rounds, warmup=2)
+        times = alternate(
+            {
+                "lorakit": lorakit_stepper(ours, batch),
+                "compiled": lorakit_stepper(compiled, batch),
+                "peft": peft_step,
+            },
+            rounds=rounds,
+            warmup=2,
+        )
     return compare(times), compare(times, "compiled"), step_flops(ours, batch)
 
 
@@ -136,20 +148,42 @@ def main() -> None:
     for name, targets, batch_size, length in CASES:
         summary, compiled, flops = run_case(targets, batch_size, length, args.rounds)
         shape = f"{batch_size} chat rows" if length == "chat" else f"{batch_size}×{length}"
-        rows.append({"targets": name, "batch": shape, **summary, "compiled_median_s": compiled["compiled_median_s"],
-                     "compiled_ratio_median": compiled["ratio_median"], "compiled_ratio_min": compiled["ratio_min"],
-                     "compiled_ratio_max": compiled["ratio_max"],
-                     "gflop_per_step": flops / 1e9, "lorakit_gflops": flops / summary["lorakit_median_s"] / 1e9,
-                     "peft_gflops": flops / summary["peft_median_s"] / 1e9, "peak_gflops": peak / 1e9,
-                     "lorakit_of_peak": flops / summary["lorakit_median_s"] / peak})
+        rows.append(
+            {
+                "targets": name,
+                "batch": shape,
+                **summary,
+                "compiled_median_s": compiled["compiled_median_s"],
+                "compiled_ratio_median": compiled["ratio_median"],
+                "compiled_ratio_min": compiled["ratio_min"],
+                "compiled_ratio_max": compiled["ratio_max"],
+                "gflop_per_step": flops / 1e9,
+                "lorakit_gflops": flops / summary["lorakit_median_s"] / 1e9,
+                "peft_gflops": flops / summary["peft_median_s"] / 1e9,
+                "peak_gflops": peak / 1e9,
+                "lorakit_of_peak": flops / summary["lorakit_median_s"] / peak,
+            }
+        )
         print(rows[-1], flush=True)
     save_results("train_step", {"machine": machine(), "rows": rows})
-    print(markdown_table(rows, [("targets", "targets"), ("batch", "batch"), ("lorakit_median_s", "lorakit s/step"),
-                                ("peft_median_s", "PEFT s/step"), ("ratio_median", "ratio (median)"),
-                                ("compiled_median_s", "lorakit --compile s/step"),
-                                ("compiled_ratio_median", "--compile ratio (median)"),
-                                ("gflop_per_step", "GFLOP/step"), ("lorakit_gflops", "lorakit GFLOP/s"),
-                                ("peak_gflops", "torch.mm peak GFLOP/s"), ("lorakit_of_peak", "of peak")]))
+    print(
+        markdown_table(
+            rows,
+            [
+                ("targets", "targets"),
+                ("batch", "batch"),
+                ("lorakit_median_s", "lorakit s/step"),
+                ("peft_median_s", "PEFT s/step"),
+                ("ratio_median", "ratio (median)"),
+                ("compiled_median_s", "lorakit --compile s/step"),
+                ("compiled_ratio_median", "--compile ratio (median)"),
+                ("gflop_per_step", "GFLOP/step"),
+                ("lorakit_gflops", "lorakit GFLOP/s"),
+                ("peak_gflops", "torch.mm peak GFLOP/s"),
+                ("lorakit_of_peak", "of peak"),
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -93,13 +93,21 @@ def run_variant(variant: str, steps: int, batch_size: int) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(round(mean.item(), 4))
-    return {"variant": variant, "batch_size": batch_size, "peak_mb": _peak_mb(device), "weights_mb": weights_mb,
-            "losses": losses, "device": device.type}
+    return {
+        "variant": variant,
+        "batch_size": batch_size,
+        "peak_mb": _peak_mb(device),
+        "weights_mb": weights_mb,
+        "losses": losses,
+        "device": device.type,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", choices=VARIANTS, help="run one variant in this process (used internally)")
+    parser.add_argument(
+        "--variant", choices=VARIANTS, help="run one variant in this process (used internally)"
+    )
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8],
                         help="preference pairs per step (two sequences each); every variant runs at each")
@@ -110,15 +118,30 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for batch_size in args.batch_sizes:
         for variant in VARIANTS:
-            done = subprocess.run([sys.executable, __file__, "--variant", variant, "--steps", str(args.steps),
-                                   "--batch-sizes", str(batch_size)], capture_output=True, text=True, check=True)
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--variant",
+                    variant,
+                    "--steps",
+                    str(args.steps),
+                    "--batch-sizes",
+                    str(batch_size),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     weights = rows[0]["weights_mb"]
     print(f"{args.steps} steps, device={rows[0]['device']}, base weights {weights:,.0f} MiB\n")
     print("| pairs/step | reference | peak memory (MiB) | vs adapter-off (MiB) | losses |")
     print("|---:|---|---:|---:|---|")
     for r in rows:
-        ours = next(o["peak_mb"] for o in rows if o["batch_size"] == r["batch_size"] and o["variant"] == "adapter-off")
+        ours = next(
+            o["peak_mb"] for o in rows if o["batch_size"] == r["batch_size"] and o["variant"] == "adapter-off"
+        )
         print(f"| {r['batch_size']} | {r['variant']} | {r['peak_mb']:,.0f} | {r['peak_mb'] - ours:+,.0f} | "
               f"{', '.join(map(str, r['losses']))} |")
     return 0

@@ -49,13 +49,19 @@ def main() -> None:
         for strategy in ("ddp", "fsdp"):
             rows[strategy] = launch(strategy, Path(tmp) / strategy)
     mb = 2**20
-    print("| strategy | rank | parameters MB | gradients MB | AdamW state MB | params + AdamW MB | peak RSS MB |")
+    print(
+        "| strategy | rank | parameters MB | gradients MB | AdamW state MB | params + AdamW MB | peak RSS MB "
+        "|"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for strategy, ranks in rows.items():
         for rank, r in enumerate(ranks):
             held = r["rank_parameter_bytes"] + r["rank_optimizer_bytes"]
-            print(f"| {strategy} | {rank} | {r['rank_parameter_bytes'] / mb:.1f} | {r['rank_gradient_bytes'] / mb:.1f} | "
-                  f"{r['rank_optimizer_bytes'] / mb:.1f} | {held / mb:.1f} | {r['peak_rss_mb']:.0f} |")
+            print(
+                f"| {strategy} | {rank} | {r['rank_parameter_bytes'] / mb:.1f} | "
+                f"{r['rank_gradient_bytes'] / mb:.1f} | "
+                f"{r['rank_optimizer_bytes'] / mb:.1f} | {held / mb:.1f} | {r['peak_rss_mb']:.0f} |"
+            )
     ratio = max((r["rank_parameter_bytes"] + r["rank_optimizer_bytes"]) for r in rows["fsdp"]) / \
         max((r["rank_parameter_bytes"] + r["rank_optimizer_bytes"]) for r in rows["ddp"])
     rss = max(r["peak_rss_mb"] for r in rows["fsdp"]) / max(r["peak_rss_mb"] for r in rows["ddp"])

@@ -52,7 +52,14 @@ def run_lorakit(output: str, args: argparse.Namespace, evaluate: bool) -> dict:
         options["data"] = args.data or str(bundled_dataset_path("train"))
     result = train_grpo(GRPOConfig.from_options(options))
     rewards = [r["reward"] for r in _records(Path(output)) if r["kind"] == "train"]
-    keys = ("exact_match_base", "exact_match_adapter", "base_val_loss", "best_val_loss", "steps", "train_seconds")
+    keys = (
+        "exact_match_base",
+        "exact_match_adapter",
+        "base_val_loss",
+        "best_val_loss",
+        "steps",
+        "train_seconds",
+    )
     return {"train_seconds": result.report["train_seconds"], "rewards": rewards,
             **{k: result.report.get(k) for k in keys}}
 
@@ -72,16 +79,36 @@ def run_trl(output: str, args: argparse.Namespace) -> dict:
     rows = [{"prompt": r["messages"][:-1], "answer": r["messages"][-1]["content"]}
             for r in load_records(args.data or bundled_dataset_path("train"))]
     config = GRPOConfig(
-        output_dir=output, per_device_train_batch_size=args.batch_size * args.num_generations,
-        num_generations=args.num_generations, max_completion_length=args.max_completion_length,
-        learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=args.warmup_steps,
-        max_steps=args.max_steps, temperature=1.0, top_p=1.0, loss_type="grpo", scale_rewards="group", beta=0.0,
-        num_iterations=1, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
-        gradient_checkpointing=False, dataloader_num_workers=0)
-    trainer = GRPOTrainer(model=load_causal_lm(None), reward_funcs=exact_match_reward, args=config,
-                          train_dataset=datasets.Dataset.from_list(rows), processing_class=load_tokenizer(None),
-                          peft_config=peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
-                                                      task_type="CAUSAL_LM"))
+        output_dir=output,
+        per_device_train_batch_size=args.batch_size * args.num_generations,
+        num_generations=args.num_generations,
+        max_completion_length=args.max_completion_length,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=args.warmup_steps,
+        max_steps=args.max_steps,
+        temperature=1.0,
+        top_p=1.0,
+        loss_type="grpo",
+        scale_rewards="group",
+        beta=0.0,
+        num_iterations=1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+    )
+    trainer = GRPOTrainer(
+        model=load_causal_lm(None),
+        reward_funcs=exact_match_reward,
+        args=config,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=load_tokenizer(None),
+        peft_config=peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
@@ -148,9 +175,19 @@ def main() -> None:
             row["time_vs_trl"] = row["train_seconds"] / rows[1]["train_seconds"]
             row["memory_vs_trl"] = row["peak_rss_mb"] / rows[1]["peak_rss_mb"]
         payload["side_by_side"] = rows
-        print(markdown_table(rows, [("variant", "variant"), ("train_seconds", "train s"),
-                                    ("time_vs_trl", "time vs TRL"), ("peak_rss_mb", "peak RSS MB"),
-                                    ("memory_vs_trl", "memory vs TRL"), ("late_mean_reward", "mean reward, 2nd half")]))
+        print(
+            markdown_table(
+                rows,
+                [
+                    ("variant", "variant"),
+                    ("train_seconds", "train s"),
+                    ("time_vs_trl", "time vs TRL"),
+                    ("peak_rss_mb", "peak RSS MB"),
+                    ("memory_vs_trl", "memory vs TRL"),
+                    ("late_mean_reward", "mean reward, 2nd half"),
+                ],
+            )
+        )
     save_results(f"grpo-{args.part}", payload)
 
 

@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def alternate(contenders: dict[str, Callable[[], None]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+def alternate(
+    contenders: dict[str, Callable[[], None]], rounds: int, warmup: int = 1
+) -> dict[str, list[float]]:
     """Run each contender once per round, in turn; return seconds per call for each."""
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for index in range(warmup + rounds):
@@ -63,7 +65,8 @@ def matmul_peak_flops(n: int = 1536, repeats: int = 8) -> float:
 
 
 def run_child(argv: Sequence[str]) -> dict[str, Any]:
-    """Run `python argv...` in a fresh process (so peak RSS is its own) and parse the JSON line it prints last."""
+    """Run `python argv...` in a fresh process (so peak RSS is its own) and parse the JSON line it prints
+    last."""
     done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed:\n{done.stderr[-3000:]}")
@@ -97,8 +100,12 @@ def save_results(name: str, payload: dict[str, Any]) -> Path:
 def machine() -> dict[str, Any]:
     import platform
 
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-            "python": platform.python_version()}
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+    }
 
 
 

@@ -56,7 +56,9 @@ def dpo_step():
 
     tokenizer = load_tokenizer(None)
     lines = bundled_preference_path("train").read_text(encoding="utf-8").splitlines()[:8]
-    batch = collate_pairs([encode_pair(json.loads(line), tokenizer, 256) for line in lines], tokenizer.pad_token_id)
+    batch = collate_pairs(
+        [encode_pair(json.loads(line), tokenizer, 256) for line in lines], tokenizer.pad_token_id
+    )
     model = lorakit.get_peft_model(load_causal_lm(None), lorakit.LoraConfig(r=8, lora_alpha=16,
                                                                              target_modules="all-linear")).train()
     loss_fn = PreferenceLoss(model, beta=0.1)
@@ -75,16 +77,29 @@ def main() -> None:
     rows = []
     for name, make in [("SFT step, 8 rows", sft_step), ("DPO step, 8 pairs", dpo_step)]:
         step, ids = make()
-        times = alternate({"on": with_sharing(step, True), "off": with_sharing(step, False)}, rounds=args.rounds,
-                          warmup=1)
+        times = alternate(
+            {"on": with_sharing(step, True), "off": with_sharing(step, False)}, rounds=args.rounds, warmup=1
+        )
         rows.append({"case": name, "rows × length": "×".join(map(str, ids.shape)),
                      "shared": shared_prefix.shared_prefix_length(ids), **compare(times, "on", "off")})
         print(rows[-1], flush=True)
     sharing(True)
-    save_results("prefix_sharing", {"machine": machine(), "torch_threads": torch.get_num_threads(), "rows": rows})
-    print(markdown_table(rows, [("case", "case"), ("rows × length", "rows × length"), ("shared", "shared tokens"),
-                                ("on_median_s", "sharing on, s"), ("off_median_s", "off, s"),
-                                ("ratio_median", "on / off (median)")]))
+    save_results(
+        "prefix_sharing", {"machine": machine(), "torch_threads": torch.get_num_threads(), "rows": rows}
+    )
+    print(
+        markdown_table(
+            rows,
+            [
+                ("case", "case"),
+                ("rows × length", "rows × length"),
+                ("shared", "shared tokens"),
+                ("on_median_s", "sharing on, s"),
+                ("off_median_s", "off, s"),
+                ("ratio_median", "on / off (median)"),
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

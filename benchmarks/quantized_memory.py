@@ -47,8 +47,12 @@ def _quantization(variant: str) -> dict:
 def _memory_mb() -> dict[str, float]:
     """Resident memory of this process from /proc (Linux): anonymous (what the process allocated) and
     file-backed (mapped files: the memory-mapped checkpoint, shared libraries)."""
-    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    return {key: int(fields[name].split()[0]) / 1024 for key, name in (("anon", "RssAnon"), ("file", "RssFile"))}
+    fields = dict(
+        line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line
+    )
+    return {
+        key: int(fields[name].split()[0]) / 1024 for key, name in (("anon", "RssAnon"), ("file", "RssFile"))
+    }
 
 
 class PeakSampler:
@@ -131,8 +135,12 @@ def training(variant: str, steps: int, batch_size: int) -> dict:
             eval_every=10 * steps, warmup_steps=0, seed=0, **_quantization(variant),
         ))
         report = train(config).report
-    return {key: report[key] for key in ("base_val_loss", "final_val_loss", "final_train_loss", "peak_memory_mb")} | {
-        "peak_anon_mb": sampler.stop(), "seconds_per_step": report["train_seconds"] / max(report["steps"], 1)}
+    return {
+        key: report[key] for key in ("base_val_loss", "final_val_loss", "final_train_loss", "peak_memory_mb")
+    } | {
+        "peak_anon_mb": sampler.stop(),
+        "seconds_per_step": report["train_seconds"] / max(report["steps"], 1),
+    }
 
 
 def run_child(args: list[str]) -> dict:
@@ -145,7 +153,8 @@ def table(results: dict[str, dict]) -> str:
     base = results["fp32"]["footprint"] if "fp32" in results else None
     rows = [
         "| base | linear layers MB | rest MB | model MB | vs float32 (linear / model) | load: peak RSS MB "
-        "| after load: anon / file RSS MB | training: peak RSS / peak anon MB | base val loss | val loss after | s/step |",
+        "| after load: anon / file RSS MB | training: peak RSS / peak anon MB | base val loss | val loss "
+        "after | s/step |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for variant, result in results.items():
@@ -153,7 +162,8 @@ def table(results: dict[str, dict]) -> str:
         ratio = (f"{base['linear_mb'] / f['linear_mb']:.2f}x / {base['total_mb'] / f['total_mb']:.2f}x"
                  if base else "-")
         rows.append(
-            f"| {LABELS[variant]} | {f['linear_mb']:.1f} | {f['other_mb']:.1f} | {f['total_mb']:.1f} | {ratio} "
+            f"| {LABELS[variant]} | {f['linear_mb']:.1f} | {f['other_mb']:.1f} | {f['total_mb']:.1f} | "
+            f"{ratio} "
             f"| {f['peak_load_mb']:.0f} | {f['anon_after_load_mb']:.0f} / {f['file_after_load_mb']:.0f} "
             f"| {t['peak_memory_mb']:.0f} / {t['peak_anon_mb']:.0f} | {t['base_val_loss']:.4f} "
             f"| {t['final_val_loss']:.4f} | {t['seconds_per_step']:.1f} |"
@@ -163,7 +173,9 @@ def table(results: dict[str, dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}"
+    )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json", type=Path, help="also write the results here")

@@ -31,7 +31,9 @@ def main() -> int:
     args = parser.parse_args()
     for script, (full, quick) in SCRIPTS.items():
         print(f"== {script}", flush=True)
-        done = subprocess.run([sys.executable, str(HERE / script), *(quick if args.quick else full)], check=False)
+        done = subprocess.run(
+            [sys.executable, str(HERE / script), *(quick if args.quick else full)], check=False
+        )
         if done.returncode != 0:
             print(f"{script} failed with exit code {done.returncode}", file=sys.stderr)
             return done.returncode

@@ -245,9 +245,12 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=16, help="the server's (16 is its default)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of the server (OMP_NUM_THREADS); 1 on a busy shared machine")
-    parser.add_argument("--together", action="store_true",
-                        help="run both servers and both loads at the same time (ports --port and --port + 1), "
-                             "so that a machine whose load changes from minute to minute weighs on both alike")
+    parser.add_argument(
+        "--together",
+        action="store_true",
+        help="run both servers and both loads at the same time (ports --port and --port + 1), "
+        "so that a machine whose load changes from minute to minute weighs on both alike",
+    )
     args = parser.parse_args()
     models = ["base", *(f"a{i}" for i in range(ADAPTERS))]
     jobs = [(m, p, kind) for m in models for p in range(len(PROMPTS)) for kind in ("short", "long")]

@@ -63,7 +63,9 @@ def running_server(adapters: list[tuple[str, Path]], max_batch_size: int):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    runner = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    runner = uvicorn.Server(
+        uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=runner.run, daemon=True)
     thread.start()
     while not runner.started:
@@ -79,7 +81,9 @@ def run(client, jobs: list[tuple[str, list[dict[str, str]]]], max_tokens: int, c
     """Send `jobs` (adapter, messages) with `concurrency` clients; per-request latency and totals."""
     def one(job: tuple[str, list[dict[str, str]]]) -> tuple[float, int, str]:
         start = time.perf_counter()
-        reply = client.chat.completions.create(model=job[0], messages=job[1], max_tokens=max_tokens, temperature=0)
+        reply = client.chat.completions.create(
+            model=job[0], messages=job[1], max_tokens=max_tokens, temperature=0
+        )
         return time.perf_counter() - start, reply.usage.completion_tokens, reply.choices[0].message.content
 
     start = time.perf_counter()
@@ -108,13 +112,21 @@ def per_adapter_loop():
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=32, help="requests per batched run (all sent at once)")
-    parser.add_argument("--alone-requests", type=int, default=8, help="of those, how many to also send one at a time")
+    parser.add_argument(
+        "--requests", type=int, default=32, help="requests per batched run (all sent at once)"
+    )
+    parser.add_argument(
+        "--alone-requests", type=int, default=8, help="of those, how many to also send one at a time"
+    )
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--adapter-counts", default="1,4,16")
-    parser.add_argument("--repeats", type=int, default=2, help="batched runs per setting; the fastest is kept")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="batched runs per setting; the fastest is kept"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     args = parser.parse_args()
     import openai
 
@@ -151,12 +163,21 @@ def main() -> None:
                 if "loop" in best:
                     rows.append((count, "batched, per-adapter loop (old path)", best["loop"], ""))
                 rows.append((count, f"one at a time ({len(alone['texts'])} requests, each alone)", alone, ""))
-    print(f"\n{args.requests} chat requests, max_tokens={args.max_tokens}, greedy, --max-batch-size "
-          f"{args.max_batch_size}, batched runs best of {args.repeats}, torch threads {torch.get_num_threads()}\n")
-    print("| adapters | mode | completion tok/s | requests/s | latency median (s) | latency p90 (s) | same answers as alone |")
+    print(
+        f"\n{args.requests} chat requests, max_tokens={args.max_tokens}, greedy, --max-batch-size "
+        f"{args.max_batch_size}, batched runs best of {args.repeats}, torch threads "
+        f"{torch.get_num_threads()}\n"
+    )
+    print(
+        "| adapters | mode | completion tok/s | requests/s | latency median (s) | latency p90 (s) | same "
+        "answers as alone |"
+    )
     print("|---:|---|---:|---:|---:|---:|---:|")
     for count, mode, r, same in rows:
-        print(f"| {count} | {mode} | {r['tok_s']:.1f} | {r['req_s']:.2f} | {r['p50']:.2f} | {r['p90']:.2f} | {same} |")
+        print(
+            f"| {count} | {mode} | {r['tok_s']:.1f} | {r['req_s']:.2f} | {r['p50']:.2f} | {r['p90']:.2f} | "
+            f"{same} |"
+        )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ def batch(tokenizer) -> dict[str, torch.Tensor]:
     """Chat-formatted rows with the loss on the answers only (labels -100 on the prompt and padding)."""
     rows = []
     for question, answer in PAIRS:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                               tokenize=False)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+        )
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         answer_ids = tokenizer(answer + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
         rows.append((prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids))
@@ -42,7 +43,9 @@ def batch(tokenizer) -> dict[str, torch.Tensor]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default=None, help="a transformers directory (default: the embedded model)")
+    parser.add_argument(
+        "--model", default=None, help="a transformers directory (default: the embedded model)"
+    )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--output", default="runs/api-quickstart")
     args = parser.parse_args()
@@ -66,12 +69,18 @@ def main() -> None:
         if step == 1 or step == args.steps:
             print(f"step {step}: loss {loss.item():.4f}")
 
-    model.save_pretrained(output / "adapter")  # PEFT's format: adapter_config.json + adapter_model.safetensors
+    model.save_pretrained(
+        output / "adapter"
+    )  # PEFT's format: adapter_config.json + adapter_model.safetensors
 
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     reloaded = PeftModel.from_pretrained(base, output / "adapter").eval()
-    question = tokenizer.apply_chat_template([{"role": "user", "content": PAIRS[0][0]}], add_generation_prompt=True,
-                                             return_tensors="pt", return_dict=True)
+    question = tokenizer.apply_chat_template(
+        [{"role": "user", "content": PAIRS[0][0]}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     with torch.no_grad():
         adapted = reloaded.generate(**question, max_new_tokens=12, do_sample=False)
         with reloaded.disable_adapter():  # the base model, no copy

@@ -13,17 +13,31 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lorakit.train.memory import frozen_bytes, lora_parameters, rank_memory
 
 MODELS = {
-    "Llama-3.1-8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8),
-    "Llama-3.1-70B": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                          num_key_value_heads=8),
+    "Llama-3.1-8B": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+    ),
+    "Llama-3.1-70B": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+    ),
 }
 NF4_BYTES = 0.5 + 4 / 64  # packed 4-bit weights + one float32 absmax per block of 64
 GPUS = (1, 2, 4, 8)
 
 
 def main() -> None:
-    print("| model | base | LoRA params | strategy | " + " | ".join(f"{n} GPU{'s' if n > 1 else ''}" for n in GPUS) + " |")
+    print(
+        "| model | base | LoRA params | strategy | "
+        + " | ".join(f"{n} GPU{'s' if n > 1 else ''}" for n in GPUS)
+        + " |"
+    )
     print("|---|---|---:|---|" + "---:|" * len(GPUS))
     for name, dims in MODELS.items():
         config = LlamaConfig(vocab_size=128256, tie_word_embeddings=False, **dims)

@@ -1,7 +1,7 @@
 """Generate lorakit's bundled preference pairs (for `lorakit dpo`) from the date-normalisation demo data.
 
-    .venv/bin/python scripts/make_preference_data.py            # rewrites src/lorakit/data/demo_preference_*.jsonl
-    .venv/bin/python scripts/make_preference_data.py --check    # exit 1 if the committed files differ
+    .venv/bin/python scripts/make_preference_data.py  # rewrites src/lorakit/data/demo_preference_*.jsonl
+    .venv/bin/python scripts/make_preference_data.py --check  # exit 1 if the committed files differ
 
 Each pair keeps a demo prompt (system + user messages, as in demo_{train,validation}.jsonl) and prefers
 the answer the instruction asks for, the bare ISO date, over a plausible wrong one:
@@ -58,7 +58,9 @@ def make_pairs(demo_rows: list[dict], count: int, rng: random.Random) -> list[di
             rng.shuffle(order)
         *prompt, answer = row["messages"]
         date = dt.date.fromisoformat(answer["content"])
-        pairs.append({"prompt": prompt, "chosen": answer["content"], "rejected": rejected_answer(order.pop(), date)})
+        pairs.append(
+            {"prompt": prompt, "chosen": answer["content"], "rejected": rejected_answer(order.pop(), date)}
+        )
     return pairs
 
 
@@ -77,7 +79,9 @@ def to_jsonl(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DATA_DIR, help="output folder (default: the package data)")
+    parser.add_argument(
+        "--out", type=Path, default=DATA_DIR, help="output folder (default: the package data)"
+    )
     parser.add_argument("--check", action="store_true", help="only compare with the files in --out")
     args = parser.parse_args(argv)
     stale = []

@@ -57,8 +57,11 @@ def demo_subset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--llama-cpp", action="store_true",
-                     help="run the tests marked llama_cpp (needs `make llama-cpp`; `make test-llama-cpp` does both)")
+    parser.addoption(
+        "--llama-cpp",
+        action="store_true",
+        help="run the tests marked llama_cpp (needs `make llama-cpp`; `make test-llama-cpp` does both)",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -25,14 +25,18 @@ def files(tiny_chat_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
     root = tmp_path_factory.mktemp("bad-inputs")
     torch.manual_seed(0)
-    good = lorakit.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir),
-                                  lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    good = lorakit.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir),
+        lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     good.save_pretrained(root / "good")
     other_base = tiny_llama(hidden=64, vocab_size=49152)  # the tiny chat model's vocabulary, twice its width
     other_config = lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
     lorakit.get_peft_model(other_base, other_config).save_pretrained(root / "other-base")
     gpt2 = tiny_gpt2(vocab_size=49152)
-    lorakit.get_peft_model(gpt2, lorakit.LoraConfig(r=4, target_modules=["c_attn"])).save_pretrained(root / "other-arch")
+    lorakit.get_peft_model(gpt2, lorakit.LoraConfig(r=4, target_modules=["c_attn"])).save_pretrained(
+        root / "other-arch"
+    )
 
     truncated = root / "truncated"
     truncated.mkdir()
@@ -56,18 +60,34 @@ def files(tiny_chat_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     (int_weights / "adapter_config.json").write_text((root / "good" / "adapter_config.json").read_text())
     from safetensors.torch import load_file, save_file
 
-    save_file({k: v.to(torch.int32) for k, v in load_file(str(root / "good" / "adapter_model.safetensors")).items()},
-              str(int_weights / "adapter_model.safetensors"))
+    save_file(
+        {
+            k: v.to(torch.int32)
+            for k, v in load_file(str(root / "good" / "adapter_model.safetensors")).items()
+        },
+        str(int_weights / "adapter_model.safetensors"),
+    )
 
     rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 4
     (root / "ok.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    long = {"messages": [{"role": "user", "content": "count"}, {"role": "assistant", "content": " ".join(["one"] * 200)}]}
+    long = {
+        "messages": [
+            {"role": "user", "content": "count"},
+            {"role": "assistant", "content": " ".join(["one"] * 200)},
+        ]
+    }
     (root / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*rows[:2], long, long]))
     (root / "malformed.jsonl").write_text(json.dumps(rows[0]) + "\n{oops\n")
-    (root / "no-assistant.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
-    (root / "bad-role.jsonl").write_text(json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}) + "\n")
+    (root / "no-assistant.jsonl").write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"
+    )
+    (root / "bad-role.jsonl").write_text(
+        json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}) + "\n"
+    )
     (root / "empty.jsonl").write_text("")
-    (root / "latin1.jsonl").write_bytes(json.dumps(rows[0]).encode() + b"\n" + '{"text": "caf\xe9"}'.encode("latin-1") + b"\n")
+    (root / "latin1.jsonl").write_bytes(
+        json.dumps(rows[0]).encode() + b"\n" + '{"text": "caf\xe9"}'.encode("latin-1") + b"\n"
+    )
     (root / "a-file").write_text("not a directory")
     return {p.name: p for p in root.iterdir()}
 
@@ -108,10 +128,21 @@ def test_eval_with_a_bad_adapter(case: str, files, tiny_chat_model_dir, capfd) -
 
 
 @pytest.mark.parametrize("case", ["missing directory", "truncated safetensors", "another base (shapes)"])
-def test_merge_with_a_bad_adapter_writes_nothing(case: str, files, tiny_chat_model_dir, tmp_path, capfd) -> None:
+def test_merge_with_a_bad_adapter_writes_nothing(
+    case: str, files, tiny_chat_model_dir, tmp_path, capfd
+) -> None:
     adapter, expected = ADAPTER_CASES[case]
     out = tmp_path / "merged"
-    code, err = run(capfd, "merge", "--model", str(tiny_chat_model_dir), "--adapter", str(adapter(files)), "--output", str(out))
+    code, err = run(
+        capfd,
+        "merge",
+        "--model",
+        str(tiny_chat_model_dir),
+        "--adapter",
+        str(adapter(files)),
+        "--output",
+        str(out),
+    )
     assert code == 1
     assert one_error_line(err)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]
@@ -128,11 +159,15 @@ DATA_CASES = {
 
 
 @pytest.mark.parametrize("case", list(DATA_CASES))
-def test_train_with_bad_data_fails_before_loading_the_model(case: str, files, tiny_chat_model_dir, tmp_path, capfd) -> None:
+def test_train_with_bad_data_fails_before_loading_the_model(
+    case: str, files, tiny_chat_model_dir, tmp_path, capfd
+) -> None:
     name, expected = DATA_CASES[case]
     data = files.get(name, files["ok.jsonl"].parent / name)
     out = tmp_path / "run"
-    code, err = run(capfd, "train", "--model", str(tiny_chat_model_dir), "--data", str(data), "--output", str(out))
+    code, err = run(
+        capfd, "train", "--model", str(tiny_chat_model_dir), "--data", str(data), "--output", str(out)
+    )
     assert code == 1
     assert expected in one_error_line(err)
     assert not out.exists()
@@ -166,7 +201,9 @@ def test_output_path_that_is_a_file(files, tiny_chat_model_dir, capfd) -> None:
     assert files["a-file"].read_text() == "not a directory"
 
 
-def test_sequences_over_the_length_limit_are_truncated_and_counted(files, tiny_chat_model_dir, tmp_path) -> None:
+def test_sequences_over_the_length_limit_are_truncated_and_counted(
+    files, tiny_chat_model_dir, tmp_path
+) -> None:
     from lorakit.train.config import TrainConfig
     from lorakit.train.sft import train
 
@@ -174,16 +211,28 @@ def test_sequences_over_the_length_limit_are_truncated_and_counted(files, tiny_c
                                output=str(tmp_path / "r"), max_seq_len=64, max_steps=1, batch_size=2))
     assert result.report["truncated_rows"] == 2 and result.report["train_rows"] == 4
     with pytest.raises(lorakit.DataError, match="ok.jsonl"):
-        train(TrainConfig(model=str(tiny_chat_model_dir), data=str(files["ok.jsonl"]), output=str(tmp_path / "s"),
-                          max_seq_len=8, max_steps=1, batch_size=2))
+        train(
+            TrainConfig(
+                model=str(tiny_chat_model_dir),
+                data=str(files["ok.jsonl"]),
+                output=str(tmp_path / "s"),
+                max_seq_len=8,
+                max_steps=1,
+                batch_size=2,
+            )
+        )
 
 
-def test_disk_full_during_save_keeps_the_previous_adapter(files, tiny_chat_model_dir, tmp_path, monkeypatch) -> None:
+def test_disk_full_during_save_keeps_the_previous_adapter(
+    files, tiny_chat_model_dir, tmp_path, monkeypatch
+) -> None:
     from transformers import AutoModelForCausalLM
 
     from lorakit.io import peft_format
 
-    model = lorakit.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir), files["good"])
+    model = lorakit.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir), files["good"]
+    )
     target = tmp_path / "adapter"
     model.save_pretrained(target)
     before = (target / "adapter_model.safetensors").read_bytes()
@@ -217,10 +266,37 @@ def test_read_only_output_gives_one_line(files, tiny_chat_model_dir, tmp_path, c
 
 
 def test_debug_shows_the_traceback(files, tiny_chat_model_dir) -> None:
-    done = subprocess.run([sys.executable, "-m", "lorakit", "eval", "--debug", "--model", str(tiny_chat_model_dir),
-                           "--adapter", str(files["truncated"])], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lorakit",
+            "eval",
+            "--debug",
+            "--model",
+            str(tiny_chat_model_dir),
+            "--adapter",
+            str(files["truncated"]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode != 0 and "Traceback" in done.stderr and "cannot read safetensors" in done.stderr
-    plain = subprocess.run([sys.executable, "-m", "lorakit", "eval", "--model", str(tiny_chat_model_dir),
-                            "--adapter", str(files["truncated"])], capture_output=True, text=True, timeout=300)
+    plain = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lorakit",
+            "eval",
+            "--model",
+            str(tiny_chat_model_dir),
+            "--adapter",
+            str(files["truncated"]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert plain.returncode == 1 and "Traceback" not in plain.stderr
     assert plain.stderr.strip().splitlines()[-1].startswith("error: ")

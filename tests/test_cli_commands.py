@@ -16,7 +16,9 @@ import lorakit
 
 
 def _lorakit(*args: str, stdin: str | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, input=stdin, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, input=stdin, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -26,17 +28,32 @@ def two_adapters(tiny_chat_model_dir: Path, tmp_path_factory: pytest.TempPathFac
     paths = {}
     for seed, name in enumerate(("alpha", "beta")):
         torch.manual_seed(seed)
-        model = lorakit.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir),
-                                       lorakit.LoraConfig(r=4, lora_alpha=64, target_modules="all-linear", init_lora_weights=False))
+        model = lorakit.get_peft_model(
+            AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir),
+            lorakit.LoraConfig(r=4, lora_alpha=64, target_modules="all-linear", init_lora_weights=False),
+        )
         paths[name] = tmp_path_factory.mktemp(name)
         model.save_pretrained(paths[name])
     return paths
 
 
-def test_eval_reports_loss_perplexity_and_exact_match_per_model(tiny_chat_model_dir, two_adapters, demo_subset) -> None:
-    done = _lorakit("eval", "--model", str(tiny_chat_model_dir), "--data", str(demo_subset["test"]), "--json",
-                    "--adapter", f"alpha={two_adapters['alpha']}", "--adapter", f"beta={two_adapters['beta']}",
-                    "--max-new-tokens", "4")
+def test_eval_reports_loss_perplexity_and_exact_match_per_model(
+    tiny_chat_model_dir, two_adapters, demo_subset
+) -> None:
+    done = _lorakit(
+        "eval",
+        "--model",
+        str(tiny_chat_model_dir),
+        "--data",
+        str(demo_subset["test"]),
+        "--json",
+        "--adapter",
+        f"alpha={two_adapters['alpha']}",
+        "--adapter",
+        f"beta={two_adapters['beta']}",
+        "--max-new-tokens",
+        "4",
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert [r["model"] for r in result["results"]] == ["base", "alpha", "beta"]
@@ -60,8 +77,18 @@ def test_eval_reports_loss_perplexity_and_exact_match_per_model(tiny_chat_model_
 
 
 def test_generate_picks_the_adapter_by_name(tiny_chat_model_dir, two_adapters) -> None:
-    common = ["generate", "Normalize 5 March 2021", "--model", str(tiny_chat_model_dir), "--max-new-tokens", "6",
-              "--adapter", f"alpha={two_adapters['alpha']}", "--adapter", f"beta={two_adapters['beta']}"]
+    common = [
+        "generate",
+        "Normalize 5 March 2021",
+        "--model",
+        str(tiny_chat_model_dir),
+        "--max-new-tokens",
+        "6",
+        "--adapter",
+        f"alpha={two_adapters['alpha']}",
+        "--adapter",
+        f"beta={two_adapters['beta']}",
+    ]
     answers = {}
     for use in ("base", "alpha", "beta"):
         done = _lorakit(*common, "--use", use)
@@ -74,18 +101,45 @@ def test_generate_picks_the_adapter_by_name(tiny_chat_model_dir, two_adapters) -
 
 def test_chat_switches_adapters_by_name(tiny_chat_model_dir, two_adapters) -> None:
     script = "hello\n/use beta\nhello\n/use nope\n/quit\n"
-    done = _lorakit("chat", "--model", str(tiny_chat_model_dir), "--max-new-tokens", "5",
-                    "--adapter", f"alpha={two_adapters['alpha']}", "--adapter", f"beta={two_adapters['beta']}", stdin=script)
+    done = _lorakit(
+        "chat",
+        "--model",
+        str(tiny_chat_model_dir),
+        "--max-new-tokens",
+        "5",
+        "--adapter",
+        f"alpha={two_adapters['alpha']}",
+        "--adapter",
+        f"beta={two_adapters['beta']}",
+        stdin=script,
+    )
     assert done.returncode == 0, done.stderr
     assert "[alpha] >" in done.stdout and "[beta] >" in done.stdout
     assert "no adapter 'nope'" in done.stdout
 
 
 def test_compare_runs_every_variant_on_the_same_budget(tmp_path, tiny_chat_model_dir, demo_subset) -> None:
-    done = _lorakit("compare", "--model", str(tiny_chat_model_dir), "--data", str(demo_subset["train"]),
-                    "--validation-data", str(demo_subset["validation"]), "--test-data", str(demo_subset["test"]),
-                    "--max-steps", "2", "--batch-size", "4", "--only", "lora-r4,full", "--eval-limit", "2",
-                    "--output", str(tmp_path / "cmp"))
+    done = _lorakit(
+        "compare",
+        "--model",
+        str(tiny_chat_model_dir),
+        "--data",
+        str(demo_subset["train"]),
+        "--validation-data",
+        str(demo_subset["validation"]),
+        "--test-data",
+        str(demo_subset["test"]),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--only",
+        "lora-r4,full",
+        "--eval-limit",
+        "2",
+        "--output",
+        str(tmp_path / "cmp"),
+    )
     assert done.returncode == 0, done.stderr
     rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert [r["variant"] for r in rows] == ["base", "lora-r4", "full"]
@@ -96,7 +150,9 @@ def test_compare_runs_every_variant_on_the_same_budget(tmp_path, tiny_chat_model
     assert (tmp_path / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
     # The printed table carries each run's figures.
     table_rows = [line for line in done.stdout.splitlines() if "│" in line]
-    assert any("lora-r4" in line and f"{lora['trainable_params']:,}" in line for line in table_rows), done.stdout
+    assert any("lora-r4" in line and f"{lora['trainable_params']:,}" in line for line in table_rows), (
+        done.stdout
+    )
 
 
 @pytest.mark.slow

@@ -57,7 +57,9 @@ def test_lora_decoder_layers_compile_whole_and_match_eager(kind: str) -> None:
 
 def test_compiled_layers_see_mixed_adapter_rows() -> None:
     with seeded(0):
-        model = get_peft_model(make_model("llama"), LoraConfig(r=4, target_modules="all-linear"), adapter_name="a")
+        model = get_peft_model(
+            make_model("llama"), LoraConfig(r=4, target_modules="all-linear"), adapter_name="a"
+        )
         model.add_adapter("b", LoraConfig(r=4, target_modules="all-linear"))
     perturb_adapter(model)
     model.set_adapter("b")
@@ -104,13 +106,17 @@ def _train_losses(output: Path) -> list[float]:
     return [r["loss"] for r in records if r["kind"] == "train"]
 
 
-def test_train_with_compile_gives_the_eager_losses(tmp_path: Path, tiny_chat_model_dir: Path, demo_subset) -> None:
+def test_train_with_compile_gives_the_eager_losses(
+    tmp_path: Path, tiny_chat_model_dir: Path, demo_subset
+) -> None:
     options = dict(model=str(tiny_chat_model_dir), data=str(demo_subset["train"]),
                    validation_data=str(demo_subset["validation"]), max_steps=4, eval_every=2, batch_size=4,
                    learning_rate=5e-3, warmup_steps=0, lora_dropout=0.0, seed=3)
     eager = train(TrainConfig.from_options({**options, "output": str(tmp_path / "eager")}))
     counters.clear()
-    compiled = train(TrainConfig.from_options({**options, "output": str(tmp_path / "compiled"), "compile": True}))
+    compiled = train(
+        TrainConfig.from_options({**options, "output": str(tmp_path / "compiled"), "compile": True})
+    )
     assert counters["stats"]["unique_graphs"] >= 1, "the compiled run compiled something"
     eager_losses, compiled_losses = _train_losses(tmp_path / "eager"), _train_losses(tmp_path / "compiled")
     assert len(compiled_losses) == 4

@@ -38,10 +38,22 @@ def test_every_peft_only_key_is_known() -> None:
 
 def test_save_load_round_trip(tmp_path: Path) -> None:
     config = LoraConfig(
-        r=6, lora_alpha=12.5, target_modules=["v_proj", "q_proj", "q_proj"], lora_dropout=0.05, bias="lora_only",
-        use_rslora=True, modules_to_save=["lm_head"], init_lora_weights="gaussian", layers_to_transform=[0, 2],
-        layers_pattern="layers", rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 3.0}, use_dora=True,
-        task_type=TaskType.CAUSAL_LM, base_model_name_or_path="some/model", exclude_modules=["k_proj"],
+        r=6,
+        lora_alpha=12.5,
+        target_modules=["v_proj", "q_proj", "q_proj"],
+        lora_dropout=0.05,
+        bias="lora_only",
+        use_rslora=True,
+        modules_to_save=["lm_head"],
+        init_lora_weights="gaussian",
+        layers_to_transform=[0, 2],
+        layers_pattern="layers",
+        rank_pattern={"q_proj": 2},
+        alpha_pattern={"v_proj": 3.0},
+        use_dora=True,
+        task_type=TaskType.CAUSAL_LM,
+        base_model_name_or_path="some/model",
+        exclude_modules=["k_proj"],
     )
     config.save_pretrained(tmp_path)
     loaded = LoraConfig.from_pretrained(tmp_path)
@@ -59,7 +71,9 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
 
 
 def test_reads_peft_written_config_silently(tmp_path: Path) -> None:
-    peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_dora=True, task_type="CAUSAL_LM").save_pretrained(tmp_path)
+    peft.LoraConfig(
+        r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_dora=True, task_type="CAUSAL_LM"
+    ).save_pretrained(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         config = LoraConfig.from_pretrained(tmp_path)
@@ -69,7 +83,10 @@ def test_reads_peft_written_config_silently(tmp_path: Path) -> None:
 
 def _write(tmp_path: Path, **extra) -> Path:
     data = {**peft.LoraConfig(r=4, target_modules=["q_proj"]).to_dict(), **extra}
-    data = {k: (sorted(v) if isinstance(v, set) else v.value if hasattr(v, "value") else v) for k, v in data.items()}
+    data = {
+        k: (sorted(v) if isinstance(v, set) else v.value if hasattr(v, "value") else v)
+        for k, v in data.items()
+    }
     (tmp_path / "adapter_config.json").write_text(json.dumps(data))
     return tmp_path
 
@@ -89,15 +106,28 @@ def test_unsupported_peft_feature_raises_naming_the_key(tmp_path: Path, key: str
         LoraConfig.from_pretrained(_write(tmp_path, **{key: value}))
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [
-    ({"r": 0}, "r"), ({"r": -2}, "r"), ({"r": 2.5}, "r"), ({"r": True}, "r"),
-    ({"bias": "some"}, "bias"), ({"lora_dropout": 1.0}, "lora_dropout"), ({"lora_dropout": -0.1}, "lora_dropout"),
-    ({"init_lora_weights": "xavier"}, "init_lora_weights"), ({"init_lora_weights": None}, "init_lora_weights"),
-    ({"lora_alpha": float("nan")}, "lora_alpha"), ({"target_modules": []}, "target_modules"),
-    ({"target_modules": [1, 2]}, "target_modules"), ({"rank_pattern": {"q_proj": 0}}, "rank_pattern"),
-    ({"layers_to_transform": [-1]}, "layers_to_transform"), ({"layers_pattern": "layers"}, "layers_pattern"),
-    ({"peft_type": "IA3"}, "peft_type"), ({"use_dora": True, "lora_bias": True}, "lora_bias"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"r": 0}, "r"),
+        ({"r": -2}, "r"),
+        ({"r": 2.5}, "r"),
+        ({"r": True}, "r"),
+        ({"bias": "some"}, "bias"),
+        ({"lora_dropout": 1.0}, "lora_dropout"),
+        ({"lora_dropout": -0.1}, "lora_dropout"),
+        ({"init_lora_weights": "xavier"}, "init_lora_weights"),
+        ({"init_lora_weights": None}, "init_lora_weights"),
+        ({"lora_alpha": float("nan")}, "lora_alpha"),
+        ({"target_modules": []}, "target_modules"),
+        ({"target_modules": [1, 2]}, "target_modules"),
+        ({"rank_pattern": {"q_proj": 0}}, "rank_pattern"),
+        ({"layers_to_transform": [-1]}, "layers_to_transform"),
+        ({"layers_pattern": "layers"}, "layers_pattern"),
+        ({"peft_type": "IA3"}, "peft_type"),
+        ({"use_dora": True, "lora_bias": True}, "lora_bias"),
+    ],
+)
 def test_invalid_values_raise_naming_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=rf"LoraConfig\.{field}"):
         LoraConfig(**kwargs)

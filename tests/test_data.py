@@ -145,59 +145,131 @@ MSG = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "c
 BAD_DATA = [
     ("data.jsonl", b"", "data.jsonl: no examples"),
     ("data.jsonl", b"\n  \n", "data.jsonl: no examples"),
-    ("data.jsonl", b'{"text": "a"}\n{"text": "b",}\n',
-     "data.jsonl line 2: invalid JSON (Expecting property name enclosed in double quotes at column 14)"),
+    (
+        "data.jsonl",
+        b'{"text": "a"}\n{"text": "b",}\n',
+        "data.jsonl line 2: invalid JSON (Expecting property name enclosed in double quotes at column 14)",
+    ),
     ("data.jsonl", b'{"text": "a"}\n[1, 2]\n', "data.jsonl line 2: expected a JSON object, got array"),
-    ("data.jsonl", b'{"text": "a"}\n{"text": "b"}\n{"text": "c"}\n{"text": "caf\xe9"}\n',
-     "data.jsonl line 4: not valid UTF-8"),
-    ("data.jsonl", (MSG + "\n" + MSG + '\n{"msgs": []}\n').encode(),
-     'data.jsonl line 3: missing field "messages" (expected "messages", "prompt"+"completion", or "text")'),
-    ("data.jsonl", (MSG + '\n{"text": "b"}\n').encode(),
-     'data.jsonl line 2: uses "text" but data.jsonl line 1 uses "messages" (one format per file)'),
-    ("data.jsonl", b'{"messages": "hi"}\n',
-     'data.jsonl line 1: "messages" must be a non-empty list of {"role", "content"} objects, got string'),
-    ("data.jsonl", b'{"messages": []}\n',
-     'data.jsonl line 1: "messages" must be a non-empty list of {"role", "content"} objects, got an empty list'),
-    ("data.jsonl", b'{"messages": ["hi"]}\n',
-     'data.jsonl line 1: message 1: expected an object with "role" and "content", got string'),
-    ("data.jsonl", b'{"messages": [{"content": "hi"}]}\n', 'data.jsonl line 1: message 1: missing field "role"'),
-    ("data.jsonl", b'{"messages": [{"role": "user"}]}\n', 'data.jsonl line 1: message 1: missing field "content"'),
-    ("data.jsonl", b'{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}\n',
-     'data.jsonl line 1: message 2: unknown role "bot" (expected system, user, assistant or tool)'),
-    ("data.jsonl", b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 5}]}\n',
-     'data.jsonl line 1: message 2: "content" must be a string, got number'),
-    ("data.jsonl", b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}\n',
-     "data.jsonl line 1: message 2: empty assistant message"),
-    ("data.jsonl", b'{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]}\n',
-     "data.jsonl line 1: no assistant message to learn from"),
+    (
+        "data.jsonl",
+        b'{"text": "a"}\n{"text": "b"}\n{"text": "c"}\n{"text": "caf\xe9"}\n',
+        "data.jsonl line 4: not valid UTF-8",
+    ),
+    (
+        "data.jsonl",
+        (MSG + "\n" + MSG + '\n{"msgs": []}\n').encode(),
+        'data.jsonl line 3: missing field "messages" (expected "messages", "prompt"+"completion", or "text")',
+    ),
+    (
+        "data.jsonl",
+        (MSG + '\n{"text": "b"}\n').encode(),
+        'data.jsonl line 2: uses "text" but data.jsonl line 1 uses "messages" (one format per file)',
+    ),
+    (
+        "data.jsonl",
+        b'{"messages": "hi"}\n',
+        'data.jsonl line 1: "messages" must be a non-empty list of {"role", "content"} objects, got string',
+    ),
+    (
+        "data.jsonl",
+        b'{"messages": []}\n',
+        'data.jsonl line 1: "messages" must be a non-empty list of {"role", "content"} objects, got an empty '
+        'list',
+    ),
+    (
+        "data.jsonl",
+        b'{"messages": ["hi"]}\n',
+        'data.jsonl line 1: message 1: expected an object with "role" and "content", got string',
+    ),
+    (
+        "data.jsonl",
+        b'{"messages": [{"content": "hi"}]}\n',
+        'data.jsonl line 1: message 1: missing field "role"',
+    ),
+    (
+        "data.jsonl",
+        b'{"messages": [{"role": "user"}]}\n',
+        'data.jsonl line 1: message 1: missing field "content"',
+    ),
+    (
+        "data.jsonl",
+        b'{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}\n',
+        'data.jsonl line 1: message 2: unknown role "bot" (expected system, user, assistant or tool)',
+    ),
+    (
+        "data.jsonl",
+        b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 5}]}\n',
+        'data.jsonl line 1: message 2: "content" must be a string, got number',
+    ),
+    (
+        "data.jsonl",
+        b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}\n',
+        "data.jsonl line 1: message 2: empty assistant message",
+    ),
+    (
+        "data.jsonl",
+        b'{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]}\n',
+        "data.jsonl line 1: no assistant message to learn from",
+    ),
     ("data.jsonl", b'{"prompt": "a"}\n', 'data.jsonl line 1: missing field "completion"'),
     ("data.jsonl", b'{"completion": "a"}\n', 'data.jsonl line 1: missing field "prompt"'),
     ("data.jsonl", b'{"prompt": "a", "completion": " \\n"}\n', "data.jsonl line 1: empty completion"),
-    ("data.jsonl", b'{"prompt": "a", "completion": 3}\n',
-     'data.jsonl line 1: "completion" must be a string or a list of messages, got number'),
-    ("data.jsonl", b'{"prompt": "a", "completion": null}\n',
-     'data.jsonl line 1: "completion" must be a string or a list of messages, got null'),
-    ("data.jsonl", b'{"prompt": "a", "completion": [{"role": "user", "content": "b"}]}\n',
-     "data.jsonl line 1: completion has no assistant message"),
-    ("data.jsonl", b'{"prompt": [{"role": "user", "content": 1}], "completion": "b"}\n',
-     'data.jsonl line 1: prompt message 1: "content" must be a string, got number'),
+    (
+        "data.jsonl",
+        b'{"prompt": "a", "completion": 3}\n',
+        'data.jsonl line 1: "completion" must be a string or a list of messages, got number',
+    ),
+    (
+        "data.jsonl",
+        b'{"prompt": "a", "completion": null}\n',
+        'data.jsonl line 1: "completion" must be a string or a list of messages, got null',
+    ),
+    (
+        "data.jsonl",
+        b'{"prompt": "a", "completion": [{"role": "user", "content": "b"}]}\n',
+        "data.jsonl line 1: completion has no assistant message",
+    ),
+    (
+        "data.jsonl",
+        b'{"prompt": [{"role": "user", "content": 1}], "completion": "b"}\n',
+        'data.jsonl line 1: prompt message 1: "content" must be a string, got number',
+    ),
     ("data.jsonl", b'{"text": ""}\n', "data.jsonl line 1: empty text"),
     ("data.jsonl", b'{"text": ["a"]}\n', 'data.jsonl line 1: "text" must be a string, got array'),
-    ("data.json", b'[{"text": "a"},\n {"text": "b"}\n {"text": "c"}]',
-     "data.json line 3: invalid JSON (Expecting ',' delimiter at column 2)"),
+    (
+        "data.json",
+        b'[{"text": "a"},\n {"text": "b"}\n {"text": "c"}]',
+        "data.json line 3: invalid JSON (Expecting ',' delimiter at column 2)",
+    ),
     ("data.json", b'[{"text": "a"}, "b"]', "data.json item 2: expected a JSON object, got string"),
     ("data.json", b'[{"text": "a"}, {"text": 1}]', 'data.json item 2: "text" must be a string, got number'),
-    ("data.json", b'{"rows": []}', 'data.json: expected a JSON array of examples or an object with a "data" array'),
+    (
+        "data.json",
+        b'{"rows": []}',
+        'data.json: expected a JSON array of examples or an object with a "data" array',
+    ),
     ("data.json", b"[]", "data.json: no examples"),
     ("data.json", b'[\n{"text": "a"},\n{"text": "\xff"}\n]', "data.json line 3: not valid UTF-8"),
     ("data.csv", b"text\n", "data.csv: no examples"),
     ("data.csv", b"prompt,completion\na,b\nc,\n", "data.csv row 2: empty completion"),
     ("data.csv", b"text\nfine\n\xe9t\xe9\n", "data.csv line 3: not valid UTF-8"),
-    ("data.csv", b'messages\n"[{""role"": ""user"",}]"\n',
-     'data.csv row 1: column "messages" is not valid JSON (Expecting property name enclosed in double quotes at column 18)'),
-    ("data.csv", b"question,answer\nq,a\n",
-     'data.csv row 1: missing field "messages" (expected "messages", "prompt"+"completion", or "text")'),
-    ("data.txt", b"hello", "data.txt: unsupported file type '.txt' (expected .jsonl, .json, .parquet or .csv)"),
+    (
+        "data.csv",
+        b'messages\n"[{""role"": ""user"",}]"\n',
+        'data.csv row 1: column "messages" is not valid JSON (Expecting property name enclosed in double '
+        'quotes at column 18)',
+    ),
+    (
+        "data.csv",
+        b"question,answer\nq,a\n",
+        'data.csv row 1: missing field "messages" (expected "messages", "prompt"+"completion", or "text")',
+    ),
+    (
+        "data.txt",
+        b"hello",
+        "data.txt: unsupported file type '.txt' (expected .jsonl, .json, .parquet or .csv)",
+    ),
 ]
 
 
@@ -225,8 +297,15 @@ def test_bad_data_fails_in_build_datasets_before_any_tokenizer_use(tmp_path):
 
 def test_parquet_nulls_and_json_string_columns(tmp_path):
     # Arrow unifies the message structs: the first message gets name=None, which must not reach the template.
-    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "name": "bot"}]},
-            {"messages": json.dumps(chat(("user", "a"), ("assistant", "b")))}]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "yo", "name": "bot"},
+            ]
+        },
+        {"messages": json.dumps(chat(("user", "a"), ("assistant", "b")))},
+    ]
     write(tmp_path / "a.parquet", rows[:1])
     assert load_records(tmp_path / "a.parquet")[0]["messages"][0] == {"role": "user", "content": "hi"}
     datasets.Dataset.from_list(rows[1:]).to_parquet(str(tmp_path / "b.parquet"))
@@ -240,10 +319,14 @@ def test_parquet_nulls_and_json_string_columns(tmp_path):
 
 
 def test_loss_mask_token_by_token_on_smollm2_template(tokenizer):
-    record = {"messages": chat(("system", "Be brief."), ("user", "Capital of France?"), ("assistant", "Paris"))}
+    record = {
+        "messages": chat(("system", "Be brief."), ("user", "Capital of France?"), ("assistant", "Paris"))
+    }
     example = encode_example(record, tokenizer, max_seq_len=256)
     ids = example["input_ids"]
-    assert ids == tokenizer.apply_chat_template(record["messages"], tokenize=True, return_dict=True)["input_ids"]
+    assert (
+        ids == tokenizer.apply_chat_template(record["messages"], tokenize=True, return_dict=True)["input_ids"]
+    )
     # Independently: the labelled tokens are exactly those after the last "<|im_start|>assistant\n"
     # up to and including the next <|im_end|>.
     header = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
@@ -263,8 +346,11 @@ def test_multi_turn_learns_every_assistant_turn_only(tokenizer):
     example = encode_example(record, tokenizer, max_seq_len=512)
     assert labelled_runs(tokenizer, example) == ["Let me check." + END, "Sunny and 21 degrees." + END,
                                                  "You're welcome." + END]
-    # The default system prompt was injected by the template and is masked like every other non-assistant turn.
-    assert tokenizer.decode(example["input_ids"]).startswith("<|im_start|>system\nYou are a helpful AI assistant")
+    # The default system prompt was injected by the template and is masked like every other non-assistant
+    # turn.
+    assert tokenizer.decode(example["input_ids"]).startswith(
+        "<|im_start|>system\nYou are a helpful AI assistant"
+    )
 
 
 def test_prompt_completion_learns_only_the_completion(tokenizer):
@@ -295,8 +381,12 @@ def test_boundary_token_merged_across_turn_start_is_learned(tokenizer):
     # tokenisation is not a prefix of the full one, and the straddling token is learned.
     record = {"messages": chat(("user", "hi"), ("assistant", "\nhello"))}
     example = encode_example(record, tokenizer, 256)
-    assert example["input_ids"] == tokenizer(tokenizer.apply_chat_template(record["messages"], tokenize=False),
-                                             add_special_tokens=False)["input_ids"]
+    assert (
+        example["input_ids"]
+        == tokenizer(
+            tokenizer.apply_chat_template(record["messages"], tokenize=False), add_special_tokens=False
+        )["input_ids"]
+    )
     (run,) = labelled_runs(tokenizer, example)
     assert run.endswith("\nhello" + END) and len(run) <= len("\n\nhello" + END)
 
@@ -307,7 +397,9 @@ def test_template_that_is_not_prefix_stable_falls_back_to_search(fresh_tokenizer
         "<|im_start|>system\n{{ messages | length }} turns<|im_end|>\n{% for m in messages %}"
         "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    record = {"messages": chat(("user", "Say ok"), ("assistant", "ok"), ("user", "Again"), ("assistant", "ok"))}
+    record = {
+        "messages": chat(("user", "Say ok"), ("assistant", "ok"), ("user", "Again"), ("assistant", "ok"))
+    }
     assert labelled_runs(fresh_tokenizer, encode_example(record, fresh_tokenizer, 256)) == ["ok" + END] * 2
 
 
@@ -318,7 +410,9 @@ def test_template_errors_and_missing_template_are_data_errors(tmp_path, fresh_to
                                         r"\(roles must alternate\)$"):
         encode_example(record, fresh_tokenizer, 256)
     fresh_tokenizer.chat_template = None
-    with pytest.raises(DataError, match=r"^data\.jsonl line 2: chat data needs a tokenizer with a chat template"):
+    with pytest.raises(
+        DataError, match=r"^data\.jsonl line 2: chat data needs a tokenizer with a chat template"
+    ):
         encode_example(record, fresh_tokenizer, 256)
     # String pairs fall back to raw text: prompt + completion + EOS, the completion and EOS learned.
     example = encode_example({"prompt": "2+2=", "completion": "4"}, fresh_tokenizer, 256)
@@ -337,14 +431,18 @@ def test_truncation_keeps_the_beginning_and_is_counted(tmp_path, tokenizer):
     cut = encode_example(records[0], tokenizer, 64)
     assert cut["truncated"] and len(cut["input_ids"]) == 64
     assert cut["input_ids"] == full["input_ids"][:64] and cut["labels"] == full["labels"][:64]
-    train, validation, stats = build_datasets(write(tmp_path / "data.jsonl", records), tokenizer, max_seq_len=64)
+    train, validation, stats = build_datasets(
+        write(tmp_path / "data.jsonl", records), tokenizer, max_seq_len=64
+    )
     # The third example's answer lies beyond the cut: it is truncated and dropped (nothing to learn).
     assert (stats["train_rows"], stats["truncated_rows"], stats["dropped_rows"]) == (2, 2, 1)
     assert validation is None and stats["validation_rows"] == 0 and stats["format"] == "prompt_completion"
     assert stats["tokens"] == sum(len(e["input_ids"]) for e in train)
     assert stats["supervised_tokens"] == sum(sum(x != IGNORE_INDEX for x in e["labels"][1:]) for e in train)
     write(tmp_path / "lost.jsonl", records[2:])
-    with pytest.raises(DataError, match=r"^lost\.jsonl: no example has a token to learn within max_seq_len=64"):
+    with pytest.raises(
+        DataError, match=r"^lost\.jsonl: no example has a token to learn within max_seq_len=64"
+    ):
         build_datasets(tmp_path / "lost.jsonl", tokenizer, max_seq_len=64)
 
 
@@ -361,7 +459,9 @@ def test_packing_keeps_every_token_and_label():
     assert [len(b["input_ids"]) for b in blocks] == [40, 12, 43, 25]
     assert sum((b["input_ids"] for b in blocks), []) == sum((e["input_ids"] for e in examples), [])
     # Each example's labels are kept, except its first token (which would be predicted across examples).
-    assert sum((b["labels"] for b in blocks), []) == sum(([IGNORE_INDEX, *e["labels"][1:]] for e in examples), [])
+    assert sum((b["labels"] for b in blocks), []) == sum(
+        ([IGNORE_INDEX, *e["labels"][1:]] for e in examples), []
+    )
     assert blocks[0]["labels"][10] == IGNORE_INDEX and blocks[0]["labels"][11] == examples[1]["input_ids"][1]
     assert blocks[0]["position_ids"] == list(range(10)) + list(range(30))
     with pytest.raises(ValueError, match="more than max_seq_len=8"):
@@ -408,7 +508,9 @@ def test_validation_fraction_is_deterministic_by_seed(tmp_path, tokenizer):
     assert [r.location for r in held] == sorted((r.location for r in held), key=lambda s: int(s.split()[-1]))
     with pytest.raises(DataError, match=r"^data\.jsonl: 1 example\(s\) are too few"):
         split_validation(records[:1], 0.5, seed=0, source="data.jsonl")
-    train_examples, val_examples, stats = build_datasets(tmp_path / "data.jsonl", tokenizer, validation_fraction=0.2, seed=3)
+    train_examples, val_examples, stats = build_datasets(
+        tmp_path / "data.jsonl", tokenizer, validation_fraction=0.2, seed=3
+    )
     assert (stats["train_rows"], stats["validation_rows"], len(val_examples)) == (40, 10, 10)
     expected = [encode_example(r, tokenizer, 512)["input_ids"] for r in held]
     assert [e["input_ids"] for e in val_examples] == expected
@@ -417,7 +519,9 @@ def test_validation_fraction_is_deterministic_by_seed(tmp_path, tokenizer):
 def test_validation_file_wins_over_fraction(tmp_path, tokenizer):
     train_path = write(tmp_path / "train.jsonl", [{"text": f"row {i}"} for i in range(10)])
     val_path = write(tmp_path / "val.csv", [{"text": "held out"}])
-    train, validation, stats = build_datasets(train_path, tokenizer, validation_path=val_path, validation_fraction=0.5)
+    train, validation, stats = build_datasets(
+        train_path, tokenizer, validation_path=val_path, validation_fraction=0.5
+    )
     assert (stats["train_rows"], stats["validation_rows"]) == (10, 1)
     assert tokenizer.decode(validation[0]["input_ids"]) == "held out" + tokenizer.eos_token
 
@@ -429,6 +533,8 @@ def test_normalise_answer_and_exact_match():
     assert normalise_answer("  2021-03-05<|im_end|>\n") == "2021-03-05"
     assert normalise_answer("2021-03-05 <|im_end|><|im_end|>") == "2021-03-05"
     assert normalise_answer("Paris.") == "Paris."  # nothing else is forgiven
-    assert exact_match(["2021-03-05\n", "2021-3-5", " x"], ["2021-03-05", "2021-03-05", "x"]) == pytest.approx(2 / 3)
+    assert exact_match(
+        ["2021-03-05\n", "2021-3-5", " x"], ["2021-03-05", "2021-03-05", "x"]
+    ) == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="2 predictions for 1 references"):
         exact_match(["a", "b"], ["a"])

@@ -104,7 +104,9 @@ def test_rows_are_short_and_only_the_date_is_learned(splits, tokenizer):
         for record in rows:
             example = encode_example(record, tokenizer, max_seq_len=10_000)
             assert len(example["input_ids"]) < 80
-            learned = [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX]
+            learned = [
+                t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX
+            ]
             assert tokenizer.decode(learned) == reference_answer(record) + "<|im_end|>"
 
 
@@ -121,10 +123,19 @@ def test_base_model_fails_the_task(default_model_dir, tokenizer):
     answers = []
     with torch.no_grad():
         for start in range(0, len(prompts), 25):
-            batch = tokenizer(prompts[start:start + 25], return_tensors="pt", padding=True, padding_side="left",
-                              add_special_tokens=False)
-            output = model.generate(**batch, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            answers += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            batch = tokenizer(
+                prompts[start : start + 25],
+                return_tensors="pt",
+                padding=True,
+                padding_side="left",
+                add_special_tokens=False,
+            )
+            output = model.generate(
+                **batch, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+            answers += tokenizer.batch_decode(
+                output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
+            )
     score = exact_match(answers, [reference_answer(r) for r in records])
     print(json.dumps({"base_exact_match": score, "rows": len(records)}))
     assert score <= BASE_EXACT_MATCH_CEILING

@@ -54,12 +54,23 @@ def test_too_few_rows_for_the_processes_is_refused() -> None:
 # ---- two processes ----------------------------------------------------------------------------------
 
 
-def test_two_cpu_processes_train_like_one_process_with_twice_the_batch(tmp_path, tiny_chat_model_dir, demo_subset) -> None:
+def test_two_cpu_processes_train_like_one_process_with_twice_the_batch(
+    tmp_path, tiny_chat_model_dir, demo_subset
+) -> None:
     options = dict(
-        model=str(tiny_chat_model_dir), data=str(demo_subset["train"]), validation_data=str(demo_subset["validation"]),
-        test_data=str(demo_subset["test"]), max_steps=8, eval_every=4, learning_rate=5e-3, warmup_steps=0,
+        model=str(tiny_chat_model_dir),
+        data=str(demo_subset["train"]),
+        validation_data=str(demo_subset["validation"]),
+        test_data=str(demo_subset["test"]),
+        max_steps=8,
+        eval_every=4,
+        learning_rate=5e-3,
+        warmup_steps=0,
         # No dropout: its masks depend on how rows are split between processes.
-        lora_dropout=0.0, eval_limit=4, eval_max_new_tokens=4, seed=3,
+        lora_dropout=0.0,
+        eval_limit=4,
+        eval_max_new_tokens=4,
+        seed=3,
     )
     config = tmp_path / "two.yaml"
     config.write_text(yaml.safe_dump({**options, "output": str(tmp_path / "two"), "batch_size": 4,
@@ -67,9 +78,22 @@ def test_two_cpu_processes_train_like_one_process_with_twice_the_batch(tmp_path,
     # One thread per process: the two processes share the machine's cores.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(LAUNCHER),
-         "train", str(config), str(tmp_path)],
-        capture_output=True, text=True, timeout=600, env=env,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(LAUNCHER),
+            "train",
+            str(config),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
 

@@ -19,10 +19,29 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def test_yaml_config_trains_as_its_keys_say(tmp_path: Path, tiny_chat_model_dir: Path) -> None:
-    """`lorakit train --config examples/train_dates.yaml`, on the tiny model for 2 steps (flags override it)."""
-    done = subprocess.run([sys.executable, "-m", "lorakit", "train", "--config", str(EXAMPLES / "train_dates.yaml"),
-                           "--model", str(tiny_chat_model_dir), "--max-steps", "2", "--eval-limit", "2",
-                           "--output", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    """`lorakit train --config examples/train_dates.yaml`, on the tiny model for 2 steps (flags override
+    it)."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lorakit",
+            "train",
+            "--config",
+            str(EXAMPLES / "train_dates.yaml"),
+            "--model",
+            str(tiny_chat_model_dir),
+            "--max-steps",
+            "2",
+            "--eval-limit",
+            "2",
+            "--output",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     options = yaml.safe_load((EXAMPLES / "train_dates.yaml").read_text())
     adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
@@ -34,8 +53,21 @@ def test_yaml_config_trains_as_its_keys_say(tmp_path: Path, tiny_chat_model_dir:
 
 
 def test_api_quickstart_trains_saves_reloads_and_merges(tmp_path: Path, tiny_chat_model_dir: Path) -> None:
-    done = subprocess.run([sys.executable, str(EXAMPLES / "api_quickstart.py"), "--model", str(tiny_chat_model_dir),
-                           "--steps", "5", "--output", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLES / "api_quickstart.py"),
+            "--model",
+            str(tiny_chat_model_dir),
+            "--steps",
+            "5",
+            "--output",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     losses = [float(line.rsplit(" ", 1)[1]) for line in done.stdout.splitlines() if line.startswith("step ")]
     assert len(losses) == 2 and losses[1] < losses[0]
@@ -47,7 +79,9 @@ def test_api_quickstart_trains_saves_reloads_and_merges(tmp_path: Path, tiny_cha
 def test_sft_then_dpo_script(tmp_path: Path, tiny_chat_model_dir: Path) -> None:
     env = {**os.environ, "MODEL": str(tiny_chat_model_dir), "STEPS": "2", "OUT": str(tmp_path),
            "LORAKIT": f"{sys.executable} -m lorakit"}
-    done = subprocess.run(["bash", str(EXAMPLES / "sft_then_dpo.sh")], capture_output=True, text=True, timeout=900, env=env)
+    done = subprocess.run(
+        ["bash", str(EXAMPLES / "sft_then_dpo.sh")], capture_output=True, text=True, timeout=900, env=env
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "dpo" / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "merged" / "merge_report.json").is_file()
@@ -60,15 +94,30 @@ def test_serve_client_talks_to_lorakit_serve(tmp_path: Path, tiny_chat_model_dir
     import lorakit
 
     torch.manual_seed(0)
-    adapter = lorakit.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir),
-                                     lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter = lorakit.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir),
+        lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     adapter.save_pretrained(tmp_path / "dates")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", "--model", str(tiny_chat_model_dir), "--port",
-                               str(port), "--adapter", f"dates={tmp_path / 'dates'}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lorakit",
+            "serve",
+            "--model",
+            str(tiny_chat_model_dir),
+            "--port",
+            str(port),
+            "--adapter",
+            f"dates={tmp_path / 'dates'}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 90
         while True:

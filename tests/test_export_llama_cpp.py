@@ -25,7 +25,9 @@ def llama_cpp():
     try:
         import llama_cpp
     except ImportError as err:
-        raise RuntimeError("llama-cpp-python is not installed; `make llama-cpp` builds it from its sdist") from err
+        raise RuntimeError(
+            "llama-cpp-python is not installed; `make llama-cpp` builds it from its sdist"
+        ) from err
     return llama_cpp
 
 

@@ -22,7 +22,9 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 def _spawn(args: list[str], **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
+    )
 
 
 def _wait_for(predicate, process: subprocess.Popen, timeout: float = 240) -> None:
@@ -43,10 +45,32 @@ def _checkpoint_step(run: Path) -> int:
         return -1
 
 
-def test_kill_9_during_training_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_chat_model_dir, demo_subset) -> None:
-    common = ["-m", "lorakit", "train", "--model", str(tiny_chat_model_dir), "--data", str(demo_subset["train"]),
-              "--max-steps", "60", "--batch-size", "2", "--save-every", "4", "--eval-every", "1000",
-              "--learning-rate", "3e-3", "--lora-dropout", "0.1", "--seed", "5"]
+def test_kill_9_during_training_then_resume_matches_an_uninterrupted_run(
+    tmp_path, tiny_chat_model_dir, demo_subset
+) -> None:
+    common = [
+        "-m",
+        "lorakit",
+        "train",
+        "--model",
+        str(tiny_chat_model_dir),
+        "--data",
+        str(demo_subset["train"]),
+        "--max-steps",
+        "60",
+        "--batch-size",
+        "2",
+        "--save-every",
+        "4",
+        "--eval-every",
+        "1000",
+        "--learning-rate",
+        "3e-3",
+        "--lora-dropout",
+        "0.1",
+        "--seed",
+        "5",
+    ]
     reference = _spawn([*common, "--output", str(tmp_path / "reference")])
     killed = _spawn([*common, "--output", str(tmp_path / "killed")])
     _wait_for(lambda: _checkpoint_step(tmp_path / "killed") >= 12, killed)
@@ -62,8 +86,11 @@ def test_kill_9_during_training_then_resume_matches_an_uninterrupted_run(tmp_pat
     assert expected.keys() == got.keys()
     worst = max((expected[k] - got[k]).abs().max().item() for k in expected)
     assert worst <= 1e-6, worst
-    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line)["kind"] == "train"]
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["kind"] == "train"
+    ]
     assert steps == list(range(1, 61))
 
 
@@ -75,7 +102,8 @@ SAVE_LOOP = textwrap.dedent("""
     import lorakit
     from lorakit.train.checkpoint import Progress, save_checkpoint
 
-    model = lorakit.get_peft_model(AutoModelForCausalLM.from_pretrained(sys.argv[1]), lorakit.LoraConfig(r=8, target_modules="all-linear"))
+    base = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+    model = lorakit.get_peft_model(base, lorakit.LoraConfig(r=8, target_modules="all-linear"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     step = 0
@@ -91,7 +119,9 @@ SAVE_LOOP = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("delay", [0.05, 0.13, 0.31, 0.57])
-def test_kill_9_during_checkpoint_save_leaves_the_previous_or_the_new_checkpoint(delay, tmp_path, tiny_chat_model_dir) -> None:
+def test_kill_9_during_checkpoint_save_leaves_the_previous_or_the_new_checkpoint(
+    delay, tmp_path, tiny_chat_model_dir
+) -> None:
     from transformers import AutoModelForCausalLM
 
     import lorakit
@@ -106,7 +136,10 @@ def test_kill_9_during_checkpoint_save_leaves_the_previous_or_the_new_checkpoint
     process.send_signal(signal.SIGKILL)
     process.wait()
 
-    model = lorakit.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir), lorakit.LoraConfig(r=8, target_modules="all-linear"))
+    model = lorakit.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir),
+        lorakit.LoraConfig(r=8, target_modules="all-linear"),
+    )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     progress, _ = load_checkpoint(target, model, optimizer, scheduler)
@@ -119,13 +152,34 @@ def test_kill_9_during_merge_leaves_no_output_directory(delay, tmp_path) -> None
     import lorakit
 
     # Large enough (~25 MB) that the merge is still writing when it is killed.
-    base = tiny_llama(hidden=256, perturb=False, vocab_size=8192, num_hidden_layers=6, max_position_embeddings=2048,
-                      pad_token_id=None)
+    base = tiny_llama(
+        hidden=256,
+        perturb=False,
+        vocab_size=8192,
+        num_hidden_layers=6,
+        max_position_embeddings=2048,
+        pad_token_id=None,
+    )
     base.save_pretrained(tmp_path / "base", max_shard_size="4MB")
-    lorakit.get_peft_model(base, lorakit.LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)).save_pretrained(tmp_path / "adapter")
+    lorakit.get_peft_model(
+        base, lorakit.LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)
+    ).save_pretrained(tmp_path / "adapter")
     out = tmp_path / "merged"
-    process = _spawn(["-m", "lorakit", "merge", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
-                      "--output", str(out), "--max-shard-size", "2MB"])
+    process = _spawn(
+        [
+            "-m",
+            "lorakit",
+            "merge",
+            "--model",
+            str(tmp_path / "base"),
+            "--adapter",
+            str(tmp_path / "adapter"),
+            "--output",
+            str(out),
+            "--max-shard-size",
+            "2MB",
+        ]
+    )
     # Kill once the merge has started writing (its temporary output directory exists), at varying points.
     _wait_for(lambda: any(p.name.startswith(".merged") for p in tmp_path.iterdir()), process)
     time.sleep(delay)

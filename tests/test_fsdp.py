@@ -40,11 +40,42 @@ def _torchrun(command: str, options: dict, out: Path, *, nodes: int = 1, timeout
         launches = [["--standalone", "--nproc_per_node", "2"]]
     else:
         port = _free_port()
-        launches = [["--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank), "--rdzv-backend", "c10d",
-                     "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "lorakit-test"] for rank in range(2)]
-    processes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args, str(LAUNCHER), command,
-                                   str(config), str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True, env=ENV) for args in launches]
+        launches = [
+            [
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--node_rank",
+                str(rank),
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                f"localhost:{port}",
+                "--rdzv-id",
+                "lorakit-test",
+            ]
+            for rank in range(2)
+        ]
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                *args,
+                str(LAUNCHER),
+                command,
+                str(config),
+                str(out),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=ENV,
+        )
+        for args in launches
+    ]
     for process in processes:
         output, _ = process.communicate(timeout=timeout)
         ranks = [line for line in output.splitlines() if line.startswith("[rank")]  # the workers' tracebacks
@@ -140,8 +171,9 @@ def test_dora_olora_patterns_and_checkpointing_shard_like_one_process(tmp_path, 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", [{"method": "full", "compile": True}, {"load_in_4bit": True}],
                          ids=["full-compiled", "qlora"])
-def test_full_fine_tuning_compile_and_4bit_bases_shard_like_one_process(variant, tmp_path, tiny_chat_model_dir,
-                                                                         demo_subset) -> None:
+def test_full_fine_tuning_compile_and_4bit_bases_shard_like_one_process(
+    variant, tmp_path, tiny_chat_model_dir, demo_subset
+) -> None:
     """Full fine-tuning with --compile (every weight trainable and sharded, decoder layers compiled) and a
     bitsandbytes NF4 base (QLoRA: the packed 4-bit weights are sharded as they are stored)."""
     options = _sft_options(tiny_chat_model_dir, demo_subset, max_steps=2, **variant)
@@ -152,16 +184,37 @@ def test_full_fine_tuning_compile_and_4bit_bases_shard_like_one_process(variant,
 
 def test_kill_9_of_one_rank_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_chat_model_dir,
                                                                      demo_subset) -> None:
-    options = {**_sft_options(tiny_chat_model_dir, demo_subset), "fsdp": True, "max_steps": 8, "eval_every": 4,
-               "save_every": 2}
+    options = {
+        **_sft_options(tiny_chat_model_dir, demo_subset),
+        "fsdp": True,
+        "max_steps": 8,
+        "eval_every": 4,
+        "save_every": 2,
+    }
     expected = _torchrun("train", options, tmp_path / "whole")[0]
     out = tmp_path / "killed"
     out.mkdir()
     config = out / "config.yaml"
     config.write_text(yaml.safe_dump({**options, "output": str(out / "run")}))
-    launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                               "2", str(LAUNCHER), "train", str(config), str(out)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env=ENV, start_new_session=True)
+    launch = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(LAUNCHER),
+            "train",
+            str(config),
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+        start_new_session=True,
+    )
     state = out / "run" / "checkpoint" / "trainer_state.json"
     deadline = time.monotonic() + 600
     while not (state.is_file() and json.loads(state.read_text())["step"] >= 4):
@@ -199,8 +252,11 @@ def test_bad_combinations_fail_before_the_model_loads(tmp_path, options, env, me
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["train", "dpo"])
-def test_embedded_model_shards_like_data_parallel_and_one_process(command, tmp_path, default_model_dir) -> None:
-    """The embedded SmolLM2-135M-Instruct, 2 steps of SFT or DPO on the bundled data: sharded over 2 processes,
+def test_embedded_model_shards_like_data_parallel_and_one_process(
+    command, tmp_path, default_model_dir
+) -> None:
+    """The embedded SmolLM2-135M-Instruct, 2 steps of SFT or DPO on the bundled data: sharded over 2
+    processes,
     data parallel over 2 processes, and in one process with twice the batch.
 
     Sharded and data parallel runs compute the same sums in the same order: measured identical (difference

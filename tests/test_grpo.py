@@ -92,26 +92,43 @@ def _reference_loss(logps, old, ref, rewards, loss_type, beta, eps_low, eps_high
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
-def test_loss_and_gradients_equal_a_reference_implementation(tiny_chat_model_dir, prompts, tokenizer, loss_type) -> None:
+def test_loss_and_gradients_equal_a_reference_implementation(
+    tiny_chat_model_dir, prompts, tokenizer, loss_type
+) -> None:
     from transformers import AutoModelForCausalLM
 
     beta, max_len = 0.3, 6
-    config = _config(tiny_chat_model_dir, prompts, loss_type=loss_type, beta=beta, num_iterations=2, epsilon=0.1,
-                     epsilon_high=0.15, max_completion_length=max_len, reward=["exact_match", "length"],
-                     reward_weights=[1.0, 0.5], length_target=4)
+    config = _config(
+        tiny_chat_model_dir,
+        prompts,
+        loss_type=loss_type,
+        beta=beta,
+        num_iterations=2,
+        epsilon=0.1,
+        epsilon_high=0.15,
+        max_completion_length=max_len,
+        reward=["exact_match", "length"],
+        reward_weights=[1.0, 0.5],
+        length_target=4,
+    )
     objective = GRPOObjective(config)
     examples = objective.datasets(tokenizer).train[:3]
     torch.manual_seed(0)
-    policy = objective.build(AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir), str(tiny_chat_model_dir))
+    policy = objective.build(
+        AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir), str(tiny_chat_model_dir)
+    )
     perturb_adapter(policy, seed=1, scale=0.3)  # the policy differs from the reference (KL > 0)
-    # Fixed completions: right answers (+ EOS), wrong ones, long ones; prompt 2's group all wrong (zero variance).
+    # Fixed completions: right answers (+ EOS), wrong ones, long ones; prompt 2's group all wrong (zero
+    # variance).
     answers = [e["columns"]["answer"] for e in examples]
     texts = [[answers[0], "1999", answers[0] + "!!!!", "x"], ["no", "nope", "no", "no"],
              [answers[2], answers[2], "2001-01-0", "year 2000"]]
     completions = []
     for group in texts:
         for text in group:
-            tokens = tokenizer(text, add_special_tokens=False)["input_ids"][:max_len - 1] + [tokenizer.eos_token_id]
+            tokens = tokenizer(text, add_special_tokens=False)["input_ids"][: max_len - 1] + [
+                tokenizer.eos_token_id
+            ]
             completions.append(Completion(tokens, text, "stop"))
     prompt_ids = [e["prompt_ids"] for e in examples for _ in range(GROUP)]
     with torch.no_grad():
@@ -161,13 +178,20 @@ def test_builtin_and_user_rewards_are_weighted_summed_and_each_logged(tmp_path) 
     file = tmp_path / "my_rewards.py"
     file.write_text("def shout(prompts, completions, level, **columns):\n"
                     "    return [float(c.isupper()) * l for c, l in zip(completions, level)]\n")
-    rewards = build_rewards(["exact_match", "regex", "length", f"{file}:shout"], [1, 2, 0.5, 1], regex=r"^\d{4}$",
-                            length_target=4)
-    total, means = score(rewards, ["p1", "p2"], ["1999", "ABCDEFGH"], {"answer": ["1999 ", "x"], "level": [1.0, 3.0]},
-                         step=1)
+    rewards = build_rewards(
+        ["exact_match", "regex", "length", f"{file}:shout"], [1, 2, 0.5, 1], regex=r"^\d{4}$", length_target=4
+    )
+    total, means = score(
+        rewards, ["p1", "p2"], ["1999", "ABCDEFGH"], {"answer": ["1999 ", "x"], "level": [1.0, 3.0]}, step=1
+    )
     # "1999": exact 1, regex 1 (×2), length 0, shout 0. "ABCDEFGH": length −4/4 (×0.5), shout 1 × level 3.
     assert total == [3.0, 2.5]
-    assert means == {"reward_exact_match": 0.5, "reward_regex": 0.5, "reward_length": -0.5, "reward_shout": 1.5}
+    assert means == {
+        "reward_exact_match": 0.5,
+        "reward_regex": 0.5,
+        "reward_length": -0.5,
+        "reward_shout": 1.5,
+    }
 
 
 @pytest.mark.parametrize(("body", "message"), [
@@ -188,14 +212,19 @@ def test_a_reward_of_wrong_length_or_not_numbers_names_the_step_and_function(tmp
 
 def _rendered(tokenizer, prompt) -> list[int]:
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    return tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
 
 
 def test_prompts_from_every_file_type_as_strings_or_messages_keep_their_columns(tmp_path, tokenizer) -> None:
     import datasets
 
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]
-    rows = [{"prompt": "What is 2+2?", "answer": "4", "level": "1"}, {"prompt": messages, "answer": "hi", "level": "2"}]
+    rows = [
+        {"prompt": "What is 2+2?", "answer": "4", "level": "1"},
+        {"prompt": messages, "answer": "hi", "level": "2"},
+    ]
     files = [_write(tmp_path / "p.jsonl", rows), tmp_path / "p.json", tmp_path / "p.csv"]
     files[1].write_text(json.dumps(rows), encoding="utf-8")
     files[2].write_text('prompt,answer,level\nWhat is 2+2?,4,1\n"' + json.dumps(messages).replace('"', '""')
@@ -203,24 +232,36 @@ def test_prompts_from_every_file_type_as_strings_or_messages_keep_their_columns(
     for path in files:
         loaded = load_prompts(str(path), tokenizer, max_prompt_len=200)
         assert [r["prompt"] for r in loaded] == ["What is 2+2?", messages], path.name
-        assert [r["columns"] for r in loaded] == [{"answer": "4", "level": "1"}, {"answer": "hi", "level": "2"}]
+        assert [r["columns"] for r in loaded] == [
+            {"answer": "4", "level": "1"},
+            {"answer": "hi", "level": "2"},
+        ]
         assert [r["prompt_ids"] for r in loaded] == [_rendered(tokenizer, r["prompt"]) for r in rows]
     parquet = tmp_path / "p.parquet"
     datasets.Dataset.from_list([{"prompt": "Hello", "gold": 3}]).to_parquet(str(parquet))
-    assert [(r["prompt"], r["columns"]) for r in load_prompts(str(parquet), tokenizer, max_prompt_len=200)] == [
-        ("Hello", {"gold": 3})]
-    chat = _write(tmp_path / "chat.jsonl", [{"messages": messages + [{"role": "assistant", "content": "hi"}]}])
+    assert [
+        (r["prompt"], r["columns"]) for r in load_prompts(str(parquet), tokenizer, max_prompt_len=200)
+    ] == [("Hello", {"gold": 3})]
+    chat = _write(
+        tmp_path / "chat.jsonl", [{"messages": messages + [{"role": "assistant", "content": "hi"}]}]
+    )
     assert [(r["prompt"], r["columns"]) for r in load_prompts(str(chat), tokenizer, max_prompt_len=200)] == [
         (messages, {"answer": "hi"})]
 
 
-@pytest.mark.parametrize(("row", "message"), [
-    ({"question": "x"}, 'bad.jsonl line 2: expected a "prompt" (a string or messages) or a "messages" column'),
-    ({"prompt": "  "}, "bad.jsonl line 2: empty prompt"),
-    ({"prompt": [{"role": "user"}]}, 'bad.jsonl line 2: prompt message 1: missing field "content"'),
-    ({"prompt": "no answer"}, 'bad.jsonl line 2: missing column "answer"'),
-    ({"prompt": "long " * 300, "answer": "x"}, "bad.jsonl line 2: the prompt is"),
-])
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        (
+            {"question": "x"},
+            'bad.jsonl line 2: expected a "prompt" (a string or messages) or a "messages" column',
+        ),
+        ({"prompt": "  "}, "bad.jsonl line 2: empty prompt"),
+        ({"prompt": [{"role": "user"}]}, 'bad.jsonl line 2: prompt message 1: missing field "content"'),
+        ({"prompt": "no answer"}, 'bad.jsonl line 2: missing column "answer"'),
+        ({"prompt": "long " * 300, "answer": "x"}, "bad.jsonl line 2: the prompt is"),
+    ],
+)
 def test_bad_prompt_rows_fail_with_the_file_and_line(tmp_path, tokenizer, row, message) -> None:
     path = _write(tmp_path / "bad.jsonl", [{"prompt": "fine", "answer": "a"}, row])
     with pytest.raises(DataError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
@@ -247,17 +288,32 @@ def test_bad_input_fails_in_one_line_before_the_model_loads(tmp_path, tiny_chat_
     rewards = tmp_path / "rewards.py"
     rewards.write_text("def ok(prompts, completions, **columns):\n    return [0.0] * len(completions)\n")
     no_answer = _write(tmp_path / "q.jsonl", [{"prompt": "p"}])
-    common = ["grpo", "--model", str(tiny_chat_model_dir), "--data", str(prompts["train"]), "--output", str(tmp_path / "o")]
+    common = [
+        "grpo",
+        "--model",
+        str(tiny_chat_model_dir),
+        "--data",
+        str(prompts["train"]),
+        "--output",
+        str(tmp_path / "o"),
+    ]
     cases = [
-        (["--num-generations", "1"], "--num-generations: expected at least 2 (advantages compare the completions of "
-                                     "a prompt), got 1"),
+        (
+            ["--num-generations", "1"],
+            "--num-generations: expected at least 2 (advantages compare the completions of a prompt), got 1",
+        ),
         (["--reward", "missing.py:f"], "--reward missing.py:f: reward file missing.py does not exist"),
         (["--reward", f"{rewards}:nope"], f"--reward {rewards}:nope: {rewards} has no function 'nope'"),
         (["--reward", "regex"], "--reward regex: needs --reward-regex PATTERN"),
-        (["--reward", "exact_match,length", "--reward-weights", "1"],
-         "--reward-weights: expected 2 weights (one per --reward), got 1"),
-        (["--data", str(no_answer)], 'q.jsonl line 1: missing column "answer" (the exact_match reward compares with '
-                                     "it; see --answer-column)"),
+        (
+            ["--reward", "exact_match,length", "--reward-weights", "1"],
+            "--reward-weights: expected 2 weights (one per --reward), got 1",
+        ),
+        (
+            ["--data", str(no_answer)],
+            'q.jsonl line 1: missing column "answer" (the exact_match reward compares with '
+            "it; see --answer-column)",
+        ),
     ]
     for extra, message in cases:
         code, err = _lorakit(capsys, *common, *extra, "--overwrite")
@@ -293,8 +349,9 @@ def _metrics(output: Path, kind: str) -> list[dict]:
     return [r for r in records if r["kind"] == kind]
 
 
-def test_run_logs_rewards_kl_and_samples_writes_outputs_and_builds_one_model(tmp_path, tiny_chat_model_dir, prompts,
-                                                                             monkeypatch) -> None:
+def test_run_logs_rewards_kl_and_samples_writes_outputs_and_builds_one_model(
+    tmp_path, tiny_chat_model_dir, prompts, monkeypatch
+) -> None:
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     built = []
@@ -310,7 +367,9 @@ def test_run_logs_rewards_kl_and_samples_writes_outputs_and_builds_one_model(tmp
     # β > 0, and the reference is the adapter switched off: one model was built, and it holds only the base
     # weights and the adapter.
     assert len(built) == 1
-    base_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir).parameters())
+    base_params = sum(
+        p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir).parameters()
+    )
     report = result.report
     assert report["total_params"] == base_params + report["trainable_params"]
     out = result.output_dir
@@ -320,8 +379,17 @@ def test_run_logs_rewards_kl_and_samples_writes_outputs_and_builds_one_model(tmp
     train, evals = _metrics(out, "train"), _metrics(out, "eval")
     assert [r["step"] for r in train] == [1, 2] and [r["step"] for r in evals] == [2]
     for record in train:
-        assert {"reward", "reward_std", "reward_exact_match", "reward_length", "kl", "completion_length", "clip_ratio",
-                "zero_variance_groups", "truncated"} <= record.keys()
+        assert {
+            "reward",
+            "reward_std",
+            "reward_exact_match",
+            "reward_length",
+            "kl",
+            "completion_length",
+            "clip_ratio",
+            "zero_variance_groups",
+            "truncated",
+        } <= record.keys()
         assert record["reward_exact_match"] == 0 and -1 <= record["reward_length"] < 0
         assert [set(s) for s in record["samples"]] == [{"completion", "reward"}] * 2
     # Step 1 samples from the fresh adapter, which is the reference: KL 0; step 2's policy has moved.
@@ -333,12 +401,24 @@ def test_run_logs_rewards_kl_and_samples_writes_outputs_and_builds_one_model(tmp
     assert report["reference"] == "base model (adapter disabled)"
 
 
-def test_resume_between_reuses_of_a_batch_matches_an_uninterrupted_run(tmp_path, tiny_chat_model_dir, prompts) -> None:
-    options = dict(num_iterations=2, max_steps=4, save_every=1, eval_every=4, reward=["length"], length_target=24,
-                   validation_data=None, test_data=None)
+def test_resume_between_reuses_of_a_batch_matches_an_uninterrupted_run(
+    tmp_path, tiny_chat_model_dir, prompts
+) -> None:
+    options = dict(
+        num_iterations=2,
+        max_steps=4,
+        save_every=1,
+        eval_every=4,
+        reward=["length"],
+        length_target=24,
+        validation_data=None,
+        test_data=None,
+    )
     whole = train_grpo(_config(tiny_chat_model_dir, prompts, tmp_path / "a", **options))
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train_grpo(_config(tiny_chat_model_dir, prompts, tmp_path / "b", **options), callbacks=[CrashAfter(3)])
+        train_grpo(
+            _config(tiny_chat_model_dir, prompts, tmp_path / "b", **options), callbacks=[CrashAfter(3)]
+        )
     # Step 3's checkpoint holds the second batch of completions, used once of μ = 2 times.
     resumed = train_grpo(_config(tiny_chat_model_dir, prompts, tmp_path / "b", resume=True, **options))
     for a, b in zip(_metrics(whole.output_dir, "train"), _metrics(tmp_path / "b", "train"), strict=True):
@@ -353,7 +433,9 @@ def test_resume_between_reuses_of_a_batch_matches_an_uninterrupted_run(tmp_path,
     assert all(torch.allclose(got[k], expected[k], atol=1e-6, rtol=0) for k in expected)
 
 
-def test_continuing_an_adapter_uses_its_frozen_copy_as_the_reference(tmp_path, tiny_chat_model_dir, prompts) -> None:
+def test_continuing_an_adapter_uses_its_frozen_copy_as_the_reference(
+    tmp_path, tiny_chat_model_dir, prompts
+) -> None:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -362,31 +444,61 @@ def test_continuing_an_adapter_uses_its_frozen_copy_as_the_reference(tmp_path, t
                                    lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                       init_lora_weights=False))
     start.save_pretrained(tmp_path / "start")
-    result = train_grpo(_config(tiny_chat_model_dir, prompts, tmp_path / "run", adapter=str(tmp_path / "start"),
-                                beta=0.5, reward=["length"], length_target=24, validation_data=None, test_data=None))
+    result = train_grpo(
+        _config(
+            tiny_chat_model_dir,
+            prompts,
+            tmp_path / "run",
+            adapter=str(tmp_path / "start"),
+            beta=0.5,
+            reward=["length"],
+            length_target=24,
+            validation_data=None,
+            test_data=None,
+        )
+    )
     train = _metrics(result.output_dir, "train")
     # The starting adapter is not the identity, yet step 1's KL is 0: the reference is that adapter, frozen.
     assert train[0]["kl"] == pytest.approx(0, abs=1e-6) and train[1]["kl"] > 1e-6
-    assert "reference" in result.model.peft_config and result.report["reference"].startswith("starting adapter")
+    assert "reference" in result.model.peft_config and result.report["reference"].startswith(
+        "starting adapter"
+    )
     before, after = load_file(str(tmp_path / "start" / "adapter_model.safetensors")), load_file(
         str(result.adapter_dir / "adapter_model.safetensors"))
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def test_cli_runs_and_a_reward_failing_at_run_time_names_step_and_function(tmp_path, tiny_chat_model_dir, prompts,
-                                                                           capsys) -> None:
+def test_cli_runs_and_a_reward_failing_at_run_time_names_step_and_function(
+    tmp_path, tiny_chat_model_dir, prompts, capsys
+) -> None:
     rewards = tmp_path / "rewards.py"
-    rewards.write_text("def short(prompts, completions, **columns):\n    return [-len(c) for c in completions]\n\n"
-                       "def broken(prompts, completions, **columns):\n    return [1.0] * (len(completions) - 1)\n")
-    common = ["grpo", "--model", str(tiny_chat_model_dir), "--data", str(prompts["train"]), "--max-steps", "1",
-              "--batch-size", "2", "--num-generations", "2", "--max-completion-length", "3"]
+    rewards.write_text(
+        "def short(prompts, completions, **columns):\n    return [-len(c) for c in completions]\n\n"
+        "def broken(prompts, completions, **columns):\n    return [1.0] * (len(completions) - 1)\n"
+    )
+    common = [
+        "grpo",
+        "--model",
+        str(tiny_chat_model_dir),
+        "--data",
+        str(prompts["train"]),
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--num-generations",
+        "2",
+        "--max-completion-length",
+        "3",
+    ]
     code, err = _lorakit(capsys, *common, "--output", str(tmp_path / "ok"), "--reward", f"{rewards}:short",
                          "--loss-type", "dapo")
     assert code == 0, err
     report = json.loads((tmp_path / "ok" / "report.json").read_text())
     assert report["loss_type"] == "dapo" and report["rewards"] == ["short"]
     code, err = _lorakit(capsys, *common, "--output", str(tmp_path / "bad"), "--reward", f"{rewards}:broken")
-    # The model had loaded (its progress output comes first); the error is still one line, without a traceback.
+    # The model had loaded (its progress output comes first); the error is still one line, without a
+    # traceback.
     assert code == 1 and err.endswith("error: step 1: reward broken returned 3 values for 4 completions\n")
     assert "Traceback" not in err
 
@@ -400,9 +512,16 @@ def test_a_short_run_raises_the_mean_reward(tmp_path, default_model_dir, prompts
     # each prompt's samples are a handful of tokens, some starting with a letter from a to m (the regex
     # reward pays those), so the policy gradient can move probability between them within a few steps.
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
-    model = tiny_llama(perturb=False, vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=True,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, initializer_range=0.5)
+    model = tiny_llama(
+        perturb=False,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=0.5,
+    )
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     config = _config(tmp_path / "model", prompts, tmp_path / "run", max_steps=24, eval_every=24, batch_size=4,

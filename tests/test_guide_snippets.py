@@ -101,14 +101,18 @@ def adapter_dir(tmp_path: Path, tiny_chat_model_dir: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = lorakit.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir),
-                                   lorakit.LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = lorakit.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir),
+        lorakit.LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     model.save_pretrained(tmp_path / "adapter")
     return tmp_path / "adapter"
 
 
 def test_loading_an_adapter(tiny_chat_model_dir: Path, adapter_dir: Path) -> None:
-    ns = _run(LOAD_ADAPTER, {"<base_model_name>": str(tiny_chat_model_dir), "<peft_adapter_id>": str(adapter_dir)})
+    ns = _run(
+        LOAD_ADAPTER, {"<base_model_name>": str(tiny_chat_model_dir), "<peft_adapter_id>": str(adapter_dir)}
+    )
     model = ns["model"]
     assert isinstance(model, lorakit.PeftModel) and model.active_adapter == "default"
     ids = torch.tensor([[1, 2, 3, 4]])
@@ -147,7 +151,9 @@ def test_merging_and_saving(tmp_path: Path, tiny_chat_model_dir: Path, adapter_d
     ns["AutoTokenizer"] = AutoTokenizer  # the guide's tokenizer snippet uses it without importing it
     _run(SAVE_TOKENIZER, names, ns)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float16)
-    reference = lorakit.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir, dtype=torch.float16), adapter_dir)
+    reference = lorakit.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir, dtype=torch.float16), adapter_dir
+    )
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
         gap = (merged(input_ids=ids).logits.float() - reference(input_ids=ids).logits.float()).abs().max()

@@ -147,7 +147,9 @@ def test_dora_and_lora_bias_keep_the_general_path(config: dict) -> None:
 
 def test_low_precision_base_with_float32_adapters_rounds_once() -> None:
     with seeded(0):
-        model = get_peft_model(make_model("llama", dtype=torch.bfloat16), LoraConfig(r=4, target_modules="all-linear"))
+        model = get_peft_model(
+            make_model("llama", dtype=torch.bfloat16), LoraConfig(r=4, target_modules="all-linear")
+        )
     perturb_adapter(model)
     with torch.no_grad(), _general_path_calls(model) as calls:
         model(input_ids=input_ids())

@@ -36,7 +36,9 @@ def random_weight(shape: tuple[int, int], seed: int = 0) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) / shape[1] ** 0.5
 
 
-def spectrum_weight(out_features: int, in_features: int, singular_values: torch.Tensor, seed: int = 0) -> torch.Tensor:
+def spectrum_weight(
+    out_features: int, in_features: int, singular_values: torch.Tensor, seed: int = 0
+) -> torch.Tensor:
     """U diag(S) Vᵀ with random orthonormal U, V and the given singular values."""
     gen = torch.Generator().manual_seed(seed)
     k = len(singular_values)
@@ -160,7 +162,9 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 
 @pytest.mark.parametrize("method", ["olora", "pissa", "pissa_niter_4", "gaussian", True])
 def test_llama_factors_and_residuals_equal_peft(method):
-    base, ours, theirs = both_libraries("llama", r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, init_lora_weights=method)
+    base, ours, theirs = both_libraries(
+        "llama", r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, init_lora_weights=method
+    )
     assert_same_parameters(ours, theirs)
     # Step 0: the adapted model is the base model.
     assert max_diff(logits(ours), logits(base)) < TOL
@@ -180,8 +184,16 @@ def test_gpt2_conv1d_olora_decomposes_the_out_in_weight():
     # weight and gives factors of the wrong shape for non-square Conv1D). lorakit factors Wᵀ = (out, in).
     base = make_model("gpt2")
     with quiet():
-        model = lorakit.get_peft_model(clone_model(base), lk_config(
-            r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, init_lora_weights="olora"))
+        model = lorakit.get_peft_model(
+            clone_model(base),
+            lk_config(
+                r=4,
+                lora_alpha=8,
+                target_modules=["c_attn", "c_fc"],
+                fan_in_fan_out=True,
+                init_lora_weights="olora",
+            ),
+        )
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
     assert len(layers) == 4
     for name, layer in layers:
@@ -194,8 +206,14 @@ def test_gpt2_conv1d_olora_decomposes_the_out_in_weight():
 
 
 def test_rank_and_alpha_patterns_use_each_modules_own_scaling():
-    kwargs = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights="olora",
-                  rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3})
+    kwargs = dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        init_lora_weights="olora",
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={"down_proj": 3},
+    )
     base, ours, theirs = both_libraries("llama", **kwargs)
     assert_same_parameters(ours, theirs)
     layer = ours.base_model.model.model.layers[0].self_attn.v_proj
@@ -207,7 +225,13 @@ def test_rank_and_alpha_patterns_use_each_modules_own_scaling():
 @pytest.mark.parametrize("method", ["olora", "pissa"])
 def test_dora_on_top_starts_from_the_base_model(method):
     base, ours, theirs = both_libraries(
-        "llama", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=method, use_dora=True)
+        "llama",
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        init_lora_weights=method,
+        use_dora=True,
+    )
     assert_same_parameters(ours, theirs)  # includes lora_magnitude_vector: ‖W_res + s·B₀A₀‖ = ‖W‖
     assert max_diff(logits(ours), logits(base)) < TOL
 
@@ -224,7 +248,11 @@ def test_half_precision_base_is_rounded_once(dtype, method):
         expected = initialiser(method)(original.float(), 4, 2.0)
         a, b = layer.factors("default")
         # Factors stay float32 (autocast_adapter_dtype); the residual is the fp32 residual rounded once.
-        assert a.dtype == torch.float32 and max_diff(a, expected.lora_A) < 1e-6 and max_diff(b, expected.lora_B) < 1e-6
+        assert (
+            a.dtype == torch.float32
+            and max_diff(a, expected.lora_A) < 1e-6
+            and max_diff(b, expected.lora_B) < 1e-6
+        )
         assert layer.base_layer.weight.dtype == dtype
         assert torch.equal(layer.base_layer.weight, expected.residual.to(dtype))
     # PEFT stores the same residual. Its factors, though, make a round trip through the base dtype (PEFT

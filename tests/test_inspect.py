@@ -50,8 +50,14 @@ def run(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
 
 def test_summary_matches_the_adapter_model(tmp_path: Path) -> None:
     model = save_adapter(
-        tiny_llama(), tmp_path / "adapter", target_modules=["q_proj", "v_proj", "embed_tokens"], r=8, lora_alpha=16,
-        use_rslora=True, rank_pattern={"v_proj": 4}, alpha_pattern={"layers.1.self_attn.q_proj": 5.0},
+        tiny_llama(),
+        tmp_path / "adapter",
+        target_modules=["q_proj", "v_proj", "embed_tokens"],
+        r=8,
+        lora_alpha=16,
+        use_rslora=True,
+        rank_pattern={"v_proj": 4},
+        alpha_pattern={"layers.1.self_attn.q_proj": 5.0},
         modules_to_save=["lm_head"],
     )
     summary = inspect_adapter(tmp_path / "adapter")
@@ -65,7 +71,9 @@ def test_summary_matches_the_adapter_model(tmp_path: Path) -> None:
         assert tuple(module.shape) == tuple(layer.weight.shape)  # Linear (out, in), Embedding (V, D)
         expected = explicit_norm(tensors, module.name, layer.scaling["default"], module.kind == "embedding")
         assert module.delta_norm == pytest.approx(expected, rel=1e-9)
-        assert module.delta_norm == pytest.approx(float(torch.linalg.matrix_norm(layer.delta_weight("default"))), rel=1e-5)
+        assert module.delta_norm == pytest.approx(
+            float(torch.linalg.matrix_norm(layer.delta_weight("default"))), rel=1e-5
+        )
     by_name = {m.name: m for m in summary.modules}
     assert by_name["model.layers.0.self_attn.v_proj"].r == 4
     assert by_name["model.layers.1.self_attn.q_proj"].scaling == pytest.approx(5.0 / 8**0.5)
@@ -80,7 +88,9 @@ def test_summary_matches_the_adapter_model(tmp_path: Path) -> None:
 
 
 def test_dora_conv1d_and_lora_bias_flags(tmp_path: Path) -> None:
-    save_adapter(tiny_gpt2(), tmp_path / "dora", target_modules=["c_attn"], use_dora=True, fan_in_fan_out=True)
+    save_adapter(
+        tiny_gpt2(), tmp_path / "dora", target_modules=["c_attn"], use_dora=True, fan_in_fan_out=True
+    )
     save_adapter(tiny_gpt2(), tmp_path / "bias", target_modules=["c_fc"], lora_bias=True, fan_in_fan_out=True)
     dora = inspect_adapter(tmp_path / "dora").modules
     assert all(m.dora and not m.lora_bias for m in dora) and dora[0].shape == (96, 32)
@@ -93,8 +103,12 @@ def test_peft_saved_adapter(tmp_path: Path) -> None:
     import peft
 
     with quiet(), seeded(0):
-        model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8,
-                                                                 use_dora=True, init_lora_weights=False))
+        model = peft.get_peft_model(
+            tiny_llama(),
+            peft.LoraConfig(
+                target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, use_dora=True, init_lora_weights=False
+            ),
+        )
     model.save_pretrained(tmp_path / "peft")
     summary = inspect_adapter(tmp_path / "peft")
     tensors = file_tensors(tmp_path / "peft")
@@ -105,7 +119,9 @@ def test_peft_saved_adapter(tmp_path: Path) -> None:
 
 def test_cli_table_and_json(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "200")
-    save_adapter(tiny_llama(), tmp_path / "adapter", target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2})
+    save_adapter(
+        tiny_llama(), tmp_path / "adapter", target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}
+    )
     code, out, _ = run(capsys, "inspect", tmp_path / "adapter")
     assert code == 0
     for text in ("model.layers.1.self_attn.v_proj", "rank r", "pattern {'v_proj': 2}", "‖ΔW‖_F", "alpha / r"):
@@ -122,17 +138,34 @@ def _write(directory: Path, name: str, content: bytes) -> None:
     (directory / name).write_bytes(content)
 
 
-@pytest.mark.parametrize("spoil, expected", [
-    (lambda d: None, "adapter directory not found"),
-    (lambda d: d.mkdir(), "adapter config not found"),
-    (lambda d: (d.mkdir(), _write(d, "adapter_config.json", b"{oops")), "not valid JSON"),
-    (lambda d: (d.mkdir(), _write(d, "adapter_config.json", b"{}")), "no adapter_model.safetensors found"),
-    (lambda d: (d.mkdir(), _write(d, "adapter_config.json", b"{}"), _write(d, "adapter_model.safetensors", b"junk" * 4)),
-     "not a readable safetensors file"),
-])
+@pytest.mark.parametrize(
+    "spoil, expected",
+    [
+        (lambda d: None, "adapter directory not found"),
+        (lambda d: d.mkdir(), "adapter config not found"),
+        (lambda d: (d.mkdir(), _write(d, "adapter_config.json", b"{oops")), "not valid JSON"),
+        (
+            lambda d: (d.mkdir(), _write(d, "adapter_config.json", b"{}")),
+            "no adapter_model.safetensors found",
+        ),
+        (
+            lambda d: (
+                d.mkdir(),
+                _write(d, "adapter_config.json", b"{}"),
+                _write(d, "adapter_model.safetensors", b"junk" * 4),
+            ),
+            "not a readable safetensors file",
+        ),
+    ],
+)
 def test_bad_directories_are_one_line_errors(tmp_path: Path, capsys, spoil, expected: str) -> None:
     directory = tmp_path / "adapter"
     spoil(directory)
     code, out, err = run(capsys, "inspect", directory)
     assert code == 1 and out == ""
-    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and expected in err and str(directory) in err
+    assert (
+        len(err.strip().splitlines()) == 1
+        and err.startswith("error: ")
+        and expected in err
+        and str(directory) in err
+    )

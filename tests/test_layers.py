@@ -62,12 +62,16 @@ def test_adapter_for_another_hidden_size_names_module_and_shapes(tmp_path: Path)
     assert "adapter_model.safetensors" in message
     assert "layers.0.self_attn.q_proj.lora_A" in message
     assert "(4, 48)" in message and "(4, 32)" in message
-    assert not [m for m in model.modules() if isinstance(m, LoraLayer)], "a failed load leaves no adapter layers"
+    assert not [m for m in model.modules() if isinstance(m, LoraLayer)], (
+        "a failed load leaves no adapter layers"
+    )
 
 
 def test_failed_load_adapter_rolls_back(tmp_path: Path) -> None:
     with seeded(0):
-        other = get_peft_model(make_model("llama", hidden=48), LoraConfig(r=4, target_modules=["k_proj", "q_proj"]))
+        other = get_peft_model(
+            make_model("llama", hidden=48), LoraConfig(r=4, target_modules=["k_proj", "q_proj"])
+        )
     other.save_pretrained(tmp_path)
     model = get_peft_model(make_model("llama"), LoraConfig(r=4, target_modules=["q_proj"]))
     names = [n for n, _ in model.named_parameters()]
@@ -158,16 +162,27 @@ def test_cannot_adapt_unsupported_module() -> None:
 # ---- dtypes ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize(("kind", "kwargs"), [
-    ("llama", dict(r=4, target_modules=["q_proj", "embed_tokens"], use_dora=True, modules_to_save=["lm_head"])),
-    ("gpt2", dict(r=4, target_modules=["c_attn"], lora_bias=True, **GPT2)),
-], ids=["llama", "gpt2"])
+@pytest.mark.parametrize(
+    ("kind", "kwargs"),
+    [
+        (
+            "llama",
+            dict(r=4, target_modules=["q_proj", "embed_tokens"], use_dora=True, modules_to_save=["lm_head"]),
+        ),
+        ("gpt2", dict(r=4, target_modules=["c_attn"], lora_bias=True, **GPT2)),
+    ],
+    ids=["llama", "gpt2"],
+)
 def test_adapter_dtype_over_low_precision_base(dtype: torch.dtype, kind: str, kwargs: dict) -> None:
     peft = pytest.importorskip("peft")
     for autocast in (True, False):
-        ours = get_peft_model(make_model(kind, dtype=dtype), LoraConfig(**kwargs), autocast_adapter_dtype=autocast)
+        ours = get_peft_model(
+            make_model(kind, dtype=dtype), LoraConfig(**kwargs), autocast_adapter_dtype=autocast
+        )
         with quiet():
-            theirs = peft.get_peft_model(make_model(kind, dtype=dtype), peft.LoraConfig(**kwargs), autocast_adapter_dtype=autocast)
+            theirs = peft.get_peft_model(
+                make_model(kind, dtype=dtype), peft.LoraConfig(**kwargs), autocast_adapter_dtype=autocast
+            )
         ours_dtypes = {n: p.dtype for n, p in ours.named_parameters()}
         assert ours_dtypes == {n: p.dtype for n, p in theirs.named_parameters()}
         lora = {d for n, d in ours_dtypes.items() if "lora_" in n}
@@ -187,11 +202,23 @@ def test_loading_into_low_precision_base_keeps_float32_adapters(tmp_path: Path) 
 
 # ---- gradients ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("kind", "kwargs"), [
-    ("llama", dict(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"], use_dora=True, modules_to_save=["lm_head"])),
-    ("gpt2", dict(r=4, target_modules=["c_attn", "c_fc"], bias="lora_only", lora_bias=False, **GPT2)),
-    ("mistral", dict(r=4, target_modules="all-linear", init_lora_weights=False, lora_dropout=0.1)),
-], ids=["llama-dora-embed-mts", "gpt2-bias", "mistral-all-linear"])
+@pytest.mark.parametrize(
+    ("kind", "kwargs"),
+    [
+        (
+            "llama",
+            dict(
+                r=4,
+                target_modules=["q_proj", "v_proj", "embed_tokens"],
+                use_dora=True,
+                modules_to_save=["lm_head"],
+            ),
+        ),
+        ("gpt2", dict(r=4, target_modules=["c_attn", "c_fc"], bias="lora_only", lora_bias=False, **GPT2)),
+        ("mistral", dict(r=4, target_modules="all-linear", init_lora_weights=False, lora_dropout=0.1)),
+    ],
+    ids=["llama-dora-embed-mts", "gpt2-bias", "mistral-all-linear"],
+)
 def test_only_adapter_parameters_train_and_base_gets_no_gradient(kind: str, kwargs: dict) -> None:
     model = get_peft_model(make_model(kind), LoraConfig(**kwargs))
     model.train()
@@ -215,10 +242,22 @@ def test_only_adapter_parameters_train_and_base_gets_no_gradient(kind: str, kwar
 # ---- offloaded base models (accelerate) --------------------------------------------------------------
 
 OFFLOAD = {
-    "llama": {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
-              "model.rotary_emb": "cpu", "lm_head": "cpu"},
-    "gpt2": {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.h.0": "disk", "transformer.h.1": "cpu",
-             "transformer.ln_f": "cpu", "lm_head": "cpu"},
+    "llama": {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    },
+    "gpt2": {
+        "transformer.wte": "cpu",
+        "transformer.wpe": "cpu",
+        "transformer.h.0": "disk",
+        "transformer.h.1": "cpu",
+        "transformer.ln_f": "cpu",
+        "lm_head": "cpu",
+    },
 }
 OFFLOAD_CONFIGS = {
     "llama": dict(r=4, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"]),
@@ -233,7 +272,9 @@ def _offloaded(tmp_path: Path, kind: str):
     if not base_dir.exists():
         make_model(kind).save_pretrained(base_dir)
     with quiet():
-        model = AutoModelForCausalLM.from_pretrained(base_dir, device_map=OFFLOAD[kind], offload_folder=tmp_path / "offload")
+        model = AutoModelForCausalLM.from_pretrained(
+            base_dir, device_map=OFFLOAD[kind], offload_folder=tmp_path / "offload"
+        )
     assert any(p.device.type == "meta" for p in model.parameters()), "some weights must be offloaded"
     return model.eval()
 
@@ -263,8 +304,11 @@ def test_offloaded_layers_get_real_lora_weights_and_forward_works(tmp_path: Path
     assert max_diff(logits(loaded, ids), logits(reference, ids)) <= 1e-5
 
 
-@pytest.mark.parametrize("kwargs", [{"use_dora": True}, {"init_lora_weights": "pissa"}, {"init_lora_weights": "olora"}],
-                         ids=["dora", "pissa", "olora"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"use_dora": True}, {"init_lora_weights": "pissa"}, {"init_lora_weights": "olora"}],
+    ids=["dora", "pissa", "olora"],
+)
 def test_offloaded_layers_refuse_methods_that_need_the_weight(tmp_path: Path, kwargs: dict) -> None:
     model = _offloaded(tmp_path, "llama")
     with pytest.raises(ValueError, match=r"model\.layers\.1\..*offloaded"):
@@ -282,7 +326,10 @@ def test_merging_offloaded_layers_is_refused_clearly(tmp_path: Path) -> None:
 def test_layer_types_and_names() -> None:
     model = get_peft_model(make_model("gpt2"), LoraConfig(r=2, target_modules=["c_attn", "wte"], **GPT2))
     inner = model.get_base_model()
-    assert isinstance(inner.transformer.h[0].attn.c_attn, LoraLinear) and inner.transformer.h[0].attn.c_attn.fan_in_fan_out
+    assert (
+        isinstance(inner.transformer.h[0].attn.c_attn, LoraLinear)
+        and inner.transformer.h[0].attn.c_attn.fan_in_fan_out
+    )
     assert isinstance(inner.transformer.wte, LoraEmbedding)
     names = dict(model.named_parameters())
     assert names["base_model.model.transformer.wte.lora_embedding_A.default"].shape == (2, 96)

@@ -64,11 +64,26 @@ def load(directory: Path) -> torch.nn.Module:
 
 def test_merge_command_writes_verified_model(setup, tmp_path: Path, capsys) -> None:
     base, adapter, model = setup
-    code, out, _ = run(capsys, "merge", "--model", base, "--adapter", adapter, "--output", tmp_path / "out", "--max-shard-size", "30KB")
+    code, out, _ = run(
+        capsys,
+        "merge",
+        "--model",
+        base,
+        "--adapter",
+        adapter,
+        "--output",
+        tmp_path / "out",
+        "--max-shard-size",
+        "30KB",
+    )
     assert code == 0
     assert "verification" in out and "passed" in out and "4 merged" in out
     report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
-    assert report["tensors_merged"] == 4 and report["shards"] > 1 and report["verification"]["max_ulp_error"] <= 1.0
+    assert (
+        report["tensors_merged"] == 4
+        and report["shards"] > 1
+        and report["verification"]["max_ulp_error"] <= 1.0
+    )
     assert max_diff(logits(load(tmp_path / "out")), logits(model)) <= 1e-4
 
 
@@ -77,18 +92,32 @@ def test_weights_dtype_and_yaml_config(setup, tmp_path: Path, capsys) -> None:
     second = tmp_path / "second"
     save_adapter(load(base), second, seed=3, target_modules=["o_proj"], r=4)
     config = tmp_path / "merge.yaml"
-    config.write_text(f"model: {base}\nadapter: [{first}, {second}]\nweights: [0.7, 0.3]\ndtype: bfloat16\nverify: false\n")
+    config.write_text(
+        f"model: {base}\nadapter: [{first}, {second}]\nweights: [0.7, 0.3]\ndtype: bfloat16\nverify: false\n"
+    )
     code, out, _ = run(capsys, "merge", "--config", config, "--output", tmp_path / "out")
     assert code == 0 and "skipped" in out
     report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
-    assert report["weights"] == [0.7, 0.3] and report["dtype"] == "bfloat16" and report["verification"] is None
+    assert (
+        report["weights"] == [0.7, 0.3] and report["dtype"] == "bfloat16" and report["verification"] is None
+    )
     assert report["tensors_merged"] == 6  # q, v from the first adapter and o from the second, in 2 layers
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 def test_verify_outputs_flag_prints_logit_comparison(setup, tmp_path: Path, capsys) -> None:
     base, adapter, _ = setup
-    code, out, _ = run(capsys, "merge", "--model", base, "--adapter", adapter, "--output", tmp_path / "out", "--verify-outputs")
+    code, out, _ = run(
+        capsys,
+        "merge",
+        "--model",
+        base,
+        "--adapter",
+        adapter,
+        "--output",
+        tmp_path / "out",
+        "--verify-outputs",
+    )
     assert code == 0 and "argmax agreement 100.0%" in out and "perplexity" in out
     outputs = json.loads((tmp_path / "out" / "merge_report.json").read_text())["outputs"]
     assert outputs["max_logit_diff"] <= 1e-4
@@ -102,7 +131,9 @@ def test_existing_output_needs_overwrite(setup, tmp_path: Path, capsys) -> None:
     code, _, err = run(capsys, "merge", "--model", base, "--adapter", adapter, "--output", out_dir)
     assert code == 1 and err.strip().startswith("error:") and "already exists" in err and "--overwrite" in err
     assert (out_dir / "old.txt").exists()
-    code, _, _ = run(capsys, "merge", "--model", base, "--adapter", adapter, "--output", out_dir, "--overwrite")
+    code, _, _ = run(
+        capsys, "merge", "--model", base, "--adapter", adapter, "--output", out_dir, "--overwrite"
+    )
     assert code == 0 and not (out_dir / "old.txt").exists() and (out_dir / "model.safetensors").exists()
 
 
@@ -130,8 +161,14 @@ def _no_weights(adapter: Path) -> None:
 ADAPTER_ERRORS = {
     "truncated": (_truncate, ["adapter_model.safetensors", "truncated or corrupt"]),
     "garbage": (_garbage, ["adapter_model.safetensors", "not a readable safetensors file"]),
-    "other_base": (_other_base, ["module 'model.layers.0.self_attn.q_proj'", "(64, 64)", "(32, 32)", "another base model"]),
-    "unknown_module": (_other_architecture, ["module 'transformer.h.0.attn.c_attn' is not in the base model"]),
+    "other_base": (
+        _other_base,
+        ["module 'model.layers.0.self_attn.q_proj'", "(64, 64)", "(32, 32)", "another base model"],
+    ),
+    "unknown_module": (
+        _other_architecture,
+        ["module 'transformer.h.0.attn.c_attn' is not in the base model"],
+    ),
     "no_weights": (_no_weights, ["no adapter_model.safetensors found"]),
 }
 
@@ -175,7 +212,9 @@ def test_truncated_base_shard_names_the_file(setup, tmp_path: Path, capsys) -> N
 ])
 def test_bad_options(setup, tmp_path: Path, capsys, args: list[str], expected: str) -> None:
     base, adapter, _ = setup
-    code, _, err = run(capsys, "merge", "--model", base, "--adapter", adapter, "--output", tmp_path / "out", *args)
+    code, _, err = run(
+        capsys, "merge", "--model", base, "--adapter", adapter, "--output", tmp_path / "out", *args
+    )
     assert code in (1, 2) and expected in err
     assert not (tmp_path / "out").exists()
 
@@ -194,7 +233,18 @@ def test_debug_shows_the_exception(setup, tmp_path: Path) -> None:
     base, adapter, _ = setup
     _truncate(adapter)
     with pytest.raises(AdapterFileError, match="truncated or corrupt"):
-        main(["merge", "--model", str(base), "--adapter", str(adapter), "--output", str(tmp_path / "out"), "--debug"])
+        main(
+            [
+                "merge",
+                "--model",
+                str(base),
+                "--adapter",
+                str(adapter),
+                "--output",
+                str(tmp_path / "out"),
+                "--debug",
+            ]
+        )
 
 
 def test_killed_merge_leaves_no_complete_output(setup, tmp_path: Path) -> None:
@@ -219,9 +269,24 @@ def test_killed_merge_leaves_no_complete_output(setup, tmp_path: Path) -> None:
     assert not out.exists()
     leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
     assert leftovers and all(p.name.endswith(".tmp") and not (p / "config.json").exists() for p in leftovers)
-    assert any(p.name.endswith(".safetensors") for left in leftovers for p in left.iterdir())  # it was mid-write
-    subprocess.run([str(REPO / ".venv" / "bin" / "lorakit"), "merge", "--model", str(base), "--adapter", str(adapter),
-                    "--output", str(out)], check=True, capture_output=True, env={**os.environ, "COLUMNS": "200"})
+    assert any(
+        p.name.endswith(".safetensors") for left in leftovers for p in left.iterdir()
+    )  # it was mid-write
+    subprocess.run(
+        [
+            str(REPO / ".venv" / "bin" / "lorakit"),
+            "merge",
+            "--model",
+            str(base),
+            "--adapter",
+            str(adapter),
+            "--output",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert max_diff(logits(load(out)), logits(model)) <= 1e-4
 
 
@@ -232,15 +297,25 @@ def test_merge_into_the_default_model(default_model_dir: Path, tmp_path: Path, c
 
     from lorakit.models import load_causal_lm
 
-    model = save_adapter(load_causal_lm(), tmp_path / "adapter", target_modules=["q_proj", "v_proj", "embed_tokens"], r=4)
-    code, out, _ = run(capsys, "merge", "--adapter", tmp_path / "adapter", "--output", tmp_path / "out", "--verify-outputs")
+    model = save_adapter(
+        load_causal_lm(), tmp_path / "adapter", target_modules=["q_proj", "v_proj", "embed_tokens"], r=4
+    )
+    code, out, _ = run(
+        capsys, "merge", "--adapter", tmp_path / "adapter", "--output", tmp_path / "out", "--verify-outputs"
+    )
     assert code == 0 and "untied" in out
     report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
-    assert report["base"] == str(default_model_dir) and report["untied_embeddings"] and report["tensors_added"] == 1
+    assert (
+        report["base"] == str(default_model_dir)
+        and report["untied_embeddings"]
+        and report["tensors_added"] == 1
+    )
     assert report["outputs"]["argmax_agreement"] == 1.0 and report["outputs"]["max_logit_diff"] <= 1e-3
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         assert (tmp_path / "out" / name).read_bytes() == (default_model_dir / name).read_bytes()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_tensors="pt")
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_tensors="pt"
+    )
     ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
     assert max_diff(logits(load(tmp_path / "out"), ids), logits(model, ids)) <= 1e-3

@@ -19,17 +19,26 @@ GPT2 = {"fan_in_fan_out": True}
 
 # (model kind, one LoraConfig per adapter): ranks differ within each mix, targets overlap only partly.
 MIXES = {
-    "llama-ranks-1-4-8-embed": ("llama", [
-        dict(r=1, target_modules=["q_proj", "v_proj", "embed_tokens"]),
-        dict(r=4, lora_alpha=16, target_modules=["v_proj", "o_proj", "embed_tokens"]),
-        dict(r=8, target_modules=["q_proj", "down_proj"], use_rslora=True),
-    ]),
-    "gpt2-conv1d-ranks-2-16-bias": ("gpt2", [
-        dict(r=2, target_modules=["c_attn", "c_proj"], **GPT2),
-        dict(r=16, lora_alpha=4, target_modules=["c_attn"], lora_bias=True, **GPT2),
-        dict(r=5, target_modules=["c_fc", "wte"], **GPT2),
-    ]),
-    "mistral-all-linear-4x": ("mistral", [dict(r=r, lora_alpha=2 * r, target_modules="all-linear") for r in (8, 3, 8, 5)]),
+    "llama-ranks-1-4-8-embed": (
+        "llama",
+        [
+            dict(r=1, target_modules=["q_proj", "v_proj", "embed_tokens"]),
+            dict(r=4, lora_alpha=16, target_modules=["v_proj", "o_proj", "embed_tokens"]),
+            dict(r=8, target_modules=["q_proj", "down_proj"], use_rslora=True),
+        ],
+    ),
+    "gpt2-conv1d-ranks-2-16-bias": (
+        "gpt2",
+        [
+            dict(r=2, target_modules=["c_attn", "c_proj"], **GPT2),
+            dict(r=16, lora_alpha=4, target_modules=["c_attn"], lora_bias=True, **GPT2),
+            dict(r=5, target_modules=["c_fc", "wte"], **GPT2),
+        ],
+    ),
+    "mistral-all-linear-4x": (
+        "mistral",
+        [dict(r=r, lora_alpha=2 * r, target_modules="all-linear") for r in (8, 3, 8, 5)],
+    ),
 }
 ROWS = {
     "llama-ranks-1-4-8-embed": ["a0", BASE_ROW, "a2", "a1", "a0", "a2"],
@@ -78,7 +87,9 @@ def test_mixed_rows_equal_single_adapter_runs(mix: str) -> None:
     ids = input_ids(len(rows), 7)
     single = _single_runs(model, set(rows), lambda: logits(model, ids))
     mixed_out = logits(model, ids, adapter_names=rows)
-    for layer in model.modules():  # plain LoRA rows all take the stacked path: every layer stacked its adapters
+    for (
+        layer
+    ) in model.modules():  # plain LoRA rows all take the stacked path: every layer stacked its adapters
         if isinstance(layer, (LoraLinear, LoraEmbedding)):
             assert layer.row_stack.stack.names == tuple(sorted(set(rows) & set(layer.r))), layer.module_name
     for i, name in enumerate(rows):
@@ -162,7 +173,9 @@ def test_stacks_are_cached_and_rebuilt_when_adapters_change(tmp_path: Path) -> N
     check()
 
 
-def test_freshness_is_checked_once_per_call_not_at_every_decoding_step(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_freshness_is_checked_once_per_call_not_at_every_decoding_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     kind, configs = MIXES["mistral-all-linear-4x"]
     model = _adapters(kind, configs)
     rows = ROWS["mistral-all-linear-4x"]
@@ -188,7 +201,10 @@ def test_freshness_is_checked_once_per_call_not_at_every_decoding_step(monkeypat
 
 
 def test_grad_and_train_mode_changes_inside_one_call_are_checked() -> None:
-    configs = [dict(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.5), dict(r=2, target_modules=["v_proj"])]
+    configs = [
+        dict(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.5),
+        dict(r=2, target_modules=["v_proj"]),
+    ]
     model = _adapters("llama", configs)
     model.set_requires_grad(["a0", "a1"], True)
     ids = input_ids(3, 5)

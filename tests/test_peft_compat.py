@@ -38,32 +38,101 @@ GPT2 = {"fan_in_fan_out": True}
 # (id, model kind, LoraConfig kwargs): every config is valid in both libraries.
 CASES = [
     ("llama-default", "llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
-    ("llama-init-false", "llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)),
-    ("llama-gaussian-dropout", "llama", dict(r=4, lora_alpha=8, target_modules=["k_proj"], init_lora_weights="gaussian", lora_dropout=0.1)),
-    ("mistral-rslora-all-linear", "mistral", dict(r=4, lora_alpha=16, target_modules="all-linear", use_rslora=True)),
-    ("llama-rank-alpha-pattern", "llama", dict(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"],
-        rank_pattern={"v_proj": 2, "layers.1.self_attn.q_proj": 6}, alpha_pattern={"o_proj": 3, "v_proj": 5},
-    )),
-    ("llama-dora", "llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)),
-    ("mistral-dora-all-linear", "mistral", dict(r=2, lora_alpha=4, target_modules="all-linear", use_dora=True, use_rslora=True)),
+    (
+        "llama-init-false",
+        "llama",
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    ),
+    (
+        "llama-gaussian-dropout",
+        "llama",
+        dict(r=4, lora_alpha=8, target_modules=["k_proj"], init_lora_weights="gaussian", lora_dropout=0.1),
+    ),
+    (
+        "mistral-rslora-all-linear",
+        "mistral",
+        dict(r=4, lora_alpha=16, target_modules="all-linear", use_rslora=True),
+    ),
+    (
+        "llama-rank-alpha-pattern",
+        "llama",
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "o_proj"],
+            rank_pattern={"v_proj": 2, "layers.1.self_attn.q_proj": 6},
+            alpha_pattern={"o_proj": 3, "v_proj": 5},
+        ),
+    ),
+    (
+        "llama-dora",
+        "llama",
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True),
+    ),
+    (
+        "mistral-dora-all-linear",
+        "mistral",
+        dict(r=2, lora_alpha=4, target_modules="all-linear", use_dora=True, use_rslora=True),
+    ),
     ("gpt2-conv1d", "gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc", "c_proj"], **GPT2)),
-    ("gpt2-conv1d-dora", "gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc", "c_proj"], use_dora=True, **GPT2)),
+    (
+        "gpt2-conv1d-dora",
+        "gpt2",
+        dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc", "c_proj"], use_dora=True, **GPT2),
+    ),
     ("gpt2-all-linear", "gpt2", dict(r=2, lora_alpha=8, target_modules="all-linear", **GPT2)),
     ("gpt2-bias-all", "gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn"], bias="all", **GPT2)),
-    ("gpt2-bias-lora-only", "gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], bias="lora_only", **GPT2)),
-    ("gpt2-lora-bias", "gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], lora_bias=True, **GPT2)),
-    ("llama-lora-bias", "llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], lora_bias=True, init_lora_weights=False)),
+    (
+        "gpt2-bias-lora-only",
+        "gpt2",
+        dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], bias="lora_only", **GPT2),
+    ),
+    (
+        "gpt2-lora-bias",
+        "gpt2",
+        dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], lora_bias=True, **GPT2),
+    ),
+    (
+        "llama-lora-bias",
+        "llama",
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], lora_bias=True, init_lora_weights=False),
+    ),
     ("llama-embedding", "llama", dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])),
-    ("llama-embedding-dora-mts", "llama", dict(
-        r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], use_dora=True, modules_to_save=["lm_head"])),
+    (
+        "llama-embedding-dora-mts",
+        "llama",
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["embed_tokens", "q_proj"],
+            use_dora=True,
+            modules_to_save=["lm_head"],
+        ),
+    ),
     ("llama-lm-head", "llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"])),
     ("llama-regex-embedding", "llama", dict(r=4, lora_alpha=8, target_modules=r".*\.(embed_tokens|v_proj)")),
     ("gpt2-wte", "gpt2", dict(r=4, lora_alpha=8, target_modules=["wte", "c_attn"], **GPT2)),
-    ("gpt2-modules-to-save", "gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn"], modules_to_save=["ln_f"], **GPT2)),
-    ("mistral-layers-exclude", "mistral", dict(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"], layers_to_transform=[1], layers_pattern="layers")),
-    ("llama-exclude", "llama", dict(r=4, lora_alpha=8, target_modules="all-linear", exclude_modules=["down_proj", "k_proj"])),
+    (
+        "gpt2-modules-to-save",
+        "gpt2",
+        dict(r=4, lora_alpha=8, target_modules=["c_attn"], modules_to_save=["ln_f"], **GPT2),
+    ),
+    (
+        "mistral-layers-exclude",
+        "mistral",
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "gate_proj"],
+            layers_to_transform=[1],
+            layers_pattern="layers",
+        ),
+    ),
+    (
+        "llama-exclude",
+        "llama",
+        dict(r=4, lora_alpha=8, target_modules="all-linear", exclude_modules=["down_proj", "k_proj"]),
+    ),
 ]
 IDS = [c[0] for c in CASES]
 
@@ -80,7 +149,9 @@ def test_lorakit_adapter_loads_in_peft(tmp_path: Path, kind: str, kwargs: dict) 
     ids = input_ids()
     ours = _build(lorakit, kind, kwargs)
     expected = logits(ours, ids)
-    assert max_diff(expected, logits(make_model(kind), ids)) > 1e-2, "the trained adapter must change the output"
+    assert max_diff(expected, logits(make_model(kind), ids)) > 1e-2, (
+        "the trained adapter must change the output"
+    )
     ours.save_pretrained(tmp_path)
 
     config = peft.LoraConfig.from_pretrained(tmp_path)
@@ -90,7 +161,9 @@ def test_lorakit_adapter_loads_in_peft(tmp_path: Path, kind: str, kwargs: dict) 
             # Like PEFT, the saved config names the concrete modules that "all-linear" resolved to.
             assert isinstance(got, (set, list)) and got and "lm_head" not in got and "all-linear" not in got
             continue
-        assert (set(got) if isinstance(got, (set, list)) else got) == (set(value) if isinstance(value, list) else value), key
+        assert (set(got) if isinstance(got, (set, list)) else got) == (
+            set(value) if isinstance(value, list) else value
+        ), key
     assert config.inference_mode is True
     with quiet():
         theirs = peft.PeftModel.from_pretrained(make_model(kind), tmp_path)
@@ -126,19 +199,24 @@ def test_same_file_keys_and_shapes_as_peft(tmp_path: Path, kind: str, kwargs: di
     ("llama", dict(r=4, target_modules=["q_proj"])),
     ("llama", dict(r=4, target_modules=["embed_tokens", "q_proj"])),
 ], ids=["gpt2-wte", "llama-no-embedding", "llama-embedding"])
-def test_save_embedding_layers_keys_match_peft(tmp_path: Path, kind: str, kwargs: dict, save_embedding_layers: bool) -> None:
+def test_save_embedding_layers_keys_match_peft(
+    tmp_path: Path, kind: str, kwargs: dict, save_embedding_layers: bool
+) -> None:
     ids = input_ids()
     ours = _build(lorakit, kind, kwargs)
     ours.save_pretrained(tmp_path / "lorakit", save_embedding_layers=save_embedding_layers)
     with quiet():
-        _build(peft, kind, kwargs).save_pretrained(tmp_path / "peft", save_embedding_layers=save_embedding_layers)
+        _build(peft, kind, kwargs).save_pretrained(
+            tmp_path / "peft", save_embedding_layers=save_embedding_layers
+        )
     assert file_keys(tmp_path / "lorakit") == file_keys(tmp_path / "peft")
     reloaded = lorakit.PeftModel.from_pretrained(make_model(kind), tmp_path / "lorakit")
     assert max_diff(logits(reloaded, ids), logits(ours, ids)) <= 1e-5
 
 
 def test_resized_vocabulary_saves_embeddings_like_peft(tmp_path: Path) -> None:
-    """PEFT saves the whole input/output embeddings when the base named in the config has another vocab size."""
+    """PEFT saves the whole input/output embeddings when the base named in the config has another vocab
+    size."""
     from transformers import AutoModelForCausalLM
 
     make_model("llama").save_pretrained(tmp_path / "base")
@@ -215,7 +293,9 @@ def _run_sequence(lib, kind: str, steps: list, adapters: dict) -> object:
             if op == "get":
                 model = lib.get_peft_model(make_model(kind), lib.LoraConfig(**args[0]))
             elif op == "from":
-                model = lib.PeftModel.from_pretrained(make_model(kind), adapters[json.dumps(args[0])], is_trainable=args[1])
+                model = lib.PeftModel.from_pretrained(
+                    make_model(kind), adapters[json.dumps(args[0])], is_trainable=args[1]
+                )
             elif op == "add":
                 model.add_adapter(args[0], lib.LoraConfig(**args[1]))
             elif op == "load":
@@ -232,7 +312,9 @@ def saved_adapters(tmp_path_factory) -> dict[str, Path]:
     """PEFT-saved adapters for every config the sequences load, keyed by the config's JSON."""
     root = tmp_path_factory.mktemp("sequence-adapters")
     out = {}
-    for i, (kind, config) in enumerate([("llama", Q), ("llama", K), ("llama", M), ("gpt2", G), ("gpt2", GA), ("gpt2", GL)]):
+    for i, (kind, config) in enumerate(
+        [("llama", Q), ("llama", K), ("llama", M), ("gpt2", G), ("gpt2", GA), ("gpt2", GL)]
+    ):
         with quiet():
             peft.get_peft_model(make_model(kind), peft.LoraConfig(**config)).save_pretrained(root / str(i))
         out[json.dumps(config)] = root / str(i)
@@ -263,15 +345,28 @@ DIVERGENT = [
     ("gpt2-bias-switch-away", "gpt2", [("get", GA), ("add", "b", G), ("set", "b")], _b_params),
     # PEFT never makes b's biases trainable, although b has bias="lora_only" and is active and trainable
     # (and saving b writes those biases).
-    ("gpt2-bias-switch-to", "gpt2", [("from", G, False), ("load", "b", GL, True), ("set", "b")],
-     lambda name: _b_params(name) or name.endswith(("c_attn.base_layer.bias", "c_fc.base_layer.bias"))),
+    (
+        "gpt2-bias-switch-to",
+        "gpt2",
+        [("from", G, False), ("load", "b", GL, True), ("set", "b")],
+        lambda name: _b_params(name) or name.endswith(("c_attn.base_layer.bias", "c_fc.base_layer.bias")),
+    ),
     # After deleting the active adapter, PEFT makes b's LoRA factors trainable but not its lm_head copy.
-    ("delete-active-mts", "llama", [("from", Q, False), ("load", "b", M, False), ("del", "default")], _b_params),
+    (
+        "delete-active-mts",
+        "llama",
+        [("from", Q, False), ("load", "b", M, False), ("del", "default")],
+        _b_params,
+    ),
 ]
 
 
-@pytest.mark.parametrize(("kind", "steps", "trainable"), [s[1:] for s in DIVERGENT], ids=[s[0] for s in DIVERGENT])
-def test_trainable_parameters_where_peft_is_inconsistent(saved_adapters, kind: str, steps: list, trainable) -> None:
+@pytest.mark.parametrize(
+    ("kind", "steps", "trainable"), [s[1:] for s in DIVERGENT], ids=[s[0] for s in DIVERGENT]
+)
+def test_trainable_parameters_where_peft_is_inconsistent(
+    saved_adapters, kind: str, steps: list, trainable
+) -> None:
     ours = _run_sequence(lorakit, kind, steps, saved_adapters)
     theirs = _run_sequence(peft, kind, steps, saved_adapters)
     assert set(_grads(ours)) == set(_grads(theirs))
@@ -317,7 +412,11 @@ def test_save_layout_with_selected_adapters_matches_peft(tmp_path: Path) -> None
             if sub.endswith(".safetensors"):
                 path = (tmp_path / "lorakit" / case / sub).parent
                 assert file_keys(path) == file_keys(tmp_path / "peft" / case / Path(sub).parent)
-    assert layout(tmp_path / "lorakit" / "one") == {"third", "third/adapter_config.json", "third/adapter_model.safetensors"}
+    assert layout(tmp_path / "lorakit" / "one") == {
+        "third",
+        "third/adapter_config.json",
+        "third/adapter_model.safetensors",
+    }
 
 
 # ---- fp16 / bf16 merges ----------------------------------------------------------------------------
@@ -326,7 +425,9 @@ def test_save_layout_with_selected_adapters_matches_peft(tmp_path: Path) -> None
 @pytest.mark.parametrize(("kind", "extra"), [
     ("llama", {}), ("llama", {"use_dora": True}), ("gpt2", GPT2), ("gpt2", {**GPT2, "use_dora": True}),
 ], ids=["llama", "llama-dora", "gpt2", "gpt2-dora"])
-def test_low_precision_merge_gap_no_larger_than_peft(tmp_path: Path, dtype: torch.dtype, kind: str, extra: dict) -> None:
+def test_low_precision_merge_gap_no_larger_than_peft(
+    tmp_path: Path, dtype: torch.dtype, kind: str, extra: dict
+) -> None:
     """Load one saved adapter into both libraries on the same fp16/bf16 base and compare, per library, the
     largest |merged − unmerged| logit. lorakit merges in float32 and rounds once, like PEFT on the CPU."""
     kwargs = dict(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False, **extra)
@@ -349,10 +450,27 @@ def test_low_precision_merge_gap_no_larger_than_peft(tmp_path: Path, dtype: torc
 # ---- add_weighted_adapter ----------------------------------------------------------------------------
 
 WEIGHTED = [
-    ("llama", [dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), dict(r=4, lora_alpha=16, target_modules=["v_proj", "o_proj"])]),
-    ("gpt2", [dict(r=4, lora_alpha=8, target_modules=["c_attn"], **GPT2), dict(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"], **GPT2)]),
-    ("llama", [dict(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"]),
-               dict(r=4, lora_alpha=4, target_modules=["q_proj", "embed_tokens"], use_rslora=True)]),
+    (
+        "llama",
+        [
+            dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+            dict(r=4, lora_alpha=16, target_modules=["v_proj", "o_proj"]),
+        ],
+    ),
+    (
+        "gpt2",
+        [
+            dict(r=4, lora_alpha=8, target_modules=["c_attn"], **GPT2),
+            dict(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"], **GPT2),
+        ],
+    ),
+    (
+        "llama",
+        [
+            dict(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"]),
+            dict(r=4, lora_alpha=4, target_modules=["q_proj", "embed_tokens"], use_rslora=True),
+        ],
+    ),
 ]
 
 
@@ -384,7 +502,9 @@ def _weighted(lib, kind: str, dirs: list[Path], **kwargs):
     {"combination_type": "linear"}, {"combination_type": "cat"}, {"combination_type": "svd"},
     {"combination_type": "svd", "svd_rank": 3, "svd_clamp": 0.9},
 ], ids=["linear", "cat", "svd", "svd-rank3-clamp"])
-@pytest.mark.parametrize("case", range(len(WEIGHTED)), ids=["llama", "gpt2-ranks-2-4", "llama-embedding-rslora"])
+@pytest.mark.parametrize(
+    "case", range(len(WEIGHTED)), ids=["llama", "gpt2-ranks-2-4", "llama-embedding-rslora"]
+)
 def test_add_weighted_adapter_matches_peft(weighted_sources, case: int, combination: dict) -> None:
     kind, dirs = weighted_sources[case]
     if combination["combination_type"] == "linear" and case == 1:

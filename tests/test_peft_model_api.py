@@ -26,7 +26,14 @@ CONFIGS = [
     ("gpt2", dict(r=4, target_modules=["c_attn", "c_proj"], use_dora=True, **GPT2)),
     ("gpt2", dict(r=4, target_modules=["c_attn"], lora_bias=True, **GPT2)),
 ]
-CONFIG_IDS = ["llama-embed-mts", "llama-dora-embed", "mistral-all-linear", "gpt2-conv1d-wte", "gpt2-dora", "gpt2-lora-bias"]
+CONFIG_IDS = [
+    "llama-embed-mts",
+    "llama-dora-embed",
+    "mistral-all-linear",
+    "gpt2-conv1d-wte",
+    "gpt2-dora",
+    "gpt2-lora-bias",
+]
 
 
 def _trained(kind: str, kwargs: dict, name: str = "default", seed: int = 0) -> PeftModel:
@@ -79,7 +86,9 @@ def test_merge_then_unmerge_restores_base_weights(kind: str, kwargs: dict) -> No
     adapted = logits(model, ids)
     model.merge_adapter()
     merged_state = _base_state(model.get_base_model())
-    assert any(max_diff(merged_state[k], before[k]) > 1e-3 for k in before), "merging must change base weights"
+    assert any(max_diff(merged_state[k], before[k]) > 1e-3 for k in before), (
+        "merging must change base weights"
+    )
     assert max_diff(logits(model, ids), adapted) <= 1e-4
     model.unmerge_adapter()
     after = _base_state(model.get_base_model())
@@ -89,7 +98,9 @@ def test_merge_then_unmerge_restores_base_weights(kind: str, kwargs: dict) -> No
 
 
 @pytest.mark.parametrize(("kind", "kwargs"), CONFIGS, ids=CONFIG_IDS)
-def test_merge_and_unload_gives_a_plain_model_that_saves_and_reloads(tmp_path: Path, kind: str, kwargs: dict) -> None:
+def test_merge_and_unload_gives_a_plain_model_that_saves_and_reloads(
+    tmp_path: Path, kind: str, kwargs: dict
+) -> None:
     from transformers import AutoModelForCausalLM
 
     ids = input_ids()
@@ -99,7 +110,9 @@ def test_merge_and_unload_gives_a_plain_model_that_saves_and_reloads(tmp_path: P
     assert type(merged) is type(make_model(kind))
     assert max_diff(logits(merged, ids), adapted) <= 1e-4
     assert not [n for n, m in merged.named_modules() if isinstance(m, (LoraLayer, ModulesToSaveWrapper))]
-    assert not [n for n, _ in merged.named_parameters() if "lora_" in n or "base_layer" in n or "modules_to_save" in n]
+    assert not [
+        n for n, _ in merged.named_parameters() if "lora_" in n or "base_layer" in n or "modules_to_save" in n
+    ]
     assert set(merged.state_dict()) == set(make_model(kind).state_dict())
     merged.save_pretrained(tmp_path)
     with quiet():
@@ -126,10 +139,21 @@ def test_unload_restores_original_modules_and_outputs(kind: str, kwargs: dict) -
 # ---- mixed-adapter batches ---------------------------------------------------------------------------
 
 MIXED = [
-    ("llama", dict(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"], modules_to_save=["lm_head"]),
-     dict(r=2, target_modules=["v_proj", "o_proj", "embed_tokens"], use_dora=True, modules_to_save=["lm_head"])),
-    ("gpt2", dict(r=4, target_modules=["c_attn"], **GPT2),
-     dict(r=2, target_modules=["c_attn", "c_proj"], lora_bias=True, **GPT2)),
+    (
+        "llama",
+        dict(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"], modules_to_save=["lm_head"]),
+        dict(
+            r=2,
+            target_modules=["v_proj", "o_proj", "embed_tokens"],
+            use_dora=True,
+            modules_to_save=["lm_head"],
+        ),
+    ),
+    (
+        "gpt2",
+        dict(r=4, target_modules=["c_attn"], **GPT2),
+        dict(r=2, target_modules=["c_attn", "c_proj"], lora_bias=True, **GPT2),
+    ),
 ]
 
 
@@ -277,7 +301,9 @@ def test_base_model_and_get_base_model() -> None:
     model = get_peft_model(inner, LoraConfig(**Q))
     assert model.get_base_model() is inner
     assert model.base_model.model is inner
-    assert model.config is inner.config and model.device == torch.device("cpu") and model.dtype == torch.float32
+    assert (
+        model.config is inner.config and model.device == torch.device("cpu") and model.dtype == torch.float32
+    )
     names = {n for n, _ in model.named_parameters()}
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight" in names
     assert "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight" in names
@@ -339,7 +365,9 @@ def test_save_pretrained_puts_other_adapters_in_subfolders(tmp_path: Path) -> No
     model = _trained("llama", Q)
     model.add_adapter("second", LoraConfig(**K, init_lora_weights=False))
     model.save_pretrained(tmp_path)
-    assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "second" / "adapter_config.json").is_file()
+    assert (tmp_path / "adapter_model.safetensors").is_file() and (
+        tmp_path / "second" / "adapter_config.json"
+    ).is_file()
     model.save_pretrained(tmp_path / "only", selected_adapters=["second"])
     assert not (tmp_path / "only" / "adapter_model.safetensors").exists()
     loaded = PeftModel.from_pretrained(make_model("llama"), tmp_path / "only" / "second")

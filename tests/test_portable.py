@@ -71,18 +71,47 @@ CASES = {
     "pissa_niter_4": ("llama", dict(init_lora_weights="pissa_niter_4")),
     "olora-rslora": ("llama", dict(init_lora_weights="olora", use_rslora=True)),
     "pissa-rslora": ("llama", dict(init_lora_weights="pissa", use_rslora=True)),
-    "patterns": ("llama", dict(init_lora_weights="pissa", rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 3})),
+    "patterns": (
+        "llama",
+        dict(init_lora_weights="pissa", rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 3}),
+    ),
     # PEFT's own conversion refuses rsLoRA with patterns; scaling alpha_pattern by √2 as well keeps it exact.
-    "patterns-rslora": ("llama", dict(init_lora_weights="olora", use_rslora=True, rank_pattern={"v_proj": 2},
-                                      alpha_pattern={"q_proj": 3, "down_proj": 5})),
-    "gpt2-olora": ("gpt2", dict(init_lora_weights="olora", target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
-    "gpt2-pissa": ("gpt2", dict(init_lora_weights="pissa", target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)),
-    "gpt2-lora_bias": ("gpt2", dict(init_lora_weights="pissa_niter_2", target_modules=["c_attn"], fan_in_fan_out=True,
-                                    lora_bias=True)),
-    "embedding": ("llama", dict(init_lora_weights="olora", target_modules=["q_proj", "v_proj", "embed_tokens"])),
+    "patterns-rslora": (
+        "llama",
+        dict(
+            init_lora_weights="olora",
+            use_rslora=True,
+            rank_pattern={"v_proj": 2},
+            alpha_pattern={"q_proj": 3, "down_proj": 5},
+        ),
+    ),
+    "gpt2-olora": (
+        "gpt2",
+        dict(init_lora_weights="olora", target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True),
+    ),
+    "gpt2-pissa": (
+        "gpt2",
+        dict(init_lora_weights="pissa", target_modules=["c_attn", "c_proj"], fan_in_fan_out=True),
+    ),
+    "gpt2-lora_bias": (
+        "gpt2",
+        dict(
+            init_lora_weights="pissa_niter_2", target_modules=["c_attn"], fan_in_fan_out=True, lora_bias=True
+        ),
+    ),
+    "embedding": (
+        "llama",
+        dict(init_lora_weights="olora", target_modules=["q_proj", "v_proj", "embed_tokens"]),
+    ),
     "dora-olora": ("llama", dict(init_lora_weights="olora", use_dora=True)),
-    "dora-pissa-embedding": ("llama", dict(init_lora_weights="pissa", use_dora=True, target_modules=["q_proj", "embed_tokens"])),
-    "dora-gpt2": ("gpt2", dict(init_lora_weights="olora", use_dora=True, target_modules=["c_attn"], fan_in_fan_out=True)),
+    "dora-pissa-embedding": (
+        "llama",
+        dict(init_lora_weights="pissa", use_dora=True, target_modules=["q_proj", "embed_tokens"]),
+    ),
+    "dora-gpt2": (
+        "gpt2",
+        dict(init_lora_weights="olora", use_dora=True, target_modules=["c_attn"], fan_in_fan_out=True),
+    ),
 }
 
 
@@ -100,9 +129,14 @@ def test_portable_adapter_reproduces_training_on_the_untouched_base(case, tmp_pa
     assert config["init_lora_weights"] is True
     assert config["r"] == 8 and config["lora_alpha"] == pytest.approx(factor * 8)
     assert config["rank_pattern"] == {k: 2 * v for k, v in kwargs.get("rank_pattern", {}).items()}
-    assert config["alpha_pattern"] == pytest.approx({k: factor * v for k, v in kwargs.get("alpha_pattern", {}).items()})
+    assert config["alpha_pattern"] == pytest.approx(
+        {k: factor * v for k, v in kwargs.get("alpha_pattern", {}).items()}
+    )
     # Saving leaves the in-memory adapter as it was.
-    assert model.peft_config["default"].r == 4 and model.peft_config["default"].init_lora_weights == kwargs["init_lora_weights"]
+    assert (
+        model.peft_config["default"].r == 4
+        and model.peft_config["default"].init_lora_weights == kwargs["init_lora_weights"]
+    )
     assert max_diff(logits(model), trained) == 0
 
     assert max_diff(logits(load_peft(base, tmp_path)), trained) < TOL
@@ -136,17 +170,23 @@ def test_saved_factors_are_the_trained_and_initial_blocks(tmp_path):
 
 
 def test_dora_magnitude_is_saved_unchanged(tmp_path):
-    _, model = train("llama", r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights="olora", use_dora=True)
+    _, model = train(
+        "llama", r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights="olora", use_dora=True
+    )
     model.save_pretrained(tmp_path)
     saved = file_tensors(tmp_path)
     for name, layer in lora_layers(model):
-        assert torch.equal(saved[f"{PREFIX}{name}.lora_magnitude_vector"], layer.lora_magnitude_vector["default"].weight)
+        assert torch.equal(
+            saved[f"{PREFIX}{name}.lora_magnitude_vector"], layer.lora_magnitude_vector["default"].weight
+        )
 
 
 def test_adapters_that_leave_the_base_alone_are_saved_as_they_are(tmp_path):
     base, model = train("llama", r=4, lora_alpha=8, target_modules=LLAMA, init_lora_weights="pissa")
     with seeded(1):
-        model.add_adapter("plain", lk_config(r=4, lora_alpha=8, target_modules=LLAMA, init_lora_weights="gaussian"))
+        model.add_adapter(
+            "plain", lk_config(r=4, lora_alpha=8, target_modules=LLAMA, init_lora_weights="gaussian")
+        )
     model.save_pretrained(tmp_path)
     assert saved_config(tmp_path)["r"] == 8
     plain = saved_config(tmp_path / "plain")
@@ -226,9 +266,16 @@ def merge_error(base, merged, directory: Path) -> torch.Tensor:
     return torch.cat(errors)
 
 
-@pytest.mark.parametrize(("method", "dtype"), [("olora", torch.float16), ("pissa", torch.float16), ("olora", torch.bfloat16)])
+@pytest.mark.parametrize(
+    ("method", "dtype"), [("olora", torch.float16), ("pissa", torch.float16), ("olora", torch.bfloat16)]
+)
 def test_half_precision_merge_is_no_worse_than_peft(method, dtype, tmp_path):
-    kwargs = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"], init_lora_weights=method)
+    kwargs = dict(
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+        init_lora_weights=method,
+    )
     base, model = train("llama", dtype=dtype, hidden=64, **kwargs)
     logit_tol = 1e-2 if dtype == torch.bfloat16 else 2e-3  # a few ulps of the half-precision logits
     ids = input_ids(batch=4, length=16)
@@ -261,7 +308,9 @@ def test_a_second_base_moving_adapter_is_refused_early(tmp_path):
     trained = logits(model)
     model.save_pretrained(tmp_path, portable=False)
     with pytest.raises(ValueError, match="already replaced the base weight"):
-        model.add_adapter("second", lk_config(r=4, lora_alpha=8, target_modules=LLAMA, init_lora_weights="pissa"))
+        model.add_adapter(
+            "second", lk_config(r=4, lora_alpha=8, target_modules=LLAMA, init_lora_weights="pissa")
+        )
     with pytest.raises(lorakit.AdapterFileError, match="already replaced the base weight"):
         model.load_adapter(tmp_path, "raw_again")
     # Nothing was half-added; an adapter that leaves the base alone is still welcome.

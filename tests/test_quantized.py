@@ -26,7 +26,9 @@ from lorakit.layers import LoraLinear
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning"
+)
 
 HIDDEN = 64
 KINDS = {
@@ -71,7 +73,10 @@ def load(base_dir: Path, kind: str, cpu_kernel: bool = True, **overrides) -> nn.
 
     with quiet():
         model = AutoModelForCausalLM.from_pretrained(
-            base_dir, quantization_config=BitsAndBytesConfig(**{**KINDS[kind], **overrides}), dtype=torch.float32)
+            base_dir,
+            quantization_config=BitsAndBytesConfig(**{**KINDS[kind], **overrides}),
+            dtype=torch.float32,
+        )
     if not cpu_kernel:
         for module in model.modules():
             quant.restore_trainable_4bit_(module)
@@ -90,7 +95,11 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor of the base model (quantized codes, scales and quant-state tensors included)."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" not in k and torch.is_tensor(v)}
+    return {
+        k: v.detach().clone()
+        for k, v in model.state_dict().items()
+        if "lora_" not in k and torch.is_tensor(v)
+    }
 
 
 @dataclass
@@ -106,7 +115,9 @@ class Trained:
 
 
 @pytest.fixture(scope="module", params=list(KINDS))
-def trained(request: pytest.FixtureRequest, base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Trained:
+def trained(
+    request: pytest.FixtureRequest, base_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Trained:
     """A LoRA (all linear layers) trained for STEPS AdamW steps on PROBE, QLoRA style, and saved."""
     kind = request.param
     model = quant.prepare_for_kbit_training(load(base_dir, kind))
@@ -136,7 +147,9 @@ def trained(request: pytest.FixtureRequest, base_dir: Path, tmp_path_factory: py
 
 def reload(base_dir: Path, run: Trained) -> lorakit.PeftModel:
     """The trained adapter on a fresh base prepared as in training (so the base computes the same way)."""
-    return lorakit.PeftModel.from_pretrained(quant.prepare_for_kbit_training(load(base_dir, run.kind)), run.adapter_dir)
+    return lorakit.PeftModel.from_pretrained(
+        quant.prepare_for_kbit_training(load(base_dir, run.kind)), run.adapter_dir
+    )
 
 
 def bnb_layers(model: nn.Module) -> list[nn.Module]:
@@ -166,12 +179,19 @@ def test_lora_layers_wrap_bnb_layers_with_float32_adapters(base_dir: Path, kind:
 
 def test_adapter_dtype_follows_4bit_compute_dtype_without_autocast(base_dir: Path) -> None:
     model = load(base_dir, "nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    peft_model = lorakit.get_peft_model(model, lorakit.LoraConfig(r=4, target_modules=["q_proj"]), autocast_adapter_dtype=False)
-    assert peft_model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.bfloat16
+    peft_model = lorakit.get_peft_model(
+        model, lorakit.LoraConfig(r=4, target_modules=["q_proj"]), autocast_adapter_dtype=False
+    )
+    assert (
+        peft_model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype
+        == torch.bfloat16
+    )
     assert torch.isfinite(logits(peft_model, RANDOM_IDS)).all()
     int8 = lorakit.get_peft_model(load(base_dir, "int8"), lorakit.LoraConfig(r=4, target_modules=["q_proj"]),
                                   autocast_adapter_dtype=False)
-    assert int8.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+    assert (
+        int8.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+    )
 
 
 def test_training_updates_only_lora_weights_and_reduces_the_loss(trained: Trained) -> None:
@@ -305,7 +325,9 @@ def test_merge_unmerge_in_place_requantizes(base_dir: Path, trained: Trained) ->
 
 @pytest.mark.parametrize("kind", ["int8", "nf4"])
 def test_dora_uses_the_dequantized_weight(tmp_path: Path, base_dir: Path, kind: str) -> None:
-    config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)
+    config = lorakit.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True
+    )
     peft_model = lorakit.get_peft_model(load(base_dir, kind), config)
     layer = peft_model.base_model.model.model.layers[0].mlp.down_proj
     norms = quant.dequantize_weight(layer.base_layer).norm(dim=1)
@@ -360,7 +382,9 @@ def test_quantization_config() -> None:
     config = quant.quantization_config(load_in_4bit=True)
     assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
     assert config.bnb_4bit_compute_dtype == torch.float32  # the CPU default
-    fp4 = quant.quantization_config(load_in_4bit=True, quant_type="fp4", double_quant=False, compute_dtype=torch.bfloat16)
+    fp4 = quant.quantization_config(
+        load_in_4bit=True, quant_type="fp4", double_quant=False, compute_dtype=torch.bfloat16
+    )
     assert fp4.bnb_4bit_quant_type == "fp4" and not fp4.bnb_4bit_use_double_quant
     assert fp4.bnb_4bit_compute_dtype == torch.bfloat16
     assert quant.quantization_config(load_in_8bit=True).load_in_8bit
@@ -395,7 +419,9 @@ def test_peft_named_prepare_turns_checkpointing_on_by_default(base_dir: Path) ->
     from transformers import AutoModelForCausalLM
 
     with quiet():
-        model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quant.quantization_config(load_in_8bit=True))
+        model = AutoModelForCausalLM.from_pretrained(
+            base_dir, quantization_config=quant.quantization_config(load_in_8bit=True)
+        )
     assert lorakit.prepare_model_for_kbit_training(model) is model
     assert model.is_gradient_checkpointing and not any(p.requires_grad for p in model.parameters())
 

@@ -42,7 +42,9 @@ def remote_code_model(tmp_path: Path, tiny_chat_model_dir: Path) -> Path:
     config = json.loads((tiny_chat_model_dir / "config.json").read_text())
     config.update(model_type="evil", auto_map={"AutoConfig": "configuration_evil.EvilConfig"})
     (directory / "config.json").write_text(json.dumps(config))
-    (directory / "configuration_evil.py").write_text(REMOTE_CODE.format(marker=str(directory / "REMOTE_CODE_RAN")))
+    (directory / "configuration_evil.py").write_text(
+        REMOTE_CODE.format(marker=str(directory / "REMOTE_CODE_RAN"))
+    )
     return directory
 
 
@@ -52,17 +54,32 @@ def test_remote_code_never_runs_without_the_flag(remote_code_model: Path) -> Non
     with pytest.raises(lorakit.LorakitError, match="auto_map"):
         load_causal_lm(remote_code_model)
     assert not (remote_code_model / "REMOTE_CODE_RAN").exists()
-    done = subprocess.run([sys.executable, "-m", "lorakit", "generate", "hi", "--model", str(remote_code_model)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "lorakit", "generate", "hi", "--model", str(remote_code_model)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert "runs its own Python code (auto_map); pass --trust-remote-code" in done.stderr.strip().splitlines()[-1]
+    assert (
+        "runs its own Python code (auto_map); pass --trust-remote-code"
+        in done.stderr.strip().splitlines()[-1]
+    )
     assert not (remote_code_model / "REMOTE_CODE_RAN").exists()
 
 
-@pytest.mark.parametrize("command", [["generate", "hi"], ["eval", "--limit", "1"], ["train", "--max-steps", "1"],
-                                     ["dpo", "--max-steps", "1"]])
-def test_trust_remote_code_flag_lets_the_code_run(remote_code_model: Path, tiny_chat_model_dir: Path, tmp_path: Path,
-                                                  command: list[str]) -> None:
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["generate", "hi"],
+        ["eval", "--limit", "1"],
+        ["train", "--max-steps", "1"],
+        ["dpo", "--max-steps", "1"],
+    ],
+)
+def test_trust_remote_code_flag_lets_the_code_run(
+    remote_code_model: Path, tiny_chat_model_dir: Path, tmp_path: Path, command: list[str]
+) -> None:
     """The opt-in reaches transformers: with the flag the model's own code runs (here it only leaves its
     marker; the made-up architecture then fails to build, which is fine)."""
     for tokenizer_file in tiny_chat_model_dir.glob("tokenizer*"):
@@ -85,19 +102,52 @@ def test_adapter_names_cannot_become_paths(name: str, tmp_path: Path) -> None:
 
 
 def test_cli_adapter_name_with_a_path_separator_is_refused(tiny_chat_model_dir: Path, tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "lorakit", "generate", "hi", "--model", str(tiny_chat_model_dir),
-                           "--adapter", f"../x={tmp_path}"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lorakit",
+            "generate",
+            "hi",
+            "--model",
+            str(tiny_chat_model_dir),
+            "--adapter",
+            f"../x={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 1 and "adapter name" in done.stderr and "Traceback" not in done.stderr
 
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-5, 5000) | st.floats(allow_nan=True) | st.text(max_size=12),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=12,
 )
-config_keys = st.sampled_from(["r", "lora_alpha", "lora_dropout", "bias", "target_modules", "init_lora_weights",
-                               "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern",
-                               "modules_to_save", "use_dora", "use_qalora", "peft_type", "unknown_key", "task_type"])
+config_keys = st.sampled_from(
+    [
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "bias",
+        "target_modules",
+        "init_lora_weights",
+        "rank_pattern",
+        "alpha_pattern",
+        "layers_to_transform",
+        "layers_pattern",
+        "modules_to_save",
+        "use_dora",
+        "use_qalora",
+        "peft_type",
+        "unknown_key",
+        "task_type",
+    ]
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -115,9 +165,29 @@ def test_lora_config_parsing_only_fails_with_value_errors(data: dict) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.dictionaries(st.sampled_from(["r", "learning_rate", "batch_size", "epochs", "method", "lora_dropout",
-                                        "max_steps", "target_modules", "init_lora_weights", "rank_pattern", "seed",
-                                        "load_in_4bit", "bogus"]), json_values, max_size=5))
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "r",
+                "learning_rate",
+                "batch_size",
+                "epochs",
+                "method",
+                "lora_dropout",
+                "max_steps",
+                "target_modules",
+                "init_lora_weights",
+                "rank_pattern",
+                "seed",
+                "load_in_4bit",
+                "bogus",
+            ]
+        ),
+        json_values,
+        max_size=5,
+    )
+)
 def test_train_options_only_fail_with_one_line_naming_the_file(data: dict) -> None:
     """`TrainConfig.from_options` is the path every CLI flag, YAML file and dict takes."""
     from lorakit.train.config import TrainConfig
@@ -135,7 +205,12 @@ row = st.dictionaries(st.sampled_from(["messages", "prompt", "completion", "text
 message = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "tool", "bot"]),
                                   "content": st.text(max_size=10) | st.integers()})
 chat_row = st.fixed_dictionaries({"messages": st.lists(message, max_size=4)})
-line = st.one_of(row.map(json.dumps), chat_row.map(json.dumps), st.text(max_size=20), st.binary(max_size=20).map(lambda b: b.decode("latin-1")))
+line = st.one_of(
+    row.map(json.dumps),
+    chat_row.map(json.dumps),
+    st.text(max_size=20),
+    st.binary(max_size=20).map(lambda b: b.decode("latin-1")),
+)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -157,7 +232,9 @@ def test_adapter_weights_load_without_pickle(tmp_path: Path) -> None:
     """A legacy adapter_model.bin of plain tensors loads through torch.load(weights_only=True)."""
     from tiny_models import tiny_llama
 
-    model = lorakit.get_peft_model(tiny_llama(), lorakit.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    model = lorakit.get_peft_model(
+        tiny_llama(), lorakit.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    )
     model.save_pretrained(tmp_path)
     from safetensors.torch import load_file
 

@@ -52,8 +52,13 @@ def adapter_dirs(tiny_chat_model_dir: Path, tmp_path_factory: pytest.TempPathFac
 
 @pytest.fixture(scope="module")
 def running(tiny_chat_model_dir: Path, adapter_dirs: dict[str, Path]):
-    settings = ServeSettings(max_batch_size=16, max_adapters=5, max_model_len=MAX_MODEL_LEN, batch_window_ms=20,
-                             adapter_root=adapter_dirs["alpha"].parent)
+    settings = ServeSettings(
+        max_batch_size=16,
+        max_adapters=5,
+        max_model_len=MAX_MODEL_LEN,
+        batch_window_ms=20,
+        adapter_root=adapter_dirs["alpha"].parent,
+    )
     server = Server.load(str(tiny_chat_model_dir), [(n, adapter_dirs[n]) for n in ADAPTERS], settings)
     running = Running(server)
     yield running
@@ -65,14 +70,17 @@ class Offline:
 
     def __init__(self, model_dir: Path, adapter_dirs: dict[str, Path]) -> None:
         self.tokenizer = load_tokenizer(model_dir)
-        self.model = PeftModel.from_pretrained(load_causal_lm(model_dir), adapter_dirs["alpha"], adapter_name="alpha")
+        self.model = PeftModel.from_pretrained(
+            load_causal_lm(model_dir), adapter_dirs["alpha"], adapter_name="alpha"
+        )
         for name in list(ADAPTERS)[1:]:
             self.model.load_adapter(adapter_dirs[name], adapter_name=name)
         self.model.eval()
 
     def chat_ids(self, question: str) -> list[int]:
-        text = self.tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                                  tokenize=False)
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+        )
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     @torch.no_grad()
@@ -81,8 +89,13 @@ class Offline:
         if adapter != "base":
             self.model.set_adapter(adapter, inference_mode=True)
         with self.model.disable_adapter() if adapter == "base" else contextlib.nullcontext():
-            out = self.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                      max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+            out = self.model.generate(
+                input_ids=torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
         new = out[0, len(ids):].tolist()
         return self.tokenizer.decode(new, skip_special_tokens=True), len(new)
 
@@ -116,7 +129,9 @@ def test_each_adapter_answers_as_offline_generate(running: Running, offline: Off
         first_answers.add(offline.answer(name, offline.chat_ids(QUESTIONS[0]), 12)[0])
     assert len(first_answers) > 1, "the adapters should change the answers"
 
-    completion = running.client.completions.create(model="gamma", prompt="The sky is", max_tokens=10, temperature=0)
+    completion = running.client.completions.create(
+        model="gamma", prompt="The sky is", max_tokens=10, temperature=0
+    )
     ids = offline.tokenizer("The sky is")["input_ids"]
     assert completion.choices[0].text == offline.answer("gamma", ids, 10)[0]
     assert completion.usage.prompt_tokens == len(ids)
@@ -137,8 +152,14 @@ def test_streaming_returns_the_same_text(running: Running) -> None:
         if chunk.choices and chunk.choices[0].delta.content:
             arrivals.append(time.perf_counter() - start)
     assert len(arrivals) > 10 and arrivals[0] < 0.5 * arrivals[-1], arrivals
-    whole = running.client.completions.create(model="beta", prompt="Once", max_tokens=15, temperature=0).choices[0].text
-    streamed = running.client.completions.create(model="beta", prompt="Once", max_tokens=15, temperature=0, stream=True)
+    whole = (
+        running.client.completions.create(model="beta", prompt="Once", max_tokens=15, temperature=0)
+        .choices[0]
+        .text
+    )
+    streamed = running.client.completions.create(
+        model="beta", prompt="Once", max_tokens=15, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed if c.choices) == whole
 
 
@@ -147,7 +168,9 @@ def test_batch_checks_adapters_once_per_set_of_rows_not_per_token(offline: Offli
     """The batch opens one row_adapters() block while its rows stay the same (and one per prefill)."""
     looked_up: list[str] = []
     real = mixed._factor_tensors
-    monkeypatch.setattr(mixed, "_factor_tensors", lambda layer, name: looked_up.append(name) or real(layer, name))
+    monkeypatch.setattr(
+        mixed, "_factor_tensors", lambda layer, name: looked_up.append(name) or real(layer, name)
+    )
     ids = [offline.chat_ids(q) for q in QUESTIONS[:2]]
     rows = [Row(prompt_ids=ids[0], adapter="alpha", max_tokens=2, emit=lambda event: None),
             Row(prompt_ids=ids[1], adapter="beta", max_tokens=6, emit=lambda event: None)]
@@ -190,31 +213,43 @@ def test_stop_strings_and_seeded_sampling(running: Running) -> None:
     assert cut.choices[0].finish_reason == "stop"
     streamed = _chat(running.client, "beta", QUESTIONS[4], max_tokens=24, stop=stop, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == full[:full.find(stop)]
-    sampled = [_chat(running.client, "gamma", QUESTIONS[5], max_tokens=16, temperature=1.5, top_p=0.9, seed=seed)
-               .choices[0].message.content for seed in (1, 1, 2)]
+    sampled = [
+        _chat(running.client, "gamma", QUESTIONS[5], max_tokens=16, temperature=1.5, top_p=0.9, seed=seed)
+        .choices[0]
+        .message.content
+        for seed in (1, 1, 2)
+    ]
     assert sampled[0] == sampled[1] and sampled[0] != sampled[2]
 
 
 def test_runtime_load_unload_and_lru_eviction(running: Running, adapter_dirs: dict[str, Path]) -> None:
     for name in ("delta", "gamma", "beta", "alpha"):  # alpha most, delta least recently used
         _chat(running.client, name, "Hi", max_tokens=1)
-    status, body = running.raw("POST", "/v1/adapters", {"name": "extra1", "path": str(adapter_dirs["extra1"])})
+    status, body = running.raw(
+        "POST", "/v1/adapters", {"name": "extra1", "path": str(adapter_dirs["extra1"])}
+    )
     assert status == 200 and body["evicted"] == []  # 5 of --max-adapters 5
     assert _chat(running.client, "extra1", "Hi", max_tokens=3).choices[0].message.content is not None
-    status, body = running.raw("POST", "/v1/adapters", {"name": "extra2", "path": str(adapter_dirs["extra2"])})
+    status, body = running.raw(
+        "POST", "/v1/adapters", {"name": "extra2", "path": str(adapter_dirs["extra2"])}
+    )
     assert status == 200 and body["evicted"] == ["delta"]
     with pytest.raises(openai.NotFoundError):
         _chat(running.client, "delta", "Hi", max_tokens=1)
     assert {m.id for m in running.client.models.list().data} >= {"alpha", "beta", "gamma", "extra1", "extra2"}
 
-    assert running.raw("POST", "/v1/adapters", {"name": "extra2", "path": str(adapter_dirs["extra2"])})[0] == 409
+    assert (
+        running.raw("POST", "/v1/adapters", {"name": "extra2", "path": str(adapter_dirs["extra2"])})[0] == 409
+    )
     status, body = running.raw("POST", "/v1/adapters", {"name": "x", "path": "/no/such/dir"})
     assert status == 400 and body["error"]["param"] == "path"
     assert running.raw("DELETE", "/v1/adapters/extra1")[0] == 200
     assert running.raw("DELETE", "/v1/adapters/extra1")[0] == 404
     # Put the original four back for the other tests (extra2 is the least recently used now).
     assert running.raw("DELETE", "/v1/adapters/extra2")[0] == 200
-    assert running.raw("POST", "/v1/adapters", {"name": "delta", "path": str(adapter_dirs["delta"])})[0] == 200
+    assert (
+        running.raw("POST", "/v1/adapters", {"name": "delta", "path": str(adapter_dirs["delta"])})[0] == 200
+    )
 
 
 def test_adapters_in_use_are_never_evicted_or_deleted(running: Running) -> None:
@@ -235,7 +270,9 @@ def test_adapters_in_use_are_never_evicted_or_deleted(running: Running) -> None:
         gate.set()
 
 
-def test_pool_eviction_skips_pinned_adapters(tiny_chat_model_dir: Path, adapter_dirs: dict[str, Path]) -> None:
+def test_pool_eviction_skips_pinned_adapters(
+    tiny_chat_model_dir: Path, adapter_dirs: dict[str, Path]
+) -> None:
     async def run_now(fn):
         return fn()
 
@@ -268,41 +305,124 @@ def test_text_deltas_hold_back_split_characters_and_stop_prefixes(tiny_chat_mode
 
 
 BAD_REQUESTS = [
-    ("unknown adapter", "/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "hi"}]},
-     404, "model", "model_not_found"),
+    (
+        "unknown adapter",
+        "/v1/chat/completions",
+        {"model": "nope", "messages": [{"role": "user", "content": "hi"}]},
+        404,
+        "model",
+        "model_not_found",
+    ),
     ("bad JSON", "/v1/chat/completions", b'{"model": "alpha", "messages": [', 400, None, "invalid_json"),
     ("not an object", "/v1/completions", b"[1, 2]", 400, None, "invalid_json"),
-    ("missing messages", "/v1/chat/completions", {"model": "alpha"}, 400, "messages", "missing_required_parameter"),
+    (
+        "missing messages",
+        "/v1/chat/completions",
+        {"model": "alpha"},
+        400,
+        "messages",
+        "missing_required_parameter",
+    ),
     ("missing model", "/v1/completions", {"prompt": "hi"}, 400, "model", "missing_required_parameter"),
-    ("empty messages", "/v1/chat/completions", {"model": "alpha", "messages": []}, 400, "messages", "invalid_value"),
-    ("bad role", "/v1/chat/completions", {"model": "alpha", "messages": [{"role": "wizard", "content": "hi"}]},
-     400, "messages.0.role", "invalid_value"),
-    ("temperature too high", "/v1/completions", {"model": "alpha", "prompt": "hi", "temperature": 3},
-     400, "temperature", "invalid_value"),
-    ("top_p zero", "/v1/completions", {"model": "alpha", "prompt": "hi", "top_p": 0}, 400, "top_p", "invalid_value"),
-    ("max_tokens zero", "/v1/completions", {"model": "alpha", "prompt": "hi", "max_tokens": 0},
-     400, "max_tokens", "invalid_value"),
-    ("max_tokens a string", "/v1/completions", {"model": "alpha", "prompt": "hi", "max_tokens": "10"},
-     400, "max_tokens", "invalid_value"),
+    (
+        "empty messages",
+        "/v1/chat/completions",
+        {"model": "alpha", "messages": []},
+        400,
+        "messages",
+        "invalid_value",
+    ),
+    (
+        "bad role",
+        "/v1/chat/completions",
+        {"model": "alpha", "messages": [{"role": "wizard", "content": "hi"}]},
+        400,
+        "messages.0.role",
+        "invalid_value",
+    ),
+    (
+        "temperature too high",
+        "/v1/completions",
+        {"model": "alpha", "prompt": "hi", "temperature": 3},
+        400,
+        "temperature",
+        "invalid_value",
+    ),
+    (
+        "top_p zero",
+        "/v1/completions",
+        {"model": "alpha", "prompt": "hi", "top_p": 0},
+        400,
+        "top_p",
+        "invalid_value",
+    ),
+    (
+        "max_tokens zero",
+        "/v1/completions",
+        {"model": "alpha", "prompt": "hi", "max_tokens": 0},
+        400,
+        "max_tokens",
+        "invalid_value",
+    ),
+    (
+        "max_tokens a string",
+        "/v1/completions",
+        {"model": "alpha", "prompt": "hi", "max_tokens": "10"},
+        400,
+        "max_tokens",
+        "invalid_value",
+    ),
     ("n > 1", "/v1/completions", {"model": "alpha", "prompt": "hi", "n": 2}, 400, "n", "invalid_value"),
-    ("five stops", "/v1/completions", {"model": "alpha", "prompt": "hi", "stop": list("abcde")},
-     400, "stop", "invalid_value"),
-    ("prompt too long", "/v1/completions", {"model": "alpha", "prompt": "word " * 400},
-     400, "prompt", "context_length_exceeded"),
-    ("completion too long", "/v1/chat/completions",
-     {"model": "beta", "messages": [{"role": "user", "content": "hi"}], "max_tokens": MAX_MODEL_LEN},
-     400, "messages", "context_length_exceeded"),
+    (
+        "five stops",
+        "/v1/completions",
+        {"model": "alpha", "prompt": "hi", "stop": list("abcde")},
+        400,
+        "stop",
+        "invalid_value",
+    ),
+    (
+        "prompt too long",
+        "/v1/completions",
+        {"model": "alpha", "prompt": "word " * 400},
+        400,
+        "prompt",
+        "context_length_exceeded",
+    ),
+    (
+        "completion too long",
+        "/v1/chat/completions",
+        {"model": "beta", "messages": [{"role": "user", "content": "hi"}], "max_tokens": MAX_MODEL_LEN},
+        400,
+        "messages",
+        "context_length_exceeded",
+    ),
     ("empty prompt", "/v1/completions", {"model": "alpha", "prompt": ""}, 400, "prompt", "invalid_value"),
     ("adapter without path", "/v1/adapters", {"name": "x"}, 400, "path", "missing_required_parameter"),
-    ("adapter named like the base", "/v1/adapters", {"name": "base", "path": "/tmp"}, 400, "name", "invalid_value"),
-    ("adapter named like a module attribute", "/v1/adapters", {"name": "eval", "path": "alpha"}, 400, "name",
-     "invalid_value"),
+    (
+        "adapter named like the base",
+        "/v1/adapters",
+        {"name": "base", "path": "/tmp"},
+        400,
+        "name",
+        "invalid_value",
+    ),
+    (
+        "adapter named like a module attribute",
+        "/v1/adapters",
+        {"name": "eval", "path": "alpha"},
+        400,
+        "name",
+        "invalid_value",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("path", "body", "status", "param", "code"), [case[1:] for case in BAD_REQUESTS],
                          ids=[case[0] for case in BAD_REQUESTS])
-def test_bad_requests_get_openai_errors(running: Running, path: str, body, status: int, param, code: str) -> None:
+def test_bad_requests_get_openai_errors(
+    running: Running, path: str, body, status: int, param, code: str
+) -> None:
     got, error = running.raw("POST", path, body)
     assert got == status, error
     assert set(error["error"]) == {"message", "type", "param", "code"} and error["error"]["message"]
@@ -327,13 +447,27 @@ def test_cli_serves_until_interrupted(tiny_chat_model_dir: Path, adapter_dirs: d
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "lorakit", "serve", "--model", str(tiny_chat_model_dir), "--port", str(port),
-               "--adapter", f"alpha={adapter_dirs['alpha']}", "--max-model-len", "64"]
+    command = [
+        sys.executable,
+        "-m",
+        "lorakit",
+        "serve",
+        "--model",
+        str(tiny_chat_model_dir),
+        "--port",
+        str(port),
+        "--adapter",
+        f"alpha={adapter_dirs['alpha']}",
+        "--max-model-len",
+        "64",
+    ]
     # The API key comes from the environment, as a deployment would pass it (never on the command line).
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "LORAKIT_API_KEY": "cli-key"})
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="cli-key", max_retries=0, timeout=30)
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="cli-key", max_retries=0, timeout=30
+        )
         deadline = time.monotonic() + 60
         while True:
             try:

@@ -227,8 +227,12 @@ def test_a_row_ending_in_this_step_frees_its_place_for_this_steps_prefill() -> N
     assert max(batch.sizes) == 2
     static = _CountingBatch()
     _schedule(rows(), static, max_batch_size=2, policy="static")
-    assert [_names(step) for step in static.admitted] == [["first 0", "first 1"], [], ["second 0", "second 1"],
-                                                          []]
+    assert [_names(step) for step in static.admitted] == [
+        ["first 0", "first 1"],
+        [],
+        ["second 0", "second 1"],
+        [],
+    ]
 
 
 # ---- correctness with the real batch ------------------------------------------------------------------
@@ -237,8 +241,11 @@ def test_a_row_ending_in_this_step_frees_its_place_for_this_steps_prefill() -> N
 @pytest.fixture(scope="module")
 def model(tiny_chat_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> PeftModel:
     root = tmp_path_factory.mktemp("scheduler-adapters")
-    peft = PeftModel.from_pretrained(load_causal_lm(tiny_chat_model_dir),
-                                     save_adapter(tiny_chat_model_dir, root / "alpha", 2, 1), adapter_name="alpha")
+    peft = PeftModel.from_pretrained(
+        load_causal_lm(tiny_chat_model_dir),
+        save_adapter(tiny_chat_model_dir, root / "alpha", 2, 1),
+        adapter_name="alpha",
+    )
     peft.load_adapter(save_adapter(tiny_chat_model_dir, root / "beta", 4, 2), adapter_name="beta")
     return peft.eval()
 

@@ -18,12 +18,16 @@ CONFIGS = {"gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}, "
 
 def _model(model_type: str, dropout: float = 0.0, **config_overrides) -> torch.nn.Module:
     base = tiny_model(model_type, **{**CONFIGS.get(model_type, {}), **config_overrides})
-    model = lorakit.get_peft_model(base, lorakit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False,
-                                                            lora_dropout=dropout))
+    model = lorakit.get_peft_model(
+        base,
+        lorakit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, lora_dropout=dropout),
+    )
     return model.train()
 
 
-def _batch(prefix: int = 20, rows: int = 3, length: int = 30) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _batch(
+    prefix: int = 20, rows: int = 3, length: int = 30
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows sharing `prefix` tokens; the last row is right-padded; labels on the tokens after the prompt."""
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(3, 96, (rows, length), generator=gen)
@@ -56,7 +60,9 @@ def _spy(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
-def test_shared_prefix_equals_the_straightforward_loss_and_gradients(model_type: str, monkeypatch, tiny_costs) -> None:
+def test_shared_prefix_equals_the_straightforward_loss_and_gradients(
+    model_type: str, monkeypatch, tiny_costs
+) -> None:
     model = _model(model_type)
     ids, mask, labels = _batch()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -77,7 +83,9 @@ def test_shared_prefix_equals_the_straightforward_loss_and_gradients(model_type:
     ("mistral", {"sliding_window": 8}),
     ("qwen2", {"sliding_window": 8, "use_sliding_window": True, "max_window_layers": 0}),
 ])
-def test_sliding_window_shorter_than_the_prefix(model_type: str, window: dict, monkeypatch, tiny_costs) -> None:
+def test_sliding_window_shorter_than_the_prefix(
+    model_type: str, window: dict, monkeypatch, tiny_costs
+) -> None:
     """The cache keeps only the window of the prefix; the rest of each row must still see the same keys."""
     model = _model(model_type, **window)
     ids, mask, labels = _batch()
@@ -89,14 +97,16 @@ def test_sliding_window_shorter_than_the_prefix(model_type: str, window: dict, m
 
 
 def test_shared_prefix_loss_equals_hf_loss_and_saves_work(monkeypatch, tiny_costs) -> None:
-    """Against transformers' own `labels=` loss, and the decoder sees the prefix once plus the rest of each row."""
+    """Against transformers' own `labels=` loss, and the decoder sees the prefix once plus the rest of each
+    row."""
     model = _model("llama")
     ids, mask, labels = _batch(prefix=20, rows=4)
     expected = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     seen: list[tuple[int, int]] = []
     decoder = model.get_base_model().get_decoder()
-    handle = decoder.register_forward_pre_hook(lambda _, args, kwargs: seen.append(tuple(kwargs["input_ids"].shape)),
-                                               with_kwargs=True)
+    handle = decoder.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
     total, count = causal_lm_loss(model, ids, mask, labels)
     handle.remove()
     assert seen == [(1, 20), (4, 10)]
@@ -140,7 +150,9 @@ def test_not_shared_when_it_would_change_the_result(tiny_costs) -> None:
 
     dropped = _model("llama", dropout=0.1)
     assert can_share_prefix(dropped.get_base_model(), dropped.get_base_model().get_decoder(), ids) == 0
-    assert can_share_prefix(dropped.get_base_model().eval(), dropped.get_base_model().get_decoder(), ids) == 20
+    assert (
+        can_share_prefix(dropped.get_base_model().eval(), dropped.get_base_model().get_decoder(), ids) == 20
+    )
 
     gpt2 = tiny_gpt2().train()  # GPT-2's default residual/attention dropout is 0.1
     assert can_share_prefix(gpt2, gpt2.get_decoder(), ids) == 0
@@ -163,7 +175,8 @@ def test_masked_or_left_padded_batches_are_not_shared(monkeypatch, tiny_costs) -
 
 
 def test_mixed_adapter_rows_are_not_shared(monkeypatch, tiny_costs) -> None:
-    """Rows on different adapters have different prefix hidden states (DPO's one-pass reference is such a batch)."""
+    """Rows on different adapters have different prefix hidden states (DPO's one-pass reference is such a
+    batch)."""
     from lorakit.layers.rows import BASE_ROW, row_adapters
 
     model = _model("llama")

@@ -61,9 +61,16 @@ def state_gap(a: torch.nn.Module, b: torch.nn.Module) -> float:
 
 CASES = {
     "lora": (tiny_llama, dict(target_modules=["q_proj", "v_proj"])),
-    "rslora_patterns": (tiny_llama, dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"], lora_alpha=16,
-                                         use_rslora=True, rank_pattern={"v_proj": 4, "layers.1.self_attn.q_proj": 2},
-                                         alpha_pattern={"o_proj": 3.0})),
+    "rslora_patterns": (
+        tiny_llama,
+        dict(
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"],
+            lora_alpha=16,
+            use_rslora=True,
+            rank_pattern={"v_proj": 4, "layers.1.self_attn.q_proj": 2},
+            alpha_pattern={"o_proj": 3.0},
+        ),
+    ),
     "dora": (tiny_llama, dict(target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)),
     "gpt2_conv1d": (tiny_gpt2, dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
     "gpt2_dora": (tiny_gpt2, dict(target_modules=["c_attn", "c_fc"], use_dora=True, fan_in_fan_out=True)),
@@ -74,7 +81,10 @@ CASES = {
     "lora_bias": (tiny_gpt2, dict(target_modules=["c_attn", "c_fc"], lora_bias=True, fan_in_fan_out=True)),
     "tied_embedding": (tiny_gpt2, dict(target_modules=["wte", "c_attn"], fan_in_fan_out=True)),
     "tied_head_lora": (tiny_gpt2, dict(target_modules=["lm_head", "c_attn"], fan_in_fan_out=True)),
-    "tied_modules_to_save": (tiny_gpt2, dict(target_modules=["c_attn"], modules_to_save=["lm_head"], fan_in_fan_out=True)),
+    "tied_modules_to_save": (
+        tiny_gpt2,
+        dict(target_modules=["c_attn"], modules_to_save=["lm_head"], fan_in_fan_out=True),
+    ),
     "olora": (tiny_llama, dict(target_modules=["q_proj", "v_proj"], init_lora_weights="olora")),
     "pissa": (tiny_llama, dict(target_modules=["q_proj", "o_proj"], init_lora_weights="pissa")),
 }
@@ -93,7 +103,9 @@ def test_streaming_equals_in_memory_merge(tmp_path: Path, case: str) -> None:
     unmerged = logits(model)
     in_memory = model.merge_and_unload()
 
-    report = merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", max_shard_size="64KB")
+    report = merge_checkpoint(
+        tmp_path / "base", tmp_path / "adapter", tmp_path / "out", max_shard_size="64KB"
+    )
     merged = load(tmp_path / "out")
 
     assert state_gap(merged, in_memory) <= TOL
@@ -106,10 +118,14 @@ def test_streaming_equals_in_memory_merge(tmp_path: Path, case: str) -> None:
     assert report.verification is not None and report.verification.passed
     assert report.verification.max_ulp_error <= 1.0
     assert report.tensors_merged + report.tensors_replaced >= 1
-    assert report.tensors_merged + report.tensors_replaced + report.tensors_copied == len(open_checkpoint(tmp_path / "out").tensors)
+    assert report.tensors_merged + report.tensors_replaced + report.tensors_copied == len(
+        open_checkpoint(tmp_path / "out").tensors
+    )
 
 
-@pytest.mark.parametrize("case", ["lora", "gpt2_dora", "gpt2_conv1d", "embedding", "dora", "lora_bias", "tied_head_lora"])
+@pytest.mark.parametrize(
+    "case", ["lora", "gpt2_dora", "gpt2_conv1d", "embedding", "dora", "lora_bias", "tied_head_lora"]
+)
 def test_row_blocks_equal_whole_tensors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str) -> None:
     """With blocks of a few rows (as for a 128k-token embedding) the result is the in-memory merge."""
     from lorakit.merge import plan
@@ -147,7 +163,11 @@ def test_headless_legacy_checkpoint(tmp_path: Path) -> None:
     """The original GPT-2 checkpoints name tensors without the `transformer.` prefix and omit lm_head."""
     base = tiny_gpt2()
     base.save_pretrained(tmp_path / "base")
-    legacy = {k.removeprefix("transformer."): v.contiguous() for k, v in base.state_dict().items() if k != "lm_head.weight"}
+    legacy = {
+        k.removeprefix("transformer."): v.contiguous()
+        for k, v in base.state_dict().items()
+        if k != "lm_head.weight"
+    }
     save_file(legacy, str(tmp_path / "base" / "model.safetensors"), metadata={"format": "pt"})
     model = adapted(base, target_modules=["c_attn", "wte"], fan_in_fan_out=True)
     model.save_pretrained(tmp_path / "adapter")
@@ -165,7 +185,9 @@ def test_matches_peft_merge_and_unload(tmp_path: Path, case: str) -> None:
     base.save_pretrained(tmp_path / "base")
     adapted(base, **config).save_pretrained(tmp_path / "adapter")
     with quiet():
-        oracle = peft.PeftModel.from_pretrained(clone_model(base), str(tmp_path / "adapter")).merge_and_unload()
+        oracle = peft.PeftModel.from_pretrained(
+            clone_model(base), str(tmp_path / "adapter")
+        ).merge_and_unload()
     merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
     merged = load(tmp_path / "out")
     assert state_gap(merged, oracle) <= TOL
@@ -179,7 +201,9 @@ def _two_adapters(tmp_path: Path, base, first: dict, second: dict) -> list[Path]
     return dirs
 
 
-@pytest.mark.parametrize("second", [dict(target_modules=["q_proj", "v_proj"]), dict(target_modules=["v_proj", "o_proj"], r=4)])
+@pytest.mark.parametrize(
+    "second", [dict(target_modules=["q_proj", "v_proj"]), dict(target_modules=["v_proj", "o_proj"], r=4)]
+)
 def test_weighted_adapters_equal_cat_combination(tmp_path: Path, second: dict) -> None:
     base = tiny_llama()
     base.save_pretrained(tmp_path / "base")
@@ -222,7 +246,10 @@ def test_low_precision_base_rounds_once_like_in_memory(tmp_path: Path, dtype: to
         assert merged[key].dtype == dtype
         gap = (merged[key].double() - value.double()).abs()
         assert bool((gap <= ulp(value, dtype)).all()), key
-    changed = merged["model.layers.0.self_attn.q_proj.weight"].float() - base.model.layers[0].self_attn.q_proj.weight.detach().float()
+    changed = (
+        merged["model.layers.0.self_attn.q_proj.weight"].float()
+        - base.model.layers[0].self_attn.q_proj.weight.detach().float()
+    )
     assert float(changed.abs().max()) > 0.01
 
 
@@ -243,22 +270,36 @@ def test_dtype_conversion_and_config(tmp_path: Path) -> None:
 def test_sharded_output_index_report_and_support_files(tmp_path: Path) -> None:
     base = tiny_llama()
     base.save_pretrained(tmp_path / "base", max_shard_size="30KB")
-    for name, text in {"tokenizer.json": "{}", "chat_template.jinja": "{{ messages }}", "special_tokens_map.json": "{}",
-                       "pytorch_model.bin": "not copied", "notes.gguf": "not copied"}.items():
+    for name, text in {
+        "tokenizer.json": "{}",
+        "chat_template.jinja": "{{ messages }}",
+        "special_tokens_map.json": "{}",
+        "pytorch_model.bin": "not copied",
+        "notes.gguf": "not copied",
+    }.items():
         (tmp_path / "base" / name).write_text(text)
     adapted(base, target_modules=["q_proj", "v_proj"]).save_pretrained(tmp_path / "adapter")
-    report = merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", max_shard_size="20KB")
+    report = merge_checkpoint(
+        tmp_path / "base", tmp_path / "adapter", tmp_path / "out", max_shard_size="20KB"
+    )
     out = tmp_path / "out"
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(out.glob("model-*.safetensors"))
     assert report.shards == len(shards) > 2
     checkpoint = open_checkpoint(out)
-    assert set(index["weight_map"]) == set(checkpoint.tensors) == set(open_checkpoint(tmp_path / "base").tensors)
+    assert (
+        set(index["weight_map"]) == set(checkpoint.tensors) == set(open_checkpoint(tmp_path / "base").tensors)
+    )
     assert index["metadata"]["total_size"] == checkpoint.total_bytes
     for shard in shards:  # a shard over the limit holds a single tensor
         held = [i for i in checkpoint.tensors.values() if i.file == shard.name]
         assert sum(i.nbytes for i in held) <= 20_000 or len(held) == 1
-    for name in ("tokenizer.json", "chat_template.jinja", "special_tokens_map.json", "generation_config.json"):
+    for name in (
+        "tokenizer.json",
+        "chat_template.jinja",
+        "special_tokens_map.json",
+        "generation_config.json",
+    ):
         assert (out / name).read_bytes() == (tmp_path / "base" / name).read_bytes()
     assert not (out / "pytorch_model.bin").exists() and not (out / "notes.gguf").exists()
     saved = json.loads((out / REPORT_NAME).read_text())
@@ -267,12 +308,26 @@ def test_sharded_output_index_report_and_support_files(tmp_path: Path) -> None:
     assert saved["peak_rss_bytes"] > 0 and saved["seconds"] > 0
 
 
-@pytest.mark.parametrize("first, second, weights, expected", [
-    (dict(target_modules=["q_proj"], use_dora=True), dict(target_modules=["v_proj"]), [0.5, 1.0], "DoRA adapters cannot be weighted"),
-    (dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), dict(target_modules=["v_proj"], modules_to_save=["lm_head"]),
-     [1.0, 1.0], "'lm_head.weight' is also saved"),
-])
-def test_conflicting_adapters_are_refused(tmp_path: Path, first: dict, second: dict, weights: list, expected: str) -> None:
+@pytest.mark.parametrize(
+    "first, second, weights, expected",
+    [
+        (
+            dict(target_modules=["q_proj"], use_dora=True),
+            dict(target_modules=["v_proj"]),
+            [0.5, 1.0],
+            "DoRA adapters cannot be weighted",
+        ),
+        (
+            dict(target_modules=["q_proj"], modules_to_save=["lm_head"]),
+            dict(target_modules=["v_proj"], modules_to_save=["lm_head"]),
+            [1.0, 1.0],
+            "'lm_head.weight' is also saved",
+        ),
+    ],
+)
+def test_conflicting_adapters_are_refused(
+    tmp_path: Path, first: dict, second: dict, weights: list, expected: str
+) -> None:
     base = tiny_llama()
     base.save_pretrained(tmp_path / "base")
     dirs = _two_adapters(tmp_path, base, first, second)
@@ -309,7 +364,9 @@ def test_verification_detects_corrupted_tensors(tmp_path: Path) -> None:
         tensors = {k: fh.get_tensor(k).clone() for k in fh.keys()}
     q = "model.layers.1.self_attn.q_proj.weight"
     tensors[q][0, 0] = torch.nextafter(tensors[q][0, 0], torch.tensor(float("inf")))
-    tensors[q][0, 1] = torch.nextafter(torch.nextafter(tensors[q][0, 1], torch.tensor(9.0)), torch.tensor(9.0))
+    tensors[q][0, 1] = torch.nextafter(
+        torch.nextafter(tensors[q][0, 1], torch.tensor(9.0)), torch.tensor(9.0)
+    )
     tensors["model.norm.weight"][3] = torch.nextafter(tensors["model.norm.weight"][3], torch.tensor(9.0))
     save_file(tensors, str(file), metadata={"format": "pt"})
     check = verify_checkpoint(tmp_path / "out", plan, None)
@@ -328,7 +385,11 @@ def test_failed_verification_leaves_no_output(tmp_path: Path, monkeypatch: pytes
     original = checkpoint.ShardedWriter.write
 
     def faulty(self, name, blocks):  # a writer bug: one tensor off by 1e-3
-        original(self, name, [b + 1e-3 for b in blocks] if name.endswith("layers.0.self_attn.q_proj.weight") else blocks)
+        original(
+            self,
+            name,
+            [b + 1e-3 for b in blocks] if name.endswith("layers.0.self_attn.q_proj.weight") else blocks,
+        )
 
     monkeypatch.setattr(checkpoint.ShardedWriter, "write", faulty)
     with pytest.raises(VerificationError, match="layers.0.self_attn.q_proj.weight"):
@@ -340,8 +401,12 @@ def test_failed_verification_leaves_no_output(tmp_path: Path, monkeypatch: pytes
 def test_verify_outputs_reports_logit_agreement(tmp_path: Path) -> None:
     base = tiny_llama()
     base.save_pretrained(tmp_path / "base")
-    dirs = _two_adapters(tmp_path, base, dict(target_modules=["q_proj", "v_proj"]), dict(target_modules=["o_proj"], r=4))
-    report = merge_checkpoint(tmp_path / "base", dirs, tmp_path / "out", weights=[0.5, 2.0], verify_outputs=True)
+    dirs = _two_adapters(
+        tmp_path, base, dict(target_modules=["q_proj", "v_proj"]), dict(target_modules=["o_proj"], r=4)
+    )
+    report = merge_checkpoint(
+        tmp_path / "base", dirs, tmp_path / "out", weights=[0.5, 2.0], verify_outputs=True
+    )
     outputs = report.outputs
     assert outputs is not None and outputs.prompts == 3 and outputs.tokens > 10
     assert outputs.max_logit_diff <= 1e-4 and outputs.argmax_agreement == 1.0

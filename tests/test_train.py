@@ -24,9 +24,21 @@ from lorakit.train.trainer import Trainer
 
 def _config(output: Path, model_dir: Path, data: dict[str, Path], **overrides) -> TrainConfig:
     options = dict(
-        model=str(model_dir), data=str(data["train"]), validation_data=str(data["validation"]),
-        test_data=str(data["test"]), output=str(output), max_steps=6, eval_every=6, save_every=2, batch_size=4,
-        learning_rate=5e-3, warmup_steps=0, lora_dropout=0.1, eval_limit=4, eval_max_new_tokens=4, seed=3,
+        model=str(model_dir),
+        data=str(data["train"]),
+        validation_data=str(data["validation"]),
+        test_data=str(data["test"]),
+        output=str(output),
+        max_steps=6,
+        eval_every=6,
+        save_every=2,
+        batch_size=4,
+        learning_rate=5e-3,
+        warmup_steps=0,
+        lora_dropout=0.1,
+        eval_limit=4,
+        eval_max_new_tokens=4,
+        seed=3,
     )
     options.update(overrides)
     return TrainConfig.from_options(options)
@@ -38,7 +50,9 @@ def _config(output: Path, model_dir: Path, data: dict[str, Path], **overrides) -
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
 @pytest.mark.parametrize("chunk_size", [1024, 3], ids=["one-chunk", "chunked"])
 @pytest.mark.parametrize("padding", ["right", "left"])
-def test_chunked_loss_equals_the_straightforward_loss_and_gradients(make, chunk_size: int, padding: str) -> None:
+def test_chunked_loss_equals_the_straightforward_loss_and_gradients(
+    make, chunk_size: int, padding: str
+) -> None:
     """Also covers dropping a right-padding mask (the faster SDPA path): HF's reference keeps the mask."""
     torch.manual_seed(0)
     ids = torch.randint(3, 96, (3, 10))
@@ -50,8 +64,12 @@ def test_chunked_loss_equals_the_straightforward_loss_and_gradients(make, chunk_
     mask[2, padded] = 0
     labels[2, padded] = -100
 
-    reference = lorakit.get_peft_model(make(), lorakit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
-    ours = lorakit.get_peft_model(make(), lorakit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    reference = lorakit.get_peft_model(
+        make(), lorakit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    )
+    ours = lorakit.get_peft_model(
+        make(), lorakit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    )
     ours.load_state_dict(reference.state_dict())
 
     expected = reference(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -99,8 +117,9 @@ def test_yaml_options_are_checked_like_flags_and_name_the_file(tmp_path) -> None
     assert (config.lora.r, config.lora.lora_alpha, config.lora.target_modules) == (4, 8.0, ["q_proj"])
     assert (config.seed, config.max_steps) == (2, 3)
     # Options not given keep the trainer's LoRA defaults (all linear layers, alpha 16), not LoraConfig's.
-    assert TrainConfig.from_options({}).lora == lorakit.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
-                                                                   task_type="CAUSAL_LM")
+    assert TrainConfig.from_options({}).lora == lorakit.LoraConfig(
+        r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
 
 
 def test_saved_options_read_back_into_the_same_config(tmp_path) -> None:
@@ -135,13 +154,17 @@ def test_lora_run_writes_adapter_metrics_curve_and_report(tmp_path, tiny_chat_mo
     # The saved adapter is PEFT's format and loads back onto the base.
     from transformers import AutoModelForCausalLM
 
-    loaded = lorakit.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir), out / "adapter")
+    loaded = lorakit.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir), out / "adapter"
+    )
     assert loaded.get_nb_trainable_parameters()[1] == report["total_params"]
     saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)
 
 
-def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, tiny_chat_model_dir, demo_subset) -> None:
+def test_resume_after_a_crash_matches_an_uninterrupted_run(
+    tmp_path, tiny_chat_model_dir, demo_subset
+) -> None:
     uninterrupted = train(_config(tmp_path / "a", tiny_chat_model_dir, demo_subset))
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(_config(tmp_path / "b", tiny_chat_model_dir, demo_subset), callbacks=[CrashAfter(2)])
@@ -173,7 +196,9 @@ class NaNOnThirdStep(SFTObjective):
         return total, figures
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, tiny_chat_model_dir, demo_subset) -> None:
+def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(
+    tmp_path, tiny_chat_model_dir, demo_subset
+) -> None:
     config = _config(tmp_path / "run", tiny_chat_model_dir, demo_subset)
     with pytest.raises(LorakitError, match=r"loss became nan at step 3.*checkpoint"):
         Trainer(config, NaNOnThirdStep(config)).run()
@@ -181,8 +206,14 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, tiny_
 
 
 def test_full_fine_tuning_baseline_trains_every_parameter(tmp_path, tiny_chat_model_dir, demo_subset) -> None:
-    result = train(_config(tmp_path / "full", tiny_chat_model_dir, demo_subset, method="full", max_steps=3, lora_dropout=0.0))
-    assert (result.adapter_dir / "config.json").is_file() and (result.adapter_dir / "tokenizer_config.json").is_file()
+    result = train(
+        _config(
+            tmp_path / "full", tiny_chat_model_dir, demo_subset, method="full", max_steps=3, lora_dropout=0.0
+        )
+    )
+    assert (result.adapter_dir / "config.json").is_file() and (
+        result.adapter_dir / "tokenizer_config.json"
+    ).is_file()
     assert result.report["trainable_params"] == result.report["total_params"]
     from transformers import AutoModelForCausalLM
 
@@ -192,7 +223,9 @@ def test_full_fine_tuning_baseline_trains_every_parameter(tmp_path, tiny_chat_mo
     assert "model.layers.0.self_attn.q_proj.weight" in changed and "model.embed_tokens.weight" in changed
 
 
-def test_output_dir_of_another_run_is_refused_without_overwrite(tmp_path, tiny_chat_model_dir, demo_subset) -> None:
+def test_output_dir_of_another_run_is_refused_without_overwrite(
+    tmp_path, tiny_chat_model_dir, demo_subset
+) -> None:
     out = tmp_path / "run"
     out.mkdir()
     (out / "something.txt").write_text("x")
@@ -207,16 +240,38 @@ def test_output_dir_of_another_run_is_refused_without_overwrite(tmp_path, tiny_c
 
 
 def _lorakit(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_reads_yaml_config_and_flags_override_it(tmp_path, tiny_chat_model_dir, demo_subset) -> None:
     config = tmp_path / "train.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": str(tiny_chat_model_dir), "data": str(demo_subset["train"]), "test-data": str(demo_subset["test"]),
-        "max_steps": 5, "eval-every": 100, "batch-size": 4, "target-modules": ["q_proj", "v_proj"], "r": 2,
-    }))
-    done = _lorakit("train", "--config", str(config), "--max-steps", "2", "--output", str(tmp_path / "run"), "--eval-limit", "2")
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(tiny_chat_model_dir),
+                "data": str(demo_subset["train"]),
+                "test-data": str(demo_subset["test"]),
+                "max_steps": 5,
+                "eval-every": 100,
+                "batch-size": 4,
+                "target-modules": ["q_proj", "v_proj"],
+                "r": 2,
+            }
+        )
+    )
+    done = _lorakit(
+        "train",
+        "--config",
+        str(config),
+        "--max-steps",
+        "2",
+        "--output",
+        str(tmp_path / "run"),
+        "--eval-limit",
+        "2",
+    )
     assert done.returncode == 0, done.stderr
     saved = yaml.safe_load((tmp_path / "run" / "train_config.yaml").read_text())
     assert saved["max_steps"] == 2 and saved["r"] == 2 and saved["target_modules"] == ["q_proj", "v_proj"]

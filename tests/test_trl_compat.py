@@ -17,7 +17,9 @@ import lorakit
 trl = pytest.importorskip("trl")
 
 
-def test_sft_trainer_trains_only_the_adapter_which_saves_in_peft_format(tmp_path, tiny_chat_model_dir, demo_subset) -> None:
+def test_sft_trainer_trains_only_the_adapter_which_saves_in_peft_format(
+    tmp_path, tiny_chat_model_dir, demo_subset
+) -> None:
     import peft
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -32,10 +34,20 @@ def test_sft_trainer_trains_only_the_adapter_which_saves_in_peft_format(tmp_path
 
     def sft(model: lorakit.PeftModel, resume: str | None = None):
         args = trl.SFTConfig(
-            output_dir=str(tmp_path / ("resumed" if resume else "trl")), max_steps=6, per_device_train_batch_size=4,
-            learning_rate=1e-2, logging_steps=1, save_steps=3, report_to=[], use_cpu=True, bf16=False, seed=0,
+            output_dir=str(tmp_path / ("resumed" if resume else "trl")),
+            max_steps=6,
+            per_device_train_batch_size=4,
+            learning_rate=1e-2,
+            logging_steps=1,
+            save_steps=3,
+            report_to=[],
+            use_cpu=True,
+            bf16=False,
+            seed=0,
         )
-        trainer = trl.SFTTrainer(model=model.get_base_model(), args=args, train_dataset=dataset, processing_class=tokenizer)
+        trainer = trl.SFTTrainer(
+            model=model.get_base_model(), args=args, train_dataset=dataset, processing_class=tokenizer
+        )
         trainer.train(resume_from_checkpoint=resume)
         return trainer
 
@@ -58,14 +70,17 @@ def test_sft_trainer_trains_only_the_adapter_which_saves_in_peft_format(tmp_path
     sft(resumed, resume=str(tmp_path / "trl" / "checkpoint-3"))
     assert all(torch.equal(p, after[name]) for name, p in resumed.named_parameters())
     fresh = adapted()
-    loaded = fresh.get_base_model().load_state_dict(load_file(str(tmp_path / "trl" / "checkpoint-6" / "model.safetensors")),
-                                                    strict=False)
+    loaded = fresh.get_base_model().load_state_dict(
+        load_file(str(tmp_path / "trl" / "checkpoint-6" / "model.safetensors")), strict=False
+    )
     assert loaded.missing_keys == ["lm_head.weight"] and not loaded.unexpected_keys
     assert all(torch.equal(p, after[name]) for name, p in fresh.named_parameters())
 
     # The adapter in PEFT's format: PEFT loads it and computes the same logits.
     model.save_pretrained(tmp_path / "adapter")
-    reference = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir), tmp_path / "adapter")
+    reference = peft.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir), tmp_path / "adapter"
+    )
     model.eval()
     reference.eval()
     batch = tokenizer(["October 16, 1983", "Feb 1 1976 is a date"], return_tensors="pt", padding=True)

@@ -62,11 +62,15 @@ def _sizes(model_type: str, hidden: int) -> dict[str, int]:
             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
 
 
-def tiny_llama(seed: int = 0, hidden: int = HIDDEN, dtype: torch.dtype = torch.float32, **kwargs) -> nn.Module:
+def tiny_llama(
+    seed: int = 0, hidden: int = HIDDEN, dtype: torch.dtype = torch.float32, **kwargs
+) -> nn.Module:
     return tiny_model("llama", seed, hidden, dtype, **{"tie_word_embeddings": False, **kwargs})
 
 
-def tiny_mistral(seed: int = 0, hidden: int = HIDDEN, dtype: torch.dtype = torch.float32, **kwargs) -> nn.Module:
+def tiny_mistral(
+    seed: int = 0, hidden: int = HIDDEN, dtype: torch.dtype = torch.float32, **kwargs
+) -> nn.Module:
     return tiny_model("mistral", seed, hidden, dtype, **{"tie_word_embeddings": False, "sliding_window": None,
                                                          **kwargs})
 
@@ -75,7 +79,11 @@ def tiny_gpt2(seed: int = 0, hidden: int = HIDDEN, dtype: torch.dtype = torch.fl
     return tiny_model("gpt2", seed, hidden, dtype, **kwargs)
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"llama": tiny_llama, "mistral": tiny_mistral, "gpt2": tiny_gpt2}
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "llama": tiny_llama,
+    "mistral": tiny_mistral,
+    "gpt2": tiny_gpt2,
+}
 
 
 def make_model(kind: str, seed: int = 0, **kwargs) -> nn.Module:

@@ -121,7 +121,11 @@ class LoraConfig:
 
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise bad("r", "a positive integer")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or not math.isfinite(self.lora_alpha):
+        if (
+            isinstance(self.lora_alpha, bool)
+            or not isinstance(self.lora_alpha, (int, float))
+            or not math.isfinite(self.lora_alpha)
+        ):
             raise bad("lora_alpha", "a finite number")
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
             raise bad("lora_dropout", "a probability in [0, 1)")
@@ -130,7 +134,9 @@ class LoraConfig:
         if self.peft_type != "LORA":
             raise bad("peft_type", '"LORA" (lorakit implements LoRA only)')
         init = self.init_lora_weights
-        if not isinstance(init, bool) and not (init in _NAMED_INITS or (isinstance(init, str) and _PISSA_NITER.fullmatch(init))):
+        if not isinstance(init, bool) and not (
+            init in _NAMED_INITS or (isinstance(init, str) and _PISSA_NITER.fullmatch(init))
+        ):
             raise bad("init_lora_weights", 'True, False, "gaussian", "olora", "pissa" or "pissa_niter_N"')
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
@@ -155,17 +161,27 @@ class LoraConfig:
             values = [layers] if isinstance(layers, int) else layers
             if not isinstance(values, list) or not all(isinstance(i, int) and i >= 0 for i in values):
                 raise bad("layers_to_transform", "a non-negative layer index or a list of them")
+        self._check_patterns()
+        if self.use_dora and self.lora_bias:
+            raise OptionError(
+                "lora_bias", "false with use_dora (not supported together)", True, owner="LoraConfig"
+            )
+
+    def _check_patterns(self) -> None:
+        """rank_pattern: positive integers; alpha_pattern: numbers; both keyed by module-name pattern."""
         for name in ("rank_pattern", "alpha_pattern"):
             pattern = getattr(self, name)
             if not isinstance(pattern, dict):
-                raise bad(name, "a mapping of module-name pattern to value")
+                raise OptionError(name, "a mapping of module-name pattern to value", pattern, owner="LoraConfig")
             for key, value in pattern.items():
-                positive = isinstance(value, int) and value > 0 if name == "rank_pattern" else isinstance(value, (int, float))
+                positive = (
+                    isinstance(value, int) and value > 0
+                    if name == "rank_pattern"
+                    else isinstance(value, (int, float))
+                )
                 if isinstance(value, bool) or not positive:
                     kind = "integer" if name == "rank_pattern" else "number"
                     raise OptionError(f"{name}[{key!r}]", f"a positive {kind}", value, owner="LoraConfig")
-        if self.use_dora and self.lora_bias:
-            raise OptionError("lora_bias", "false with use_dora (not supported together)", True, owner="LoraConfig")
 
     # ---- rank and scaling per module -------------------------------------------------------------
 
@@ -213,7 +229,10 @@ class LoraConfig:
                 kwargs[key] = value
             elif key in _PEFT_ONLY_KEYS:
                 if value not in (None, False, {}, [], ""):
-                    raise ValueError(f"{source}: key {key!r} uses a PEFT feature lorakit does not support (value {value!r})")
+                    raise ValueError(
+                        f"{source}: key {key!r} uses a PEFT feature lorakit does not support (value "
+                        f"{value!r})"
+                    )
         if unknown:
             warnings.warn(f"Unexpected keyword arguments {sorted(unknown)} for class LoraConfig, these are "
                           f"ignored. ({source})", UserWarning, stacklevel=2)
@@ -230,7 +249,9 @@ class LoraConfig:
             path = path / subfolder
         file = path if path.is_file() else path / CONFIG_NAME
         if not file.is_file():
-            raise AdapterFileError(f"{file}: adapter config not found (expected a directory holding {CONFIG_NAME})")
+            raise AdapterFileError(
+                f"{file}: adapter config not found (expected a directory holding {CONFIG_NAME})"
+            )
         try:
             data = json.loads(file.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:

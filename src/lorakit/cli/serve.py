@@ -10,27 +10,83 @@ import typer
 from lorakit.cli.app import ConfigOption, TrustRemoteCodeOption, app
 from lorakit.device import DEVICE_HELP
 
-SERVE_DTYPE_HELP = ("Base weights' dtype: float32, bfloat16 or float16 (or fp32, bf16, fp16), or auto: bf16 on a "
-                    "GPU that supports it, else fp32.")
+SERVE_DTYPE_HELP = (
+    "Base weights' dtype: float32, bfloat16 or float16 (or fp32, bf16, fp16), or auto: bf16 on a "
+    "GPU that supports it, else fp32."
+)
 
 
 @app.command()
 def serve(
-    model: Annotated[str | None, typer.Option(help="Base model dir, .gguf or hub id (default: embedded SmolLM2).")] = None,
-    adapter: Annotated[list[str] | None, typer.Option(help="Adapter as NAME=DIR or DIR; repeat for several.")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Base model dir, .gguf or hub id (default: embedded SmolLM2).")
+    ] = None,
+    adapter: Annotated[
+        list[str] | None, typer.Option(help="Adapter as NAME=DIR or DIR; repeat for several.")
+    ] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
-    api_key: Annotated[str | None, typer.Option(envvar="LORAKIT_API_KEY", show_default=False, help="Require 'Authorization: Bearer KEY' on every route.")] = None,
-    allowed_origins: Annotated[list[str] | None, typer.Option(help="Browser origin (scheme://host:port) allowed to call the server, and whose host name is accepted in Host headers; repeat for several; '*' turns both checks off.")] = None,
-    adapter_root: Annotated[Path | None, typer.Option(exists=True, file_okay=False, help="Allow POST /v1/adapters, loading only from inside this directory (off without it).")] = None,
-    max_adapters: Annotated[int | None, typer.Option(min=0, help="Most adapters held at once; loading more evicts the least recently used idle one.")] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="LORAKIT_API_KEY",
+            show_default=False,
+            help="Require 'Authorization: Bearer KEY' on every route.",
+        ),
+    ] = None,
+    allowed_origins: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Browser origin (scheme://host:port) allowed to call the server, and whose host name is "
+                 "accepted in Host headers; repeat for several; '*' turns both checks off."
+        ),
+    ] = None,
+    adapter_root: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            file_okay=False,
+            help="Allow POST /v1/adapters, loading only from inside this directory (off without it).",
+        ),
+    ] = None,
+    max_adapters: Annotated[
+        int | None,
+        typer.Option(
+            min=0, help="Most adapters held at once; loading more evicts the least recently used idle one."
+        ),
+    ] = None,
     max_batch_size: Annotated[int, typer.Option(min=1, help="Most requests in the running batch.")] = 16,
-    max_prefill_tokens: Annotated[int, typer.Option(min=1, help="Most prompt tokens prefilled in one step (a longer prompt runs alone).")] = 512,
-    scheduler: Annotated[str, typer.Option(help="continuous (requests join the running batch) or static (each batch runs to its end; for comparison).")] = "continuous",
-    max_model_len: Annotated[int | None, typer.Option(min=2, help="Prompt + completion token limit (default: the model's context length).")] = None,
-    max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body; larger ones get 413.")] = 4 * 2**20,
-    max_prompt_chars: Annotated[int | None, typer.Option(min=1, help="Longest prompt in characters, checked before tokenising (default: 64 per token of the context length).")] = None,
-    batch_window_ms: Annotated[float, typer.Option(min=0.0, help="How long an idle scheduler waits for concurrent requests to prefill together.")] = 5.0,
+    max_prefill_tokens: Annotated[
+        int,
+        typer.Option(min=1, help="Most prompt tokens prefilled in one step (a longer prompt runs alone)."),
+    ] = 512,
+    scheduler: Annotated[
+        str,
+        typer.Option(
+            help="continuous (requests join the running batch) or static (each batch runs to its end; for "
+                 "comparison)."
+        ),
+    ] = "continuous",
+    max_model_len: Annotated[
+        int | None,
+        typer.Option(min=2, help="Prompt + completion token limit (default: the model's context length)."),
+    ] = None,
+    max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body; larger ones get 413.")] = 4
+    * 2**20,
+    max_prompt_chars: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Longest prompt in characters, checked before tokenising (default: 64 per token of the "
+                 "context length).",
+        ),
+    ] = None,
+    batch_window_ms: Annotated[
+        float,
+        typer.Option(
+            min=0.0, help="How long an idle scheduler waits for concurrent requests to prefill together."
+        ),
+    ] = 5.0,
     dtype: Annotated[str, typer.Option(help=SERVE_DTYPE_HELP)] = "float32",
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     trust_remote_code: Annotated[bool, TrustRemoteCodeOption] = False,
@@ -49,7 +105,9 @@ def serve(
         from lorakit.serve.server import Server
         from lorakit.serve.settings import ServeSettings
     except ImportError as err:
-        raise MissingDependencyError(f"lorakit serve needs {err.name}: pip install 'lorakit[serve]'") from None
+        raise MissingDependencyError(
+            f"lorakit serve needs {err.name}: pip install 'lorakit[serve]'"
+        ) from None
     from lorakit.device import resolve_device, resolve_dtype
 
     names = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -60,10 +118,19 @@ def serve(
     if scheduler not in SCHEDULERS:
         raise LorakitError(f"--scheduler {scheduler!r}: use {' or '.join(SCHEDULERS)}")
     settings = ServeSettings(
-        max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens, batch_window_ms=batch_window_ms,
-        scheduler=scheduler, max_adapters=max_adapters, max_model_len=max_model_len, adapter_root=adapter_root,
-        max_body_bytes=max_body_bytes, max_prompt_chars=max_prompt_chars, host=host, api_key=api_key or None,
-        allowed_origins=tuple(allowed_origins or ()))
+        max_batch_size=max_batch_size,
+        max_prefill_tokens=max_prefill_tokens,
+        batch_window_ms=batch_window_ms,
+        scheduler=scheduler,
+        max_adapters=max_adapters,
+        max_model_len=max_model_len,
+        adapter_root=adapter_root,
+        max_body_bytes=max_body_bytes,
+        max_prompt_chars=max_prompt_chars,
+        host=host,
+        api_key=api_key or None,
+        allowed_origins=tuple(allowed_origins or ()),
+    )
     server = Server.load(model, parse_adapter_specs(adapter), settings, dtype=torch_dtype, device=str(where),
                          trust_remote_code=trust_remote_code)
     typer.echo(f"serving {server.base_name} with adapters: {', '.join(server.pool.names()) or 'none'} "

@@ -27,4 +27,6 @@ def _check_rank(method: str, weight: Tensor, r: int) -> None:
     # A reduced QR/SVD has only min(out, in) components; a larger r would leave the factors short of the
     # r rows/columns the adapter holds (zero-padding them would give rows that never receive a gradient).
     if r > min(weight.shape):
-        raise ValueError(f"init_lora_weights={method!r}: r={r} exceeds min(out, in) of a {tuple(weight.shape)} weight")
+        raise ValueError(
+            f"init_lora_weights={method!r}: r={r} exceeds min(out, in) of a {tuple(weight.shape)} weight"
+        )

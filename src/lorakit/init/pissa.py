@@ -23,7 +23,9 @@ def init_pissa(weight: Tensor, r: int, scaling: float, niter: int | None = None)
     _check_rank(method, weight, r)
     if scaling <= 0:
         # √(S/s) has no real value: the factors would be NaN.
-        raise ValueError(f"init_lora_weights={method!r}: needs a positive scaling (lora_alpha > 0), got {scaling}")
+        raise ValueError(
+            f"init_lora_weights={method!r}: needs a positive scaling (lora_alpha > 0), got {scaling}"
+        )
     if niter is None:
         u, s, vh = torch.linalg.svd(weight, full_matrices=False)
         u, s, vh = u[:, :r], s[:r], vh[:r]

@@ -153,7 +153,8 @@ class LoraLayer(TunerLayerAPI, nn.Module):
             # residual, and neither adapter would then be relative to the original weight.
             other = next(iter(self.initial_factors))
             raise ValueError(
-                f"{self.module_name}: adapter {other!r} (OLoRA/PiSSA) already replaced the base weight by its "
+                f"{self.module_name}: adapter {other!r} (OLoRA/PiSSA) already replaced the base weight by "
+                f"its "
                 f"residual; init_lora_weights={spec.init!r} for {name!r} would start from it. Save {other!r} "
                 "(portable) and add the new adapter to a fresh base model"
             )
@@ -173,7 +174,10 @@ class LoraLayer(TunerLayerAPI, nn.Module):
                 factor.copy_(value.view_as(factor))
             if init.residual is not None:
                 self._store_init_weight(init.residual)
-                self.initial_factors[name] = (init.lora_A.detach().cpu().clone(), init.lora_B.detach().cpu().clone())
+                self.initial_factors[name] = (
+                    init.lora_A.detach().cpu().clone(),
+                    init.lora_B.detach().cpu().clone(),
+                )
             if spec.use_dora:
                 self._create_magnitude(name)
         self._state_changed()
@@ -191,8 +195,10 @@ class LoraLayer(TunerLayerAPI, nn.Module):
 
     def _check_in_memory(self, action: str) -> None:
         if self.weight.device.type == "meta":
-            raise ValueError(f"{self.module_name}: cannot {action}: the base weight is offloaded (meta device); "
-                             "load the model without disk/meta offloading to merge")
+            raise ValueError(
+                f"{self.module_name}: cannot {action}: the base weight is offloaded (meta device); "
+                "load the model without disk/meta offloading to merge"
+            )
 
     def _create_magnitude(self, name: str) -> None:
         delta = self.delta_weight(name)
@@ -210,7 +216,14 @@ class LoraLayer(TunerLayerAPI, nn.Module):
         for container in self._containers():
             if name in container:
                 del container[name]
-        for table in (self.r, self.lora_alpha, self.scaling, self.lora_bias, self.initial_factors, self._dora_norms):
+        for table in (
+            self.r,
+            self.lora_alpha,
+            self.scaling,
+            self.lora_bias,
+            self.initial_factors,
+            self._dora_norms,
+        ):
             table.pop(name, None)
         self.active_adapters = [n for n in self.active_adapters if n != name]
         self._state_changed()
@@ -245,7 +258,8 @@ class LoraLayer(TunerLayerAPI, nn.Module):
         self._state_changed()
 
     def _state_changed(self) -> None:
-        """Called after adapters are added, deleted, activated, disabled, merged or unmerged, for subclasses that
+        """Called after adapters are added, deleted, activated, disabled, merged or unmerged, for subclasses
+        that
         keep state derived from those (LoraLinear's inference plan)."""
 
     def _live_adapters(self) -> list[str]:
@@ -281,7 +295,10 @@ class LoraLayer(TunerLayerAPI, nn.Module):
             else:
                 merged = add_delta(merged, delta)
         if safe_merge and not (torch.isfinite(merged).all() and (bias is None or torch.isfinite(bias).all())):
-            raise ValueError(f"{self.module_name}: merging adapter(s) {names} gives NaN/inf weights; the adapter seems broken")
+            raise ValueError(
+                f"{self.module_name}: merging adapter(s) {names} gives NaN/inf weights; the adapter seems "
+                f"broken"
+            )
         self._write_weight(merged)
         if bias is not None:
             with torch.no_grad():
@@ -337,8 +354,11 @@ class LoraLayer(TunerLayerAPI, nn.Module):
     def _warn_if_requantized(self, action: str) -> None:
         if quant.is_quantized(self.base_layer):
             # The same text from the same line: Python shows it once per process, however many layers merge.
-            warnings.warn(f"{action}: the base weights are quantized (bitsandbytes): the merged weights are quantized "
-                          "again, which rounds them (unmerging does not restore the original exactly)", stacklevel=2)
+            warnings.warn(
+                f"{action}: the base weights are quantized (bitsandbytes): the merged weights are quantized "
+                "again, which rounds them (unmerging does not restore the original exactly)",
+                stacklevel=2,
+            )
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={r}" for n, r in self.r.items())

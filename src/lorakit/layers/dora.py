@@ -12,7 +12,9 @@ from torch import Tensor
 from lorakit.merge.delta import dora_norm
 
 
-def magnitude_scale(weight: Tensor, lora_weight: Tensor, scaling: float, magnitude: Tensor, feature_axis: int) -> Tensor:
+def magnitude_scale(
+    weight: Tensor, lora_weight: Tensor, scaling: float, magnitude: Tensor, feature_axis: int
+) -> Tensor:
     """m / ‖W + s·ΔW‖_c with the norm detached; one entry per output feature.
 
     weight: the stored base weight; lora_weight: B @ A in that same layout (no scaling applied).

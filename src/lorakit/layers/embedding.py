@@ -62,7 +62,9 @@ class LoraEmbedding(LoraLayer):
         rows = rows_for_batch(x.shape[0]) if self.r and x.dim() > 1 else None
         if rows is not None:
             if self.merged_adapters:
-                raise ValueError(f"{self.module_name}: adapter_names cannot be used while adapters are merged")
+                raise ValueError(
+                    f"{self.module_name}: adapter_names cannot be used while adapters are merged"
+                )
             # Plain LoRA rows all at once in batched matmuls (layers/mixed.py); the rows it leaves (DoRA; in
             # training, dropout or gradients) take the per-adapter path below.
             result, rows = mixed.add_embedding_rows(self, x, result, rows)
@@ -82,7 +84,9 @@ class LoraEmbedding(LoraLayer):
         adapter's dtype (or the wider of the two)."""
         base = self.base_layer
         a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
-        rows = F.embedding(ids, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+        rows = F.embedding(
+            ids, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+        )
         lora_out = rows @ b.T
         embed_scale = getattr(base, "embed_scale", None)
         if embed_scale is not None:

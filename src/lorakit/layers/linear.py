@@ -36,7 +36,8 @@ class InferencePlan(NamedTuple):
     """What a no-grad forward needs when every live adapter is plain LoRA, looked up once per state change."""
 
     factors: tuple[tuple[str, nn.Linear, nn.Linear], ...]
-    """(name, A, B) of each live adapter; the scaling is read from `LoraLayer.scaling` at every call, since user
+    """(name, A, B) of each live adapter; the scaling is read from `LoraLayer.scaling` at every call, since
+    user
     code (and PEFT's `set_scale`) changes it in place."""
     dtype: torch.dtype | None
     """The factors' dtype; the plan applies when the input and the base output have it."""
@@ -160,7 +161,8 @@ class LoraLinear(LoraLayer):
         return out if lora_b.bias is None else out + scaling * lora_b.bias
 
     def _dora_term(self, name: str, x: Tensor, result: Tensor) -> Tensor:
-        """DoRA's addition to the base output `result` (layers/dora.py): (m/‖W + s·BA‖_c) (W x + s·B A x) − W x,
+        """DoRA's addition to the base output `result` (layers/dora.py): (m/‖W + s·BA‖_c) (W x + s·B A x) − W
+        x,
         with x in the adapter's dtype."""
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]
         dropout, scaling = self.lora_dropout[name], self.scaling[name]
@@ -178,7 +180,9 @@ class LoraLinear(LoraLayer):
             x = dropout(x)
             weight = weight.to(x.dtype)
             base_out = F.linear(x, weight.T if self.fan_in_fan_out else weight)
-        return dora.linear_term(base_out, lora_update(base_out, x, lora_a.weight, lora_b.weight, scaling), scale)
+        return dora.linear_term(
+            base_out, lora_update(base_out, x, lora_a.weight, lora_b.weight, scaling), scale
+        )
 
 
 def _device_of(module: nn.Module) -> torch.device:

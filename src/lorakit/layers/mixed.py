@@ -79,8 +79,11 @@ class _Stack:
                         self.up[1:].reshape(k * self.rank, self.up.shape[2]))
         return self.cat
 
-    def row_slots(self, rows: tuple[str, ...], device: torch.device) -> tuple[Tensor, Tensor, tuple[str, ...]]:
-        """(slot per row, the mask M, the rows left over) for a batch's rows; the same rows reuse them in every
+    def row_slots(
+        self, rows: tuple[str, ...], device: torch.device
+    ) -> tuple[Tensor, Tensor, tuple[str, ...]]:
+        """(slot per row, the mask M, the rows left over) for a batch's rows; the same rows reuse them in
+        every
         layer call. Left over: `rows` with the rows handled here turned into base rows, for the caller's
         per-adapter path."""
         found = self.masks.get(rows)
@@ -94,7 +97,9 @@ class _Stack:
             found = self.masks[rows] = (slot, mask, left_over)
         return found
 
-    def fresh(self, names: tuple[str, ...], tensors: Sequence[tuple[Tensor, ...]], scalings: Sequence[float]) -> bool:
+    def fresh(
+        self, names: tuple[str, ...], tensors: Sequence[tuple[Tensor, ...]], scalings: Sequence[float]
+    ) -> bool:
         if names != self.names:
             return False
         flat = [t for group in tensors for t in group]
@@ -102,7 +107,9 @@ class _Stack:
                 and _versions(flat, scalings, tensors) == self.versions)
 
 
-def _versions(flat: Sequence[Tensor], scalings: Sequence[float], groups: Sequence[tuple[Tensor, ...]]) -> tuple:
+def _versions(
+    flat: Sequence[Tensor], scalings: Sequence[float], groups: Sequence[tuple[Tensor, ...]]
+) -> tuple:
     # One scaling per adapter, repeated for each of its tensors so the tuple lines up with `flat`.
     per_tensor = [s for s, group in zip(scalings, groups) for _ in group]
     return tuple((t._version, t.data_ptr(), s) for t, s in zip(flat, per_tensor))
@@ -152,7 +159,9 @@ def _stack(layer: LoraLayer, rows: Sequence[str]) -> _Stack | None:
     return cached
 
 
-@torch.inference_mode(False)  # normal tensors even when built under inference_mode, so later grad-mode uses work
+@torch.inference_mode(
+    False
+)  # normal tensors even when built under inference_mode, so later grad-mode uses work
 @torch.no_grad()
 def _build(names: tuple[str, ...], tensors: list[tuple[Tensor, ...]], scalings: list[float]) -> _Stack:
     flat = [t for group in tensors for t in group]
@@ -176,11 +185,20 @@ def _build(names: tuple[str, ...], tensors: list[tuple[Tensor, ...]], scalings: 
         up[slot, :r, :] = scaling * b.detach().T.to(dtype)
         if len(group) == 3:
             bias[slot] = scaling * group[2].detach().to(dtype)
-    return _Stack(names=names, sources=tuple(weakref.ref(t) for t in flat), versions=_versions(flat, scalings, tensors),
-                  down=down, up=up, bias=bias, slots={n: i for i, n in enumerate(names, start=1)})
+    return _Stack(
+        names=names,
+        sources=tuple(weakref.ref(t) for t in flat),
+        versions=_versions(flat, scalings, tensors),
+        down=down,
+        up=up,
+        bias=bias,
+        slots={n: i for i, n in enumerate(names, start=1)},
+    )
 
 
-def add_linear_rows(layer: LoraLayer, x: Tensor, result: Tensor, rows: Sequence[str]) -> tuple[Tensor, tuple[str, ...]]:
+def add_linear_rows(
+    layer: LoraLayer, x: Tensor, result: Tensor, rows: Sequence[str]
+) -> tuple[Tensor, tuple[str, ...]]:
     """(result with the batched LoRA term of every stackable row added, the rows still to do per adapter).
 
     x: the layer input (batch, ..., in); result: the base layer's output (batch, ..., out). The sum is
@@ -200,7 +218,9 @@ def add_linear_rows(layer: LoraLayer, x: Tensor, result: Tensor, rows: Sequence[
     return out.view(result.shape).to(result.dtype), left_over
 
 
-def add_embedding_rows(layer: LoraLayer, ids: Tensor, result: Tensor, rows: Sequence[str]) -> tuple[Tensor, tuple[str, ...]]:
+def add_embedding_rows(
+    layer: LoraLayer, ids: Tensor, result: Tensor, rows: Sequence[str]
+) -> tuple[Tensor, tuple[str, ...]]:
     """As `add_linear_rows`, for an embedding layer: token ids (batch, ...) → embeddings (batch, ..., dim)."""
     base = layer.base_layer
     # max_norm renormalises the looked-up rows in place; leave that rare case to the per-adapter path.

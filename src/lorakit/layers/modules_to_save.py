@@ -73,7 +73,9 @@ class ModulesToSaveWrapper(TunerLayerAPI, nn.Module):
     def set_active(self, names: Sequence[str]) -> None:
         present = [n for n in names if n in self.modules_to_save]
         if len(present) > 1:
-            raise ValueError(f"{self.module_name}: only one adapter's modules_to_save can be active, got {present}")
+            raise ValueError(
+                f"{self.module_name}: only one adapter's modules_to_save can be active, got {present}"
+            )
         self.active_adapter = present[0] if present else None
 
     def set_disabled(self, disabled: bool) -> None:
@@ -90,7 +92,11 @@ class ModulesToSaveWrapper(TunerLayerAPI, nn.Module):
             yield from self.modules_to_save[name].parameters()
 
     def adapter_state(self, name: str) -> dict[str, Tensor]:
-        return dict(self.modules_to_save[name].state_dict(keep_vars=True)) if name in self.modules_to_save else {}
+        return (
+            dict(self.modules_to_save[name].state_dict(keep_vars=True))
+            if name in self.modules_to_save
+            else {}
+        )
 
     def current_module(self) -> nn.Module:
         if self.disabled or self.active_adapter is None:

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def lora_update(result: Tensor, x: Tensor, a: Tensor, b: Tensor, scaling: float, mask: Tensor | None = None) -> Tensor:
+def lora_update(
+    result: Tensor, x: Tensor, a: Tensor, b: Tensor, scaling: float, mask: Tensor | None = None
+) -> Tensor:
     """result + scaling · ((x Aᵀ) ⊙ mask) Bᵀ.
 
     result: (..., out), the base layer's output (or what earlier adapters made of it);
@@ -25,6 +27,10 @@ def lora_update(result: Tensor, x: Tensor, a: Tensor, b: Tensor, scaling: float,
     hidden = F.linear(x, a)
     if mask is not None:
         hidden = hidden * mask
-    out = torch.addmm(result.reshape(-1, result.shape[-1]).to(hidden.dtype), hidden.reshape(-1, hidden.shape[-1]),
-                      b.t(), alpha=scaling)
+    out = torch.addmm(
+        result.reshape(-1, result.shape[-1]).to(hidden.dtype),
+        hidden.reshape(-1, hidden.shape[-1]),
+        b.t(),
+        alpha=scaling,
+    )
     return out.view(*result.shape[:-1], out.shape[-1])

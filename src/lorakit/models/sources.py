@@ -161,5 +161,7 @@ def refuse_remote_code(directory: Path, trust_remote_code: bool) -> None:
         except (OSError, ValueError, AttributeError):
             continue
         if mapping:
-            raise LorakitError(f"{directory / name}: this model runs its own Python code (auto_map); "
-                               "pass --trust-remote-code (trust_remote_code=True) only if you trust its source")
+            raise LorakitError(
+                f"{directory / name}: this model runs its own Python code (auto_map); "
+                "pass --trust-remote-code (trust_remote_code=True) only if you trust its source"
+            )

@@ -31,8 +31,19 @@ from lorakit.quant.weights import (
 )
 
 __all__ = [
-    "compute_dtype", "default_compute_dtype", "dequantize_model", "dequantize_weight", "dequantized_for_merge",
-    "float_dtype", "has_quantized_layers", "is_quantized", "is_quantized_param", "prepare_for_kbit_training",
+    "compute_dtype",
+    "default_compute_dtype",
+    "dequantize_model",
+    "dequantize_weight",
+    "dequantized_for_merge",
+    "float_dtype",
+    "has_quantized_layers",
+    "is_quantized",
+    "is_quantized_param",
+    "prepare_for_kbit_training",
     "prepare_model_for_kbit_training",
-    "quantization_config", "require_bitsandbytes", "requantize_weight_", "restore_trainable_4bit_",
+    "quantization_config",
+    "require_bitsandbytes",
+    "requantize_weight_",
+    "restore_trainable_4bit_",
 ]

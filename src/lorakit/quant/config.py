@@ -37,14 +37,20 @@ def require_bitsandbytes(device: torch.device | str | None = None) -> ModuleType
     try:
         import bitsandbytes
     except ImportError as error:
-        raise MissingDependencyError(f"bitsandbytes: not installed; 8-bit/4-bit models need it: {_INSTALL}") from error
+        raise MissingDependencyError(
+            f"bitsandbytes: not installed; 8-bit/4-bit models need it: {_INSTALL}"
+        ) from error
     except Exception as error:  # a broken install (e.g. missing CUDA libraries) fails with anything
-        raise MissingDependencyError(f"bitsandbytes: cannot be imported ({_first_line(error)}); {_INSTALL}") from error
+        raise MissingDependencyError(
+            f"bitsandbytes: cannot be imported ({_first_line(error)}); {_INSTALL}"
+        ) from error
     from packaging.version import Version
 
     version = getattr(bitsandbytes, "__version__", "0")
     if Version(version) < Version(MIN_BITSANDBYTES):
-        raise MissingDependencyError(f"bitsandbytes: version {version} is too old (need >= {MIN_BITSANDBYTES}); {_INSTALL}")
+        raise MissingDependencyError(
+            f"bitsandbytes: version {version} is too old (need >= {MIN_BITSANDBYTES}); {_INSTALL}"
+        )
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type not in _WORKS_ON:
         try:
@@ -71,8 +77,13 @@ def default_compute_dtype() -> torch.dtype:
     return torch.float32
 
 
-def quantization_config(load_in_8bit: bool = False, load_in_4bit: bool = False, quant_type: str = "nf4",
-                        double_quant: bool = True, compute_dtype: torch.dtype | None = None) -> BitsAndBytesConfig:
+def quantization_config(
+    load_in_8bit: bool = False,
+    load_in_4bit: bool = False,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | None = None,
+) -> BitsAndBytesConfig:
     """transformers' `BitsAndBytesConfig` for `from_pretrained(..., quantization_config=...)`.
 
     load_in_8bit: LLM.int8() (about 1 byte per weight); load_in_4bit: QLoRA's 4-bit storage (about 0.5 byte
@@ -118,7 +129,11 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = F
         restore_trainable_4bit_(module)
     if gradient_checkpointing:
         model.enable_input_require_grads()
-        kwargs = gradient_checkpointing_kwargs if gradient_checkpointing_kwargs is not None else {"use_reentrant": False}
+        kwargs = (
+            gradient_checkpointing_kwargs
+            if gradient_checkpointing_kwargs is not None
+            else {"use_reentrant": False}
+        )
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
 

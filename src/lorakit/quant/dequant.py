@@ -65,15 +65,18 @@ def dequantized_for_merge(model: nn.Module) -> Iterator[None]:
             layer.to(dtype)
         _drop_quantization_config(model)
     warnings.warn(
-        f"merge_and_unload: the base model was quantized (bitsandbytes); it is now a {str(dtype).removeprefix('torch.')} "
-        "model holding the dequantized weights plus the adapters (merged in float32), so it keeps the quantization's "
+        f"merge_and_unload: the base model was quantized (bitsandbytes); it is now a "
+        f"{str(dtype).removeprefix('torch.')} "
+        "model holding the dequantized weights plus the adapters (merged in float32), so it keeps the "
+        "quantization's "
         "rounding error and takes float memory; pass requantize=True to keep it quantized",
         stacklevel=4,
     )
 
 
 def _dequantize_layers(model: nn.Module) -> list[nn.Linear]:
-    """Swap each quantized layer for a float32 `nn.Linear` holding its exact values; returns the new layers."""
+    """Swap each quantized layer for a float32 `nn.Linear` holding its exact values; returns the new
+    layers."""
     replaced = []
     for name, module in list(model.named_modules()):
         if not is_quantized(module):

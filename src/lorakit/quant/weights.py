@@ -79,7 +79,8 @@ def requantize_weight_(module: nn.Module, values: Tensor) -> None:
             values, blocksize=old.blocksize, compress_statistics=weight.compress_statistics,
             quant_type=old.quant_type, quant_storage=weight.quant_storage,
         )
-        # `dtype` only names what dequantizing returns (and what bitsandbytes' CPU path repacks from): keep the
+        # `dtype` only names what dequantizing returns (and what bitsandbytes' CPU path repacks from): keep
+        # the
         # layer's, which is not float32 when the model was loaded in bfloat16/float16.
         state.dtype = old.original_dtype if _is_cpu_packed(old) else old.dtype
         _store_4bit(module, data, state)
@@ -148,5 +149,11 @@ def _unpacked_4bit(weight: Tensor) -> tuple[Tensor, QuantState]:
     scratch.original_nested = False
     codes, _ = bnbf._convert_weight_packed_for_cpu_inverse(weight.data, scratch)
     absmax = state.absmax.T.reshape(-1).float()
-    return codes, bnbf.QuantState(absmax=absmax, shape=state.shape, code=state.code, blocksize=state.blocksize,
-                                  quant_type=state.quant_type, dtype=state.original_dtype)
+    return codes, bnbf.QuantState(
+        absmax=absmax,
+        shape=state.shape,
+        code=state.code,
+        blocksize=state.blocksize,
+        quant_type=state.quant_type,
+        dtype=state.original_dtype,
+    )

@@ -67,9 +67,13 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
         if isinstance(model, PeftModel):
             model.save_pretrained(tmp / "adapter", portable=False)
         else:
-            trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+            trainable = {
+                n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
+            }
             save_file(trainable, str(tmp / FULL_WEIGHTS_FILE))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / OPTIMIZER_FILE)
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / OPTIMIZER_FILE
+        )
         torch.save(rng_state(), tmp / RNG_FILE)
         torch.save(objective_state or {}, tmp / OBJECTIVE_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(asdict(progress), indent=2) + "\n")
@@ -97,7 +101,9 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
             adapter_dir = directory / "adapter"
             saved = peft_format.read_adapter_weights(adapter_dir)
             name = model.active_adapter
-            peft_format.load_adapter_tensors(model.get_base_model(), model.peft_config[name], name, saved, str(adapter_dir))
+            peft_format.load_adapter_tensors(
+                model.get_base_model(), model.peft_config[name], name, saved, str(adapter_dir)
+            )
         else:
             weights = load_file(str(directory / FULL_WEIGHTS_FILE))
             params = dict(model.named_parameters())
@@ -110,5 +116,7 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
         set_rng_state(torch.load(directory / RNG_FILE, map_location="cpu", weights_only=True))
         objective_state = torch.load(directory / OBJECTIVE_FILE, map_location="cpu", weights_only=True)
     except (OSError, KeyError, ValueError, RuntimeError) as err:
-        raise LorakitError(f"{directory}: checkpoint cannot be resumed ({type(err).__name__}: {err})") from None
+        raise LorakitError(
+            f"{directory}: checkpoint cannot be resumed ({type(err).__name__}: {err})"
+        ) from None
     return progress, objective_state

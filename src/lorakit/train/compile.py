@@ -40,8 +40,10 @@ def compiled_decoder_layers(model: nn.Module, enabled: bool = True) -> Iterator[
         return
     layers = decoder_layers(model)
     if not layers:
-        raise ValueError(f"--compile: {type(model).__name__} lists no decoder layer class (_no_split_modules); "
-                         "run without --compile")
+        raise ValueError(
+            f"--compile: {type(model).__name__} lists no decoder layer class (_no_split_modules); "
+            "run without --compile"
+        )
     for layer in layers:
         layer.compile()
     try:

@@ -41,8 +41,20 @@ TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio", "aim", "comet_ml", "cle
 """What `--report-to` takes besides `none`: accelerate's tracker integrations, by accelerate's names."""
 
 LORA_OPTIONS = (
-    "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "init_lora_weights", "use_rslora",
-    "use_dora", "bias", "lora_bias", "modules_to_save", "layers_to_transform", "rank_pattern", "alpha_pattern",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "exclude_modules",
+    "init_lora_weights",
+    "use_rslora",
+    "use_dora",
+    "bias",
+    "lora_bias",
+    "modules_to_save",
+    "layers_to_transform",
+    "rank_pattern",
+    "alpha_pattern",
 )
 """LoraConfig fields that trainers take as options (`--r`, `r:` in YAML); they build `TuningConfig.lora`."""
 
@@ -60,14 +72,18 @@ class TuningConfig(Options):
 
     model: str | None = option(None, help="Base model: a local transformers dir, a .gguf file or a hub id "
                                           "(default: embedded SmolLM2-135M-Instruct).")
-    data: str | None = option(None, help="Training data (JSONL/JSON/Parquet/CSV) (default: bundled demo data).")
+    data: str | None = option(
+        None, help="Training data (JSONL/JSON/Parquet/CSV) (default: bundled demo data)."
+    )
     validation_data: str | None = option(None, help="Validation file (default: the bundled validation split "
                                                     "when --data is not given).")
     validation_fraction: float = option(0.0, help="Hold out this fraction of --data for validation (seeded) "
                                                   "when no --validation-data.")
     output: str = option("runs/lorakit", help="Run directory: adapter/, checkpoint/, metrics.jsonl, "
                                               "loss_curve.png, report.json.")
-    lora: LoraConfig = option(default_factory=default_lora, help="The adapter's LoRA settings (LORA_OPTIONS).")
+    lora: LoraConfig = option(
+        default_factory=default_lora, help="The adapter's LoRA settings (LORA_OPTIONS)."
+    )
     learning_rate: float = option(1e-3, help="Peak learning rate (AdamW).")
     epochs: float = option(1.0, help="Passes over the training data (fractions allowed).")
     max_steps: int | None = option(None, help="Stop after this many optimizer steps (overrides --epochs).")
@@ -198,8 +214,11 @@ def lora_from_options(options: Mapping[str, Any]) -> LoraConfig:
 class TrainConfig(TuningConfig):
     """Every option of `lorakit train`: the shared ones plus supervised fine-tuning's own."""
 
-    data: str | None = option(None, help="Training data (JSONL/JSON/Parquet/CSV; chat messages, prompt/completion "
-                                         "or text) (default: bundled dates demo).")
+    data: str | None = option(
+        None,
+        help="Training data (JSONL/JSON/Parquet/CSV; chat messages, prompt/completion "
+        "or text) (default: bundled dates demo).",
+    )
     test_data: str | None = option(None, help="Test file with reference answers for the exact-match report "
                                               "(default: bundled demo test split).")
     method: str = option("lora", help="lora, or full (full fine-tuning baseline).")
@@ -219,26 +238,38 @@ class DPOConfig(TuningConfig):
     """Every option of `lorakit dpo`: the shared training options (`batch_size` counts pairs, `max_seq_len`
     bounds each side) plus preference tuning's own."""
 
-    data: str | None = option(None, help='Preference pairs: rows with "prompt", "chosen", "rejected" (strings or '
-                                         "message lists; JSONL/JSON/Parquet/CSV) (default: bundled date-format "
-                                         "preferences).")
-    validation_data: str | None = option(None, help="Validation pairs (default: bundled validation pairs when "
-                                                    "--data is not given).")
+    data: str | None = option(
+        None,
+        help='Preference pairs: rows with "prompt", "chosen", "rejected" (strings or '
+        "message lists; JSONL/JSON/Parquet/CSV) (default: bundled date-format "
+        "preferences).",
+    )
+    validation_data: str | None = option(
+        None, help="Validation pairs (default: bundled validation pairs when --data is not given)."
+    )
     output: str = option("runs/lorakit-dpo", help="Run directory: adapter/, checkpoint/, metrics.jsonl, "
                                                   "loss_curve.png, report.json.")
     # Lower than SFT's: on the bundled pairs 5e-4 drove the margin up by pushing the chosen answers' log-probs
     # down too (DPO's likelihood displacement) and greedy answers degraded (benchmarks/README.md).
     learning_rate: float = option(1e-4, help="Peak learning rate (AdamW).")
-    batch_size: int = option(8, help="Preference pairs per micro-batch (per process); each pair is two sequences.")
-    max_seq_len: int = option(256, help="Tokens per side (prompt + answer); longer answers are cut and counted, a "
-                                        "prompt that leaves no room is an error.")
+    batch_size: int = option(
+        8, help="Preference pairs per micro-batch (per process); each pair is two sequences."
+    )
+    max_seq_len: int = option(
+        256,
+        help="Tokens per side (prompt + answer); longer answers are cut and counted, a "
+        "prompt that leaves no room is an error.",
+    )
     eval_every: int = option(20, help="Validation loss and reward accuracy every N steps; the best adapter "
                                       "is kept.")
     adapter: str | None = option(None, help="Continue training this adapter (e.g. from lorakit train); its "
                                             "frozen copy is the reference. It brings its own LoRA settings.",
                                  panel="Preference tuning")
-    beta: float = option(0.1, help="β: strength of the pull towards the reference (DPO's KL weight; IPO's τ).",
-                         panel="Preference tuning")
+    beta: float = option(
+        0.1,
+        help="β: strength of the pull towards the reference (DPO's KL weight; IPO's τ).",
+        panel="Preference tuning",
+    )
     loss_type: str = option("sigmoid", help="sigmoid (DPO, Rafailov et al. 2023) or ipo (Azar et al. 2023).",
                             panel="Preference tuning")
     label_smoothing: float = option(0.0, help="Assumed probability that a preference label is flipped "
@@ -260,13 +291,17 @@ class DPOConfig(TuningConfig):
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise ValueError(f"--label-smoothing: only --loss-type sigmoid uses it, not {self.loss_type}")
         if self.max_prompt_len is not None and self.max_prompt_len >= self.max_seq_len:
-            raise ValueError(f"--max-prompt-len: expected less than --max-seq-len ({self.max_seq_len}) to leave "
-                             f"room for the answers, got {self.max_prompt_len}")
+            raise ValueError(
+                f"--max-prompt-len: expected less than --max-seq-len ({self.max_seq_len}) to leave "
+                f"room for the answers, got {self.max_prompt_len}"
+            )
         if self.adapter is not None:
             changed = changed_lora_options(self.lora)
             if changed:
-                raise ValueError(f"--adapter {self.adapter} brings its own LoRA settings (its adapter_config.json); "
-                                 f"{', '.join(flag(n) for n in changed)} cannot be set with it")
+                raise ValueError(
+                    f"--adapter {self.adapter} brings its own LoRA settings (its adapter_config.json); "
+                    f"{', '.join(flag(n) for n in changed)} cannot be set with it"
+                )
 
 
 def changed_lora_options(lora: LoraConfig) -> list[str]:

@@ -5,7 +5,7 @@ File types: JSON Lines (.jsonl/.ndjson), JSON (.json: an array of examples, an o
 array, or JSON Lines), Parquet and CSV. Record formats, detected per file (one format per file):
 
     {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}
-    {"prompt": "...", "completion": "..."}            (or message lists: prompt messages, assistant completion)
+    {"prompt": "...", "completion": "..."}     (or message lists: prompt messages, assistant completion)
     {"text": "..."}
 
 Roles are system, user, assistant and tool. In CSV and Parquet, a message list may also be stored as
@@ -60,7 +60,9 @@ def load_records(path: str | Path, *, validate: bool = True) -> list[Record]:
                ".parquet": _read_parquet}
     reader = readers.get(path.suffix.lower())
     if reader is None:
-        raise DataError(f"{path.name}: unsupported file type {path.suffix!r} (expected .jsonl, .json, .parquet or .csv)")
+        raise DataError(
+            f"{path.name}: unsupported file type {path.suffix!r} (expected .jsonl, .json, .parquet or .csv)"
+        )
     records = reader(path)
     if validate:
         validate_records(records, path.name)
@@ -89,7 +91,9 @@ def _parse_jsonl(text: str, name: str) -> list[Record]:
         try:
             value = json.loads(line)
         except json.JSONDecodeError as error:
-            raise DataError(f"{name} line {number}: invalid JSON ({error.msg} at column {error.colno})") from None
+            raise DataError(
+                f"{name} line {number}: invalid JSON ({error.msg} at column {error.colno})"
+            ) from None
         records.append(_as_record(value, f"{name} line {number}"))
     return records
 
@@ -103,7 +107,9 @@ def _read_json(path: Path) -> list[Record]:
     except json.JSONDecodeError as error:
         if error.msg == "Extra data":  # several top-level values: JSON Lines in a .json file
             return _parse_jsonl(text, path.name)
-        raise DataError(f"{path.name} line {error.lineno}: invalid JSON ({error.msg} at column {error.colno})") from None
+        raise DataError(
+            f"{path.name} line {error.lineno}: invalid JSON ({error.msg} at column {error.colno})"
+        ) from None
     items = value.get("data") if isinstance(value, dict) else value
     if not isinstance(items, list):
         raise DataError(f'{path.name}: expected a JSON array of examples or an object with a "data" array')
@@ -141,14 +147,18 @@ def _load_with_datasets(builder: str, path: Path, features: dict[str, str] | Non
 
     datasets.disable_progress_bars()
     if features is not None:
-        options["features"] = datasets.Features({name: datasets.Value(kind) for name, kind in features.items()})
+        options["features"] = datasets.Features(
+            {name: datasets.Value(kind) for name, kind in features.items()}
+        )
     # The rows are kept in memory, so the builder's cache (lock and Arrow files for every file read)
     # goes to a temporary folder instead of piling up in ~/.cache/huggingface.
     with tempfile.TemporaryDirectory(prefix="lorakit-data-") as cache_dir:
         try:
             dataset = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir,
                                             keep_in_memory=True, **options)
-        except Exception as error:  # pyarrow/pandas parse errors, wrapped by datasets in DatasetGenerationError
+        except (
+            Exception
+        ) as error:  # pyarrow/pandas parse errors, wrapped by datasets in DatasetGenerationError
             cause = error.__cause__ or error
             reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
             kind = {"csv": "CSV", "parquet": "Parquet"}[builder]
@@ -165,7 +175,9 @@ def _columnar_record(row: dict[str, Any], location: str) -> Record:
         try:
             fields["messages"] = json.loads(fields["messages"])
         except json.JSONDecodeError as error:
-            raise DataError(f'{location}: column "messages" is not valid JSON ({error.msg} at column {error.colno})') from None
+            raise DataError(
+                f'{location}: column "messages" is not valid JSON ({error.msg} at column {error.colno})'
+            ) from None
     for key in ("prompt", "completion", "chosen", "rejected"):  # the last two: preference data (DPO)
         # A string that parses as a list of {"role": ...} objects is a message list; any other string
         # (including one that merely starts with "[") is the prompt or answer text itself.
@@ -175,7 +187,11 @@ def _columnar_record(row: dict[str, Any], location: str) -> Record:
                 decoded = json.loads(value)
             except json.JSONDecodeError:
                 continue
-            if isinstance(decoded, list) and decoded and all(isinstance(m, dict) and "role" in m for m in decoded):
+            if (
+                isinstance(decoded, list)
+                and decoded
+                and all(isinstance(m, dict) and "role" in m for m in decoded)
+            ):
                 fields[key] = decoded
     return Record(fields, location)
 
@@ -227,7 +243,9 @@ def split_validation(records: Sequence[Record], fraction: float, seed: int,
         raise ValueError(f"split_validation: fraction must be in (0, 1), got {fraction}")
     count = max(1, round(len(records) * fraction))
     if count >= len(records):
-        raise DataError(f"{source}: {len(records)} example(s) are too few to hold out validation_fraction={fraction}")
+        raise DataError(
+            f"{source}: {len(records)} example(s) are too few to hold out validation_fraction={fraction}"
+        )
     held_out = set(random.Random(seed).sample(range(len(records)), count))
     train = [r for i, r in enumerate(records) if i not in held_out]
     validation = [r for i, r in enumerate(records) if i in held_out]

@@ -42,7 +42,9 @@ REFERENCE_ADAPTER = "reference"
 def resolve_preference_paths(config: DPOConfig) -> tuple[str, str | None]:
     """(train, validation) files; with no --data, the bundled date-format preference splits."""
     if config.data is None:
-        return str(bundled_preference_path("train")), config.validation_data or str(bundled_preference_path("validation"))
+        return str(bundled_preference_path("train")), config.validation_data or str(
+            bundled_preference_path("validation")
+        )
     return config.data, config.validation_data
 
 
@@ -102,11 +104,17 @@ class DPOObjective(BaseObjective):
 
     def evaluate(self, examples: list[Example], reduce: Reduce) -> dict[str, float]:
         device = next(self.scorer.model.parameters()).device
-        return evaluate_preferences(self.scorer, examples, self.config.batch_size, self.pad_id, device, reduce)
+        return evaluate_preferences(
+            self.scorer, examples, self.config.batch_size, self.pad_id, device, reduce
+        )
 
     def summary(self, model: nn.Module, best_dir: Path) -> dict[str, Any]:
         config = self.config
-        reference = "base model (adapter disabled)" if config.adapter is None else f"starting adapter {config.adapter}"
+        reference = (
+            "base model (adapter disabled)"
+            if config.adapter is None
+            else f"starting adapter {config.adapter}"
+        )
         return {"loss_type": config.loss_type, "beta": config.beta, "label_smoothing": config.label_smoothing,
                 "reference": reference + (", precomputed" if config.precompute_ref else "")}
 

@@ -42,8 +42,15 @@ from lorakit.train.preference_data import collate_pairs
 LOSS_TYPES = ("sigmoid", "ipo")
 
 
-def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
-             beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+def dpo_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
     """(per-pair losses, chosen rewards, rejected rewards) from per-pair sequence log-probabilities.
 
     The formulas are in the module docstring. Rewards are detached: they are measurements, not part of
@@ -56,7 +63,9 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
     margin = chosen_ratio - rejected_ratio
     if loss_type == "sigmoid":
         # logsigmoid rather than log(sigmoid(.)): exact for large |β·h| where sigmoid rounds to 0 or 1.
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * margin) - label_smoothing * F.logsigmoid(-beta * margin)
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * margin) - label_smoothing * F.logsigmoid(
+            -beta * margin
+        )
     else:
         losses = (margin - 1 / (2 * beta)) ** 2
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
@@ -95,7 +104,7 @@ def reference_mode(model: PeftModel, rows: int, adapter: str | None = None) -> I
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), (model.disable_adapter() if adapter is None else row_adapters([adapter] * rows)):
+        with torch.no_grad(), model.disable_adapter() if adapter is None else row_adapters([adapter] * rows):
             yield
     finally:
         model.train(was_training)
@@ -109,8 +118,15 @@ class PreferenceLoss:
     precomputed, else from a no-grad pass in `reference_mode` (`reference_adapter`: see there).
     """
 
-    def __init__(self, model: PeftModel, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 reference_adapter: str | None = None, chunk_size: int = 1024) -> None:
+    def __init__(
+        self,
+        model: PeftModel,
+        beta: float,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        reference_adapter: str | None = None,
+        chunk_size: int = 1024,
+    ) -> None:
         self.model = model
         self.beta = beta
         self.loss_type = loss_type
@@ -126,7 +142,9 @@ class PreferenceLoss:
         """log π_ref of both sides, (pairs, 2)."""
         pairs = input_ids.shape[0]
         with reference_mode(self.model, 2 * pairs, self.reference_adapter):
-            logps = self.sequence_logps(*(t.reshape(2 * pairs, -1) for t in (input_ids, attention_mask, labels)))
+            logps = self.sequence_logps(
+                *(t.reshape(2 * pairs, -1) for t in (input_ids, attention_mask, labels))
+            )
         return logps.view(pairs, 2)
 
     def pair_losses(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
@@ -138,8 +156,15 @@ class PreferenceLoss:
         if ref_logps is None:
             ref_logps = self.reference_logps(input_ids, attention_mask, labels)
         ref_logps = ref_logps.to(policy.dtype)
-        return dpo_loss(policy[:, 0], policy[:, 1], ref_logps[:, 0], ref_logps[:, 1], self.beta, self.loss_type,
-                        self.label_smoothing)
+        return dpo_loss(
+            policy[:, 0],
+            policy[:, 1],
+            ref_logps[:, 0],
+            ref_logps[:, 1],
+            self.beta,
+            self.loss_type,
+            self.label_smoothing,
+        )
 
 
 def _batches(examples: Sequence[dict[str, Any]], batch_size: int, pad_token_id: int | None,

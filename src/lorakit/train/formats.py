@@ -1,7 +1,7 @@
 """Record formats of training data, detected per file (one format per file), and their validation:
 
     {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}
-    {"prompt": "...", "completion": "..."}            (or message lists: prompt messages, assistant completion)
+    {"prompt": "...", "completion": "..."}     (or message lists: prompt messages, assistant completion)
     {"text": "..."}
 
 Roles are system, user, assistant and tool. A bad record raises a one-line DataError naming its location
@@ -47,7 +47,10 @@ def validate_records(records: Sequence[Mapping[str, Any]], source: str) -> str:
         location = getattr(record, "location", f"{source} item {number}")
         found = record_format(record)
         if found is None:
-            raise DataError(f'{location}: missing field "messages" (expected "messages", "prompt"+"completion", or "text")')
+            raise DataError(
+                f'{location}: missing field "messages" (expected "messages", "prompt"+"completion", or '
+                f'"text")'
+            )
         if file_format is None:
             file_format, first = found, location
         elif found != file_format:
@@ -71,7 +74,9 @@ def _validate_prompt_completion(record: Mapping[str, Any], location: str) -> Non
         if isinstance(value, list):
             check_messages(value, location, field)
         elif not isinstance(value, str):
-            raise DataError(f'{location}: "{field}" must be a string or a list of messages, got {json_type(value)}')
+            raise DataError(
+                f'{location}: "{field}" must be a string or a list of messages, got {json_type(value)}'
+            )
     completion = record["completion"]
     if isinstance(completion, list) and not any(m["role"] == "assistant" for m in completion):
         raise DataError(f"{location}: completion has no assistant message")
@@ -87,21 +92,28 @@ def _validate_text(record: Mapping[str, Any], location: str) -> None:
 
 
 def check_messages(messages: Any, location: str, field: str) -> None:
-    """Raise DataError unless `messages` (the record's `field`) is a non-empty list of role/content objects."""
+    """Raise DataError unless `messages` (the record's `field`) is a non-empty list of role/content
+    objects."""
     if not isinstance(messages, list) or not messages:
         got = "an empty list" if messages == [] else json_type(messages)
-        raise DataError(f'{location}: "{field}" must be a non-empty list of {{"role", "content"}} objects, got {got}')
+        raise DataError(
+            f'{location}: "{field}" must be a non-empty list of {{"role", "content"}} objects, got {got}'
+        )
     label = "message" if field == "messages" else f"{field} message"
     for number, message in enumerate(messages, 1):
         where = f"{location}: {label} {number}"
         if not isinstance(message, dict):
-            raise DataError(f'{where}: expected an object with "role" and "content", got {json_type(message)}')
+            raise DataError(
+                f'{where}: expected an object with "role" and "content", got {json_type(message)}'
+            )
         for key in ("role", "content"):
             if key not in message:
                 raise DataError(f'{where}: missing field "{key}"')
         role, content = message["role"], message["content"]
         if role not in ROLES:
-            raise DataError(f"{where}: unknown role {json.dumps(role)} (expected system, user, assistant or tool)")
+            raise DataError(
+                f"{where}: unknown role {json.dumps(role)} (expected system, user, assistant or tool)"
+            )
         if not isinstance(content, str):
             raise DataError(f'{where}: "content" must be a string, got {json_type(content)}')
         if role == "assistant" and not content.strip():
@@ -113,4 +125,8 @@ def json_type(value: Any) -> str:
     return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
-_VALIDATORS = {"messages": _validate_chat, "prompt_completion": _validate_prompt_completion, "text": _validate_text}
+_VALIDATORS = {
+    "messages": _validate_chat,
+    "prompt_completion": _validate_prompt_completion,
+    "text": _validate_text,
+}

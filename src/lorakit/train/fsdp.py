@@ -51,8 +51,9 @@ class FullySharded(DataParallel):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         layers = decoder_layers(base)
         if not layers:
-            raise LorakitError(f"--fsdp: {type(base).__name__} lists no decoder layer class (_no_split_modules) "
-                               "to shard by")
+            raise LorakitError(
+                f"--fsdp: {type(base).__name__} lists no decoder layer class (_no_split_modules) to shard by"
+            )
         for layer in layers:
             fully_shard(layer)
         # The root too is resharded after each forward (FSDP2 keeps a root gathered by default): an
@@ -125,8 +126,13 @@ class FullySharded(DataParallel):
             progress = saved_progress(directory)
             state = _state(model, optimizer)
             dcp.load(state, checkpoint_id=directory / SHARDS_DIR)
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                           options=_options())
+            set_state_dict(
+                model,
+                optimizer,
+                model_state_dict=state["model"],
+                optim_state_dict=state["optimizer"],
+                options=_options(),
+            )
             scheduler.load_state_dict(torch.load(directory / SCHEDULER_FILE, weights_only=True))
             own = torch.load(directory / f"rank{rank}.pt", weights_only=True)
         except (OSError, KeyError, ValueError, RuntimeError) as err:
@@ -157,14 +163,19 @@ def gathered_adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, t
     from lorakit.io.peft_format import adapter_tensors
 
     tensors = adapter_tensors(model.get_base_model(), model.peft_config[adapter_name], adapter_name)
-    return {key: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu() for key, t in tensors.items()}
+    return {
+        key: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
+        for key, t in tensors.items()
+    }
 
 
 def check_launch(world_size: int, config: Any) -> None:
     """Refuse what FSDP2 cannot do here, before any model loads; one line naming the option."""
     if world_size < 2:
-        raise LorakitError("--fsdp: shards the model over the processes of a launch (torchrun --nproc_per_node N, "
-                           "accelerate launch); this run has one process, so there is nothing to shard over")
+        raise LorakitError(
+            "--fsdp: shards the model over the processes of a launch (torchrun --nproc_per_node N, "
+            "accelerate launch); this run has one process, so there is nothing to shard over"
+        )
     if config.load_in_8bit:
         raise LorakitError("--fsdp with --load-in-8bit: bitsandbytes' int8 weights cannot be sharded (FSDP2 "
                            "shards floating-point parameters); use --load-in-4bit or no quantization")

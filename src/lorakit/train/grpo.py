@@ -52,8 +52,11 @@ def resolve_prompt_paths(config: GRPOConfig) -> tuple[str, str | None, str | Non
     from lorakit.train.data import bundled_dataset_path
 
     if config.data is None:
-        return (str(bundled_dataset_path("train")), config.validation_data or str(bundled_dataset_path("validation")),
-                config.test_data or str(bundled_dataset_path("test")))
+        return (
+            str(bundled_dataset_path("train")),
+            config.validation_data or str(bundled_dataset_path("validation")),
+            config.test_data or str(bundled_dataset_path("test")),
+        )
     return config.data, config.validation_data, config.test_data
 
 
@@ -100,8 +103,13 @@ class GRPOObjective(BaseObjective):
         self.reference: str | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "draws": self.draws, "zero_variance_groups": self.zero_variance_groups,
-                "groups": self.groups, "pending": [[list(k), batch, uses] for k, (batch, uses) in self.pending.items()]}
+        return {
+            "step": self.step,
+            "draws": self.draws,
+            "zero_variance_groups": self.zero_variance_groups,
+            "groups": self.groups,
+            "pending": [[list(k), batch, uses] for k, (batch, uses) in self.pending.items()],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name in ("step", "draws", "zero_variance_groups", "groups"):
@@ -130,12 +138,15 @@ class GRPOObjective(BaseObjective):
         return Datasets(train, [len(e["prompt_ids"]) for e in train], validation, stats)
 
     def build(self, base: nn.Module, source: str) -> nn.Module:
-        """The policy: base + a fresh adapter, or `--adapter` trainable plus its frozen copy (the reference)."""
+        """The policy: base + a fresh adapter, or `--adapter` trainable plus its frozen copy (the
+        reference)."""
         config = self.config
         if config.adapter is None:
             from lorakit import get_peft_model
 
-            self.model = get_peft_model(base, dataclasses.replace(config.lora, base_model_name_or_path=source))
+            self.model = get_peft_model(
+                base, dataclasses.replace(config.lora, base_model_name_or_path=source)
+            )
         else:
             from lorakit.model import PeftModel
 
@@ -163,23 +174,42 @@ class GRPOObjective(BaseObjective):
     def loss(self, batch: Batch) -> tuple[Tensor, dict[str, Any]]:
         self.window_started = False
         logps = completion_logps(self.model, batch)
-        total, figures = self.clipped.loss(logps, batch.get("old_logps"), batch.get("ref_logps"),
-                                           batch["advantages"], batch["rows"], batch["lengths"], batch["keep"])
+        total, figures = self.clipped.loss(
+            logps,
+            batch.get("old_logps"),
+            batch.get("ref_logps"),
+            batch["advantages"],
+            batch["rows"],
+            batch["lengths"],
+            batch["keep"],
+        )
         return total, {**batch["figures"], **figures}
 
     def evaluate(self, examples: list[Example], reduce: Reduce) -> dict[str, float]:
         totals = self._greedy_scores(examples, [self.model.active_adapter] * len(examples))
         device = next(self.model.parameters()).device
-        summed = {k: reduce(torch.tensor(v * len(examples), device=device, dtype=torch.float64)) for k, v in totals.items()}
+        summed = {
+            k: reduce(torch.tensor(v * len(examples), device=device, dtype=torch.float64))
+            for k, v in totals.items()
+        }
         count = reduce(torch.tensor(float(len(examples)), device=device, dtype=torch.float64))
         figures = {k: (v / count).item() for k, v in summed.items()}
         return {"loss": -figures["reward"], **figures}
 
     def summary(self, model: nn.Module, best_dir: Path) -> dict[str, Any]:
         config = self.config
-        reference = "base model (adapter disabled)" if config.adapter is None else f"starting adapter {config.adapter}"
-        values: dict[str, Any] = {"loss_type": config.loss_type, "beta": config.beta, "reference": reference,
-                                  "zero_variance_groups": self.zero_variance_groups, "groups_sampled": self.groups}
+        reference = (
+            "base model (adapter disabled)"
+            if config.adapter is None
+            else f"starting adapter {config.adapter}"
+        )
+        values: dict[str, Any] = {
+            "loss_type": config.loss_type,
+            "beta": config.beta,
+            "reference": reference,
+            "zero_variance_groups": self.zero_variance_groups,
+            "groups_sampled": self.groups,
+        }
         test = self.test[:config.eval_limit]
         if test:
             values.update(self._test_scores(best_dir, test))
@@ -193,9 +223,17 @@ class GRPOObjective(BaseObjective):
         self.draws += 1
         prompt_ids = [e["prompt_ids"] for e in examples for _ in range(group)]
         seeds = [seed_for(config.seed, self.draws, i) for i in range(len(prompt_ids))]
-        completions = generate_rows(self.model, self.tokenizer, prompt_ids, max_tokens=config.max_completion_length,
-                                    temperature=config.temperature, top_p=config.top_p, stop=config.stop,
-                                    seeds=seeds, adapters=[self.model.active_adapter] * len(prompt_ids))
+        completions = generate_rows(
+            self.model,
+            self.tokenizer,
+            prompt_ids,
+            max_tokens=config.max_completion_length,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            stop=config.stop,
+            seeds=seeds,
+            adapters=[self.model.active_adapter] * len(prompt_ids),
+        )
         return self.scored_batch(examples, completions)
 
     def scored_batch(self, examples: list[Example], completions: Sequence[Completion]) -> Batch:
@@ -205,7 +243,9 @@ class GRPOObjective(BaseObjective):
         prompt_ids = [e["prompt_ids"] for e in examples for _ in range(group)]
         texts = [c.text for c in completions]
         prompts = [e["prompt"] for e in examples for _ in range(group)]
-        columns = {k: [e["columns"][k] for e in examples for _ in range(group)] for k in examples[0]["columns"]}
+        columns = {
+            k: [e["columns"][k] for e in examples for _ in range(group)] for k in examples[0]["columns"]
+        }
         rewards, means = score(self.rewards, prompts, texts, columns, self.step)
         rewards_t = torch.tensor(rewards, dtype=torch.float32)
         advantages, zero = group_advantages(rewards_t, group, self.clipped.scale_rewards)
@@ -213,14 +253,18 @@ class GRPOObjective(BaseObjective):
         self.zero_variance_groups += int(zero.sum())
         self.groups += len(examples)
         batch = completion_batch(prompt_ids, [c.tokens for c in completions], self.pad_id)
-        batch.update(advantages=advantages, keep=keep, count=torch.tensor(self.clipped.count(batch["lengths"], keep)))
+        batch.update(
+            advantages=advantages, keep=keep, count=torch.tensor(self.clipped.count(batch["lengths"], keep))
+        )
         if config.num_iterations > 1:
             batch["old_logps"] = self._fixed_logps(batch, reference=False)
         if config.beta > 0:
             batch["ref_logps"] = self._fixed_logps(batch, reference=True)
         batch["figures"] = {
-            "reward": rewards_t.mean().item(), "reward_std": rewards_t.reshape(-1, group).std(dim=1).mean().item(),
-            **means, "completion_length": batch["lengths"].float().mean().item(),
+            "reward": rewards_t.mean().item(),
+            "reward_std": rewards_t.reshape(-1, group).std(dim=1).mean().item(),
+            **means,
+            "completion_length": batch["lengths"].float().mean().item(),
             "truncated": sum(c.finish_reason == "length" for c in completions) / len(completions),
             "zero_variance_groups": zero.float().mean().item(),
             "samples": [{"completion": t, "reward": r} for t, r in zip(texts[:SAMPLES], rewards[:SAMPLES])],
@@ -254,9 +298,17 @@ class GRPOObjective(BaseObjective):
         texts: list[str] = []
         for start in range(0, len(examples), chunk):
             rows = examples[start:start + chunk]
-            texts += [c.text for c in generate_rows(self.model, self.tokenizer, [e["prompt_ids"] for e in rows],
-                                                    max_tokens=self.config.max_completion_length,
-                                                    stop=self.config.stop, adapters=adapters[start:start + chunk])]
+            texts += [
+                c.text
+                for c in generate_rows(
+                    self.model,
+                    self.tokenizer,
+                    [e["prompt_ids"] for e in rows],
+                    max_tokens=self.config.max_completion_length,
+                    stop=self.config.stop,
+                    adapters=adapters[start : start + chunk],
+                )
+            ]
         return texts
 
     def _test_scores(self, best_dir: Path, test: list[Example]) -> dict[str, Any]:
@@ -284,8 +336,14 @@ class GRPOObjective(BaseObjective):
             match = exact_match_reward(self.config.answer_column)
             values["exact_match_base"] = sum(match(prompts, base, **columns)) / len(test)
             values["exact_match_adapter"] = sum(match(prompts, tuned, **columns)) / len(test)
-        values["test_samples"] = [{"prompt": e["prompt"] if isinstance(e["prompt"], str) else e["prompt"][-1]["content"],
-                                   "base": b, "adapter": a} for e, b, a in zip(test, base, tuned)][:8]
+        values["test_samples"] = [
+            {
+                "prompt": e["prompt"] if isinstance(e["prompt"], str) else e["prompt"][-1]["content"],
+                "base": b,
+                "adapter": a,
+            }
+            for e, b, a in zip(test, base, tuned)
+        ][:8]
         return values
 
 

@@ -23,12 +23,18 @@ class GRPOConfig(TuningConfig):
     """Every option of `lorakit grpo`: `batch_size` counts prompts (each gives `num_generations`
     completions), `max_seq_len` bounds prompt + completion."""
 
-    data: str | None = option(None, help='Prompts: rows with "prompt" (a string or messages) or chat "messages", '
-                                         "plus any columns the rewards use (JSONL/JSON/Parquet/CSV) (default: "
-                                         "the bundled date task).")
-    validation_data: str | None = option(None, help="Validation prompts, scored by greedy answers' mean reward "
-                                                    "(default: the bundled validation split when --data is not "
-                                                    "given).")
+    data: str | None = option(
+        None,
+        help='Prompts: rows with "prompt" (a string or messages) or chat "messages", '
+        "plus any columns the rewards use (JSONL/JSON/Parquet/CSV) (default: "
+        "the bundled date task).",
+    )
+    validation_data: str | None = option(
+        None,
+        help="Validation prompts, scored by greedy answers' mean reward "
+        "(default: the bundled validation split when --data is not "
+        "given).",
+    )
     test_data: str | None = option(None, help="Test prompts scored after training, base and best adapter "
                                               "(default: the bundled test split when --data is not given).")
     output: str = option("runs/lorakit-grpo", help="Run directory: adapter/, checkpoint/, metrics.jsonl, "
@@ -39,8 +45,12 @@ class GRPOConfig(TuningConfig):
     eval_every: int = option(25, help="Validation (mean reward of greedy answers) every N steps; the best "
                                       "adapter is kept.")
     eval_limit: int | None = option(None, help="Score at most N test prompts after training.")
-    adapter: str | None = option(None, help="Continue training this adapter; its frozen copy is the reference. "
-                                            "It brings its own LoRA settings.", panel=LOSS)
+    adapter: str | None = option(
+        None,
+        help="Continue training this adapter; its frozen copy is the reference. "
+        "It brings its own LoRA settings.",
+        panel=LOSS,
+    )
     num_generations: int = option(8, help="G: completions sampled per prompt (a group; at least 2).",
                                   panel=SAMPLING)
     max_completion_length: int = option(32, help="Tokens generated per completion at most.", panel=SAMPLING)
@@ -56,7 +66,9 @@ class GRPOConfig(TuningConfig):
                                          help="One weight per --reward (default: all 1).")
     answer_column: str = option("answer", help="The column exact_match compares with (chat rows: their last "
                                                "assistant turn).", panel=REWARDS)
-    reward_regex: str | None = option(None, help="The pattern of the regex reward (re.search).", panel=REWARDS)
+    reward_regex: str | None = option(
+        None, help="The pattern of the regex reward (re.search).", panel=REWARDS
+    )
     length_target: int = option(64, help="Characters the length reward allows before penalising.",
                                 panel=REWARDS)
     loss_type: str = option("grpo", help="grpo (DeepSeekMath), dr_grpo (no std scaling, constant "
@@ -73,11 +85,16 @@ class GRPOConfig(TuningConfig):
         super().validate()
         positive_ints(self, ("max_completion_length", "num_iterations", "length_target"), ("eval_limit",))
         if self.num_generations < 2:
-            raise OptionError("num_generations", "at least 2 (advantages compare the completions of a prompt)",
-                              self.num_generations)
+            raise OptionError(
+                "num_generations",
+                "at least 2 (advantages compare the completions of a prompt)",
+                self.num_generations,
+            )
         if self.max_completion_length >= self.max_seq_len:
-            raise ValueError(f"--max-completion-length: expected less than --max-seq-len ({self.max_seq_len}) to "
-                             f"leave room for the prompt, got {self.max_completion_length}")
+            raise ValueError(
+                f"--max-completion-length: expected less than --max-seq-len ({self.max_seq_len}) to "
+                f"leave room for the prompt, got {self.max_completion_length}"
+            )
         if not finite(self.temperature) or self.temperature <= 0:
             raise OptionError("temperature", "a positive number (a group of greedy answers has no variance)",
                               self.temperature)
@@ -95,8 +112,10 @@ class GRPOConfig(TuningConfig):
             raise ValueError("--fsdp: not supported by grpo (sampling runs the whole model on each process)")
         if self.adapter is not None and changed_lora_options(self.lora):
             changed = ", ".join(flag(n) for n in changed_lora_options(self.lora))
-            raise ValueError(f"--adapter {self.adapter} brings its own LoRA settings (its adapter_config.json); "
-                             f"{changed} cannot be set with it")
+            raise ValueError(
+                f"--adapter {self.adapter} brings its own LoRA settings (its adapter_config.json); "
+                f"{changed} cannot be set with it"
+            )
 
     def _validate_rewards(self) -> None:
         if not self.reward:
@@ -118,7 +137,9 @@ class GRPOConfig(TuningConfig):
             try:
                 re.compile(self.reward_regex)
             except re.error as err:
-                raise OptionError("reward_regex", f"a regular expression ({err})", self.reward_regex) from None
+                raise OptionError(
+                    "reward_regex", f"a regular expression ({err})", self.reward_regex
+                ) from None
 
     @property
     def epsilon_upper(self) -> float:

@@ -18,7 +18,8 @@ sampled, equal to πθ on the first of the μ passes) and the KL estimate to the
 
     grpo      (1/n) Σ_i (1/|o_i|) Σ_t ℓ_it          each completion's mean, then the mean over completions
     dr_grpo   (1/(n·L)) Σ_i Σ_t ℓ_it               a constant L = the maximum completion length
-    dapo      (1/Σ_i |o_i|) Σ_i Σ_t ℓ_it            token-level (Yu et al. 2025, DAPO, arXiv:2503.14476, eq. 8)
+    dapo      (1/Σ_i |o_i|) Σ_i Σ_t ℓ_it            token-level (Yu et al. 2025, DAPO, arXiv:2503.14476,
+                                                   eq. 8)
 
 Zero-variance groups (every completion got the same reward) carry no learning signal: their advantages
 are exactly 0 for every loss type (so only the KL term moves them). DAPO's dynamic sampling drops them
@@ -108,7 +109,9 @@ class ClippedObjective:
         """The loss summed as the loss type says (to be divided by `count`): `losses` per token (k,),
         `rows` (k,) the completion of each token, `lengths` (n,) tokens per completion, `keep` (n,)."""
         if self.loss_type == "grpo":
-            per_row = torch.zeros(lengths.shape, dtype=losses.dtype, device=losses.device).index_add(0, rows, losses)
+            per_row = torch.zeros(lengths.shape, dtype=losses.dtype, device=losses.device).index_add(
+                0, rows, losses
+            )
             return (per_row / lengths.clamp(min=1).to(losses.dtype)).sum()
         if self.loss_type == "dr_grpo":
             return losses.sum()

@@ -37,8 +37,15 @@ def _head_nll(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
-def supervised_token_nll(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                         position_ids: Tensor | None = None, chunk_size: int = 1024, share_prefix: bool = True) -> Tensor:
+def supervised_token_nll(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    labels: Tensor,
+    position_ids: Tensor | None = None,
+    chunk_size: int = 1024,
+    share_prefix: bool = True,
+) -> Tensor:
     """−log p(labels[:, t] | tokens < t) for every supervised position, in row-major order (float32).
 
     `labels` are aligned with `input_ids` (the shift happens here); IGNORE_INDEX marks positions that are
@@ -59,7 +66,9 @@ def supervised_token_nll(model: nn.Module, input_ids: Tensor, attention_mask: Te
     if attention_mask is None and position_ids is None and share_prefix:
         hidden = decoder_hidden_states(base, decoder, input_ids)
     else:
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).last_hidden_state
+        hidden = decoder(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra
+        ).last_hidden_state
     hidden = hidden[:, :-1][mask]
     targets = targets[mask]
     head = base.get_output_embeddings()

@@ -33,7 +33,9 @@ class RankMemory:
         return self.parameters + self.gradients + self.optimizer
 
 
-def rank_memory(frozen_bytes: float, trainable_params: int, world_size: int = 1, sharded: bool = False) -> RankMemory:
+def rank_memory(
+    frozen_bytes: float, trainable_params: int, world_size: int = 1, sharded: bool = False
+) -> RankMemory:
     """Bytes one process holds for parameters, gradients and AdamW state (the module docstring's formula);
     `frozen_bytes` is F·b, the frozen weights' size as stored."""
     share = world_size if sharded else 1

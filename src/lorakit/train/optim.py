@@ -21,7 +21,10 @@ def build_optimizer(model: nn.Module, config: TuningConfig) -> torch.optim.Optim
     for param in model.parameters():
         if param.requires_grad:
             (no_decay if param.ndim < 2 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     fused = all(p.device.type == "cuda" for g in groups for p in g["params"])
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate, fused=fused or None)
 
@@ -31,7 +34,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TuningConfig, tota
     from transformers import get_scheduler
 
     name = "constant_with_warmup" if config.lr_scheduler == "constant" else config.lr_scheduler
-    return get_scheduler(name, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps)
+    return get_scheduler(
+        name, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps
+    )
 
 
 def total_optimizer_steps(n_examples: int, config: TuningConfig, world_size: int, repeat: int = 1) -> int:
@@ -39,6 +44,8 @@ def total_optimizer_steps(n_examples: int, config: TuningConfig, world_size: int
     batches = batches_per_epoch(n_examples, config.batch_size, world_size)
     if batches == 0:
         # No process could take a step: the loop would go round empty epochs forever.
-        raise LorakitError(f"{n_examples} training rows: too few to give each of {world_size} processes a batch")
+        raise LorakitError(
+            f"{n_examples} training rows: too few to give each of {world_size} processes a batch"
+        )
     per_epoch = math.ceil(batches / config.grad_accum) * repeat
     return config.max_steps or max(1, math.ceil(config.epochs * per_epoch))

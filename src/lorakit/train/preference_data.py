@@ -58,13 +58,17 @@ def validate_preference_records(records: Sequence[Mapping[str, Any]], source: st
         location = getattr(record, "location", f"{source} item {number}")
         for name in FIELDS:
             if name not in record:
-                raise DataError(f'{location}: missing field "{name}" (preference data needs "prompt", "chosen" '
-                                f'and "rejected")')
+                raise DataError(
+                    f'{location}: missing field "{name}" (preference data needs "prompt", "chosen" '
+                    f'and "rejected")'
+                )
             value = record[name]
             if isinstance(value, list):
                 check_messages(value, location, name)
             elif not isinstance(value, str):
-                raise DataError(f'{location}: "{name}" must be a string or a list of messages, got {json_type(value)}')
+                raise DataError(
+                    f'{location}: "{name}" must be a string or a list of messages, got {json_type(value)}'
+                )
         for side in SIDES:
             answer = record[side]
             if isinstance(answer, str) and not answer.strip():
@@ -82,7 +86,9 @@ def _same(a: Any, b: Any) -> bool:
 # --------------------------------------------------------------------------------------------- encoding
 
 
-def encode_pair(record: Record, tokenizer, max_seq_len: int, max_prompt_len: int | None = None) -> dict[str, Any]:
+def encode_pair(
+    record: Record, tokenizer, max_seq_len: int, max_prompt_len: int | None = None
+) -> dict[str, Any]:
     """Token ids and answer labels of both sides of a validated row, each cut to `max_seq_len` tokens.
 
     Returns `{chosen_input_ids, chosen_labels, rejected_input_ids, rejected_labels, length, truncated}`;
@@ -96,10 +102,14 @@ def encode_pair(record: Record, tokenizer, max_seq_len: int, max_prompt_len: int
         encoded[side] = encode_example(pair, tokenizer, max_seq_len=sys.maxsize)
     prompt_len = min(_answer_start(e["labels"]) for e in encoded.values())
     if max_prompt_len is not None and prompt_len > max_prompt_len:
-        raise DataError(f"{location}: the prompt has {prompt_len} tokens, more than max_prompt_len={max_prompt_len}")
+        raise DataError(
+            f"{location}: the prompt has {prompt_len} tokens, more than max_prompt_len={max_prompt_len}"
+        )
     if prompt_len >= max_seq_len:
-        raise DataError(f"{location}: the prompt has {prompt_len} tokens, leaving no room for the answers within "
-                        f"max_seq_len={max_seq_len} (raise max_seq_len)")
+        raise DataError(
+            f"{location}: the prompt has {prompt_len} tokens, leaving no room for the answers within "
+            f"max_seq_len={max_seq_len} (raise max_seq_len)"
+        )
     example: dict[str, Any] = {"truncated": False}
     for side, e in encoded.items():
         example[f"{side}_input_ids"] = e["input_ids"][:max_seq_len]
@@ -162,7 +172,11 @@ def collate_pairs(examples: Sequence[Mapping[str, Any]], pad_token_id: int | Non
     With precomputed reference log-probs every
     example carries `ref_logps` (chosen, rejected), returned as a (pairs, 2) float tensor.
     """
-    rows = [{"input_ids": e[f"{side}_input_ids"], "labels": e[f"{side}_labels"]} for e in examples for side in SIDES]
+    rows = [
+        {"input_ids": e[f"{side}_input_ids"], "labels": e[f"{side}_labels"]}
+        for e in examples
+        for side in SIDES
+    ]
     flat = collate(rows, pad_token_id)
     pairs = len(examples)
     batch = {

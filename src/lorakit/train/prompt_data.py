@@ -71,12 +71,16 @@ def load_prompts(path: str, tokenizer, *, max_prompt_len: int, answer_column: st
         prompt, columns = _prompt_of(record, location, answer_column)
         for column in required:
             if columns.get(column) is None:
-                raise DataError(f'{location}: missing column "{column}" (the exact_match reward compares with it; '
-                                "see --answer-column)")
+                raise DataError(
+                    f'{location}: missing column "{column}" (the exact_match reward compares with it; '
+                    "see --answer-column)"
+                )
         ids = tokenizer(prompt_text(prompt, tokenizer), add_special_tokens=False)["input_ids"]
         if len(ids) > max_prompt_len:
-            raise DataError(f"{location}: the prompt is {len(ids)} tokens, more than the {max_prompt_len} that "
-                            "--max-seq-len leaves after --max-completion-length")
+            raise DataError(
+                f"{location}: the prompt is {len(ids)} tokens, more than the {max_prompt_len} that "
+                "--max-seq-len leaves after --max-completion-length"
+            )
         rows.append({"index": index, "prompt": prompt, "columns": columns, "prompt_ids": ids})
     # Reward functions get every column as a list aligned with the completions: a row without one gets None.
     names = sorted({name for row in rows for name in row["columns"]})

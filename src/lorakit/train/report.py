@@ -28,7 +28,9 @@ class MetricsLog:
     def read(self) -> list[dict[str, Any]]:
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [
+            json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()
+        ]
 
 
 def truncate_metrics(log: MetricsLog, step: int) -> None:
@@ -129,10 +131,14 @@ class RunReport:
     def loop_done(self, progress: Any, stopped_early: bool, final_train_loss: float) -> None:
         """What the loop ended with (`progress`: train.checkpoint.Progress)."""
         self.values.update(
-            steps=progress.step, stopped_early=stopped_early, final_train_loss=final_train_loss,
-            final_val_loss=self.values.get("final_val_loss"), best_val_loss=progress.best_val_loss,
+            steps=progress.step,
+            stopped_early=stopped_early,
+            final_train_loss=final_train_loss,
+            final_val_loss=self.values.get("final_val_loss"),
+            best_val_loss=progress.best_val_loss,
             **{f"final_val_{k}": v for k, v in self.last_eval.items() if k != "loss"},
-            tokens_per_second=progress.tokens_seen / max(progress.elapsed, 1e-9), train_seconds=progress.elapsed,
+            tokens_per_second=progress.tokens_seen / max(progress.elapsed, 1e-9),
+            train_seconds=progress.elapsed,
         )
 
     def finish(self, device: torch.device, processes: int, main: bool, summary: dict[str, Any],

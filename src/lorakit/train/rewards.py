@@ -1,4 +1,5 @@
-"""Reward functions for `lorakit grpo`: built-ins, the user's own (`file.py:function`), and their weighted sum.
+"""Reward functions for `lorakit grpo`: built-ins, the user's own (`file.py:function`), and their weighted
+sum.
 
 A reward function takes `(prompts, completions, **columns)` — the prompts as the data gave them (strings
 or message lists), the completions as text, and every other column of the data as a list aligned with
@@ -95,7 +96,9 @@ def build_rewards(specs: Sequence[str], weights: Sequence[float], *, answer_colu
                   regex: str | None = None, length_target: int = 64) -> list[Reward]:
     """The rewards named by `--reward` (built-in names or file.py:function) with their weights."""
     if weights and len(weights) != len(specs):
-        raise LorakitError(f"--reward-weights: expected {len(specs)} weights (one per --reward), got {len(weights)}")
+        raise LorakitError(
+            f"--reward-weights: expected {len(specs)} weights (one per --reward), got {len(weights)}"
+        )
     rewards = []
     for i, spec in enumerate(specs):
         if spec == "exact_match":

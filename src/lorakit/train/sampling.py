@@ -48,9 +48,18 @@ def seed_for(*parts: int) -> int:
 
 
 @torch.no_grad()
-def generate_rows(model: nn.Module, tokenizer, prompts: Sequence[list[int]], *, max_tokens: int,
-                  temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] = (),
-                  seeds: Sequence[int] | None = None, adapters: Sequence[str] | None = None) -> list[Completion]:
+def generate_rows(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[list[int]],
+    *,
+    max_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: Sequence[str] = (),
+    seeds: Sequence[int] | None = None,
+    adapters: Sequence[str] | None = None,
+) -> list[Completion]:
     """One completion per prompt (token ids), in one batched decode; the model is handed back in the
     train/eval mode it came in. `temperature` 0 is greedy; `seeds` (one per row) seed sampling rows;
     `adapters` (one per row) name each row's adapter (default: the model's active adapter)."""

@@ -46,13 +46,17 @@ def make_accelerator(log_with: Sequence[Any] = (), logging_dir: Path | None = No
                               project_dir=logging_dir)
     # (WORLD_SIZE unset with several processes is accelerate's own MPI launch of CPU processes: fine.)
     if world_size > 1 and accelerator.num_processes != world_size:
-        raise LorakitError(f"launched as {world_size} processes, but accelerate set up {accelerator.num_processes}; "
-                           "start lorakit with `accelerate launch` or `torchrun`")
+        raise LorakitError(
+            f"launched as {world_size} processes, but accelerate set up {accelerator.num_processes}; "
+            "start lorakit with `accelerate launch` or `torchrun`"
+        )
     sharded = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
     if accelerator.distributed_type in sharded:
-        raise LorakitError(f"accelerate is configured for {accelerator.distributed_type.value}, which lorakit "
-                           "does not use; launch plain processes and pass --fsdp to shard with FSDP2 "
-                           "(DeepSpeed is not supported; see docs/distributed.md)")
+        raise LorakitError(
+            f"accelerate is configured for {accelerator.distributed_type.value}, which lorakit "
+            "does not use; launch plain processes and pass --fsdp to shard with FSDP2 "
+            "(DeepSpeed is not supported; see docs/distributed.md)"
+        )
     return accelerator
 
 
@@ -98,8 +102,10 @@ def prepare_output(config: TuningConfig, config_file: str) -> None:
             raise LorakitError(f"--resume: {out} holds no checkpoint to resume from")
     elif occupied:
         if not config.overwrite:
-            raise LorakitError(f"--output {out}: holds another run; pass --overwrite to replace it or --resume "
-                               "to continue it")
+            raise LorakitError(
+                f"--output {out}: holds another run; pass --overwrite to replace it or --resume "
+                "to continue it"
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / config_file).write_text(yaml.safe_dump(config.to_options(), sort_keys=False))

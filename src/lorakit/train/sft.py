@@ -31,8 +31,11 @@ from lorakit.train.trainer import Callback, Trainer, TrainResult
 def resolve_data_paths(config: TrainConfig) -> tuple[str, str | None, str | None]:
     """(train, validation, test) files; with no --data, the bundled demo splits."""
     if config.data is None:
-        return (str(bundled_dataset_path("train")), config.validation_data or str(bundled_dataset_path("validation")),
-                config.test_data or str(bundled_dataset_path("test")))
+        return (
+            str(bundled_dataset_path("train")),
+            config.validation_data or str(bundled_dataset_path("validation")),
+            config.test_data or str(bundled_dataset_path("test")),
+        )
     return config.data, config.validation_data, config.test_data
 
 
@@ -69,7 +72,9 @@ class SFTObjective(BaseObjective):
         else:
             from lorakit import get_peft_model
 
-            self.model = get_peft_model(base, dataclasses.replace(self.config.lora, base_model_name_or_path=source))
+            self.model = get_peft_model(
+                base, dataclasses.replace(self.config.lora, base_model_name_or_path=source)
+            )
         return self.model
 
     def batch(self, examples: list[Example]) -> Batch:
@@ -84,8 +89,9 @@ class SFTObjective(BaseObjective):
 
     def evaluate(self, examples: list[Example], reduce: Reduce) -> dict[str, float]:
         device = next(self.model.parameters()).device
-        loss = validation_loss(self.model, examples, self.config.batch_size, self.tokenizer.pad_token_id, device,
-                               reduce=reduce)
+        loss = validation_loss(
+            self.model, examples, self.config.batch_size, self.tokenizer.pad_token_id, device, reduce=reduce
+        )
         return {"loss": loss}
 
     def summary(self, model: nn.Module, best_dir: Path) -> dict[str, Any]:

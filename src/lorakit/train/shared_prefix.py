@@ -41,7 +41,8 @@ ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "gpt2", "phi3"
 
 
 def shared_prefix_length(input_ids: Tensor) -> int:
-    """Length of the prefix that every row of `input_ids` (rows, length) starts with, leaving ≥ 1 token per row."""
+    """Length of the prefix that every row of `input_ids` (rows, length) starts with, leaving ≥ 1 token per
+    row."""
     same = (input_ids == input_ids[:1]).all(dim=0)
     return min(int(same.long().cumprod(0).sum()), input_ids.shape[1] - 1)
 

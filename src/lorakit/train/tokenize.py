@@ -62,8 +62,10 @@ def encode_example(record: Mapping[str, Any], tokenizer, max_seq_len: int,
     elif isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
         input_ids, labels = _encode_raw_pair(record["prompt"], record["completion"], tokenizer)
     else:
-        raise DataError(f"{_location(record)}: chat data needs a tokenizer with a chat template, and this one has "
-                        f"none (use a chat model, or \"text\" / string \"prompt\"+\"completion\" data)")
+        raise DataError(
+            f"{_location(record)}: chat data needs a tokenizer with a chat template, and this one has "
+            f'none (use a chat model, or "text" / string "prompt"+"completion" data)'
+        )
     if train_on_prompt:
         labels = list(input_ids)
     truncated = len(input_ids) > max_seq_len
@@ -76,9 +78,15 @@ def _encode_chat(record: Mapping[str, Any], messages: Messages, first_trained: i
     try:
         full = _render(tokenizer, messages)
         spans = _assistant_spans(tokenizer, messages, first_trained, full, record)
-    except (TemplateError, TypeError, ValueError) as error:  # raised by the template (e.g. roles must alternate)
+    except (
+        TemplateError,
+        TypeError,
+        ValueError,
+    ) as error:  # raised by the template (e.g. roles must alternate)
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise DataError(f"{_location(record)}: the chat template rejected this conversation ({message})") from error
+        raise DataError(
+            f"{_location(record)}: the chat template rejected this conversation ({message})"
+        ) from error
     # The template already contains any BOS it wants, so the tokenizer must not add another.
     input_ids = _tokenize(tokenizer, full, special=False)
     labels = [IGNORE_INDEX] * len(input_ids)
@@ -112,7 +120,12 @@ def _assistant_spans(tokenizer, messages: Messages, first_trained: int, full: st
             continue
         start_text = _render(tokenizer, messages[:index], generation_prompt=True) if index else ""
         end_text = _render(tokenizer, messages[: index + 1])
-        if index and len(start_text) <= len(end_text) and full.startswith(start_text) and full.startswith(end_text):
+        if (
+            index
+            and len(start_text) <= len(end_text)
+            and full.startswith(start_text)
+            and full.startswith(end_text)
+        ):
             start, end = len(start_text), len(end_text)
             found = full.find(content, start, end)  # after any markup the template puts before it
             content_end = found + len(content) if found >= 0 else end

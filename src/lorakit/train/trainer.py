@@ -76,7 +76,9 @@ class Callback(Protocol):
 class Trainer:
     """Runs `objective` as `config` describes; see the module docstring."""
 
-    def __init__(self, config: TuningConfig, objective: Objective, callbacks: Sequence[Callback] = ()) -> None:
+    def __init__(
+        self, config: TuningConfig, objective: Objective, callbacks: Sequence[Callback] = ()
+    ) -> None:
         self.config = config
         self.objective = objective
         self.callbacks = list(callbacks)
@@ -147,7 +149,9 @@ class Trainer:
             self.report.values["base_val_loss"] = self._evaluate().get("loss")
         with compiled_decoder_layers(self.model, config.compile):
             self._loop(progress)
-        self.report.values.update(self.parallel.memory(self.model, getattr(self.optimizer, "optimizer", self.optimizer)))
+        self.report.values.update(
+            self.parallel.memory(self.model, getattr(self.optimizer, "optimizer", self.optimizer))
+        )
 
     def _loop(self, progress: Progress) -> None:
         config, acc = self.config, self.acc
@@ -164,8 +168,10 @@ class Trainer:
                 progress.tokens_seen += tokens
                 progress.elapsed = time.perf_counter() - started
                 if not math.isfinite(loss):
-                    raise LorakitError(f"loss became {loss} at step {progress.step}; stopped. The last good checkpoint "
-                                       f"is in {self.checkpoint_dir} (lower --learning-rate or check the data)")
+                    raise LorakitError(
+                        f"loss became {loss} at step {progress.step}; stopped. The last good checkpoint "
+                        f"is in {self.checkpoint_dir} (lower --learning-rate or check the data)"
+                    )
                 lr = self.scheduler.get_last_lr()[0]
                 self._record(kind="train", step=progress.step, epoch=epoch, loss=loss, lr=lr,
                              tokens=progress.tokens_seen, elapsed=round(progress.elapsed, 3), **figures)
@@ -267,8 +273,14 @@ class Trainer:
         self.parallel.save_best(self.model, self.best_dir, self.tokenizer)
 
     def _save_checkpoint(self, progress: Progress) -> None:
-        self.parallel.save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.scheduler, progress,
-                                      self.objective.state_dict())
+        self.parallel.save_checkpoint(
+            self.checkpoint_dir,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            progress,
+            self.objective.state_dict(),
+        )
 
     def _resume(self) -> Progress:
         progress, state = self.parallel.load_checkpoint(self.checkpoint_dir, self.model, self.optimizer,
@@ -311,4 +323,6 @@ def _accumulate(figures: dict[str, Any], new: dict[str, Any], micro_batches: int
 def _progress_bar(total: int, initial: int, describe: str, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=describe, unit="step", disable=not enabled, dynamic_ncols=True)
+    return tqdm(
+        total=total, initial=initial, desc=describe, unit="step", disable=not enabled, dynamic_ncols=True
+    )
