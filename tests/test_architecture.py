@@ -18,7 +18,7 @@ MAX_FUNCTION_LINES = 60
 
 # "path relative to src/lorakit:qualified function name" -> why it may be longer than MAX_FUNCTION_LINES.
 LONG_FUNCTIONS: dict[str, str] = {
-    "cli/serve.py:serve": "the Typer option table of `lorakit serve`: one parameter per option, the body is short",
+    "cli/serve.py:serve": "the Typer option table of `lorakit serve`: one parameter per option, a short body",
     "serve/app.py:create_app": "the route table: every HTTP route is a short closure over the server, "
     "declared "
     "in one place as FastAPI apps are read",

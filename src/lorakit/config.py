@@ -172,7 +172,8 @@ class LoraConfig:
         for name in ("rank_pattern", "alpha_pattern"):
             pattern = getattr(self, name)
             if not isinstance(pattern, dict):
-                raise OptionError(name, "a mapping of module-name pattern to value", pattern, owner="LoraConfig")
+                raise OptionError(name, "a mapping of module-name pattern to value", pattern,
+                                  owner="LoraConfig")
             for key, value in pattern.items():
                 positive = (
                     isinstance(value, int) and value > 0
