@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -240,8 +241,11 @@ def test_output_dir_of_another_run_is_refused_without_overwrite(
 
 
 def _lorakit(*args: str) -> subprocess.CompletedProcess:
+    # A wide terminal: usage errors come in a rich panel that wraps at the terminal's width, and a long tmp
+    # path would otherwise split the message being checked.
     return subprocess.run(
-        [sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "COLUMNS": "300"},
     )
 
 
