@@ -6,15 +6,13 @@ rows, figures in benchmarks/README.md): 40 training steps, the first 40 test row
 must answer within one row of the float32 merge (the full run's "1 point" is one row of 100); f16 must
 pick the merge's top-1 token at every position of the test conversations.
 
-q8_0 is held to ≥ 95 % of all positions: it measured 96.8 % of 2,516 (perplexity 17.49 → 17.27), short
-of issue 22's 99 %. The file is llama.cpp's converter's q8_0 byte for byte (test_export_gguf.py); the
-shortfall is in what is counted. The 40 rows share their first 36 tokens (system prompt and
-instruction), so one flip there counts 40 times (1.6 points), and q8_0 (logits move by 0.19 RMS on the
-embedded model) flips only positions where the merge's own top two are within 0.5 logits. So also:
-every flip is such a near-tie (the merge's gap < 1 logit), and over distinct contexts (each token
-prefix once) agreement is ≥ 97 % (the embedded model before fine-tuning: 98.9 %, largest gap 0.46; see
-benchmarks/README.md). With llama-cpp-python installed, llama.cpp's own answers are held to the same
-one-row bound.
+q8_0 is llama.cpp's converter's q8_0 byte for byte (test_export_gguf.py). Over all 2,516 positions it
+agrees at 96.8 % (perplexity 17.49 → 17.27), held to ≥ 95 %: the 40 rows share their first 36 tokens
+(system prompt and instruction), so a flip there counts 40 times. Over the 1,073 distinct contexts
+(each token prefix once) it measured 99.7 %: 3 flips, each where the merge's own top two are within
+0.05 logits (q8_0 moves the logits by 0.18 RMS); held to issue 22's 99 % and a largest gap < 0.5
+(benchmarks/README.md). With llama-cpp-python installed, llama.cpp's own answers are held to the same
+one-row bound as f16's.
 """
 
 from __future__ import annotations
@@ -47,7 +45,7 @@ def test_fine_tuned_embedded_model_exported_to_gguf_answers_like_the_merge(tmp_p
     assert result["f16"]["top1_agreement"] >= 0.999
     q8_0 = result["q8_0"]
     assert q8_0["top1_agreement"] >= 0.95
-    assert q8_0["top1_agreement_distinct"] >= 0.97 and q8_0["largest_gap"] < 1.0
+    assert q8_0["top1_agreement_distinct"] >= 0.99 and q8_0["largest_gap"] < 0.5
     for kind in ("f16", "q8_0"):
         assert math.isfinite(result[kind]["perplexity"]) and math.isfinite(result[kind]["perplexity_merged"])
     if result["llama_cpp"] is not None:
