@@ -354,6 +354,7 @@ def test_continuing_an_sft_adapter_uses_it_as_the_reference(
     # the identity.
     assert train[0]["loss"] == pytest.approx(LN2, abs=1e-6) and train[-1]["loss"] < train[0]["loss"]
     assert sorted(p.name for p in result.adapter_dir.iterdir()) == [
+        "README.md",  # the model card, as PEFT writes it
         "adapter_config.json",
         "adapter_model.safetensors",
     ]
