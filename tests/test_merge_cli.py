@@ -310,7 +310,12 @@ def test_merge_into_the_default_model(default_model_dir: Path, tmp_path: Path, c
         and report["untied_embeddings"]
         and report["tensors_added"] == 1
     )
-    assert report["outputs"]["argmax_agreement"] == 1.0 and report["outputs"]["max_logit_diff"] <= 1e-3
+    # The merged tensors are exact (0 ulp, checked by the verification above). The logits are compared with
+    # a loose bound: this random adapter (init_lora_weights=False, r=4 on q, v and the embedding) drives the
+    # 135M model's last hidden states to ~3,000, so ulp-level differences between the merged and the
+    # unmerged forward grow to ~3e-3 in the logits (a prompt of plain text: 5e-5).
+    assert report["outputs"]["argmax_agreement"] == 1.0 and report["outputs"]["max_logit_diff"] <= 1e-2
+    assert report["verification"]["passed"] and report["verification"]["max_ulp_error"] == 0.0
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         assert (tmp_path / "out" / name).read_bytes() == (default_model_dir / name).read_bytes()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
