@@ -15,7 +15,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from lorakit.cli.main import close_process_group
+from lorakit.cli.main import finish_process
 from lorakit.train.config import DPOConfig, TrainConfig
 from lorakit.train.dpo import train_dpo
 from lorakit.train.sft import train
@@ -34,7 +34,7 @@ def main(command: str, config_path: str, out_dir: str) -> None:
             tensors[name] = whole.detach().cpu().contiguous()
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(Path(out_dir) / f"rank{rank}.safetensors"))
-    close_process_group()
+    finish_process(0)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ anywhere on the command line shows the traceback instead.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
+from typing import NoReturn
 
 import typer
 
@@ -27,25 +30,52 @@ def main(argv: list[str] | None = None) -> None:
         args.remove("--debug")
     command = typer.main.get_command(app)
     try:
-        # standalone mode: Click reports usage errors itself (exit 2) and lets other exceptions through.
+        # standalone mode: Click reports usage errors itself (exit 2) and ends every run with SystemExit.
         command.main(args=args, prog_name="lorakit", standalone_mode=True)
+        code = 0
+    except SystemExit as done:
+        if not isinstance(done.code, (int, type(None))):  # a message to print: Python's own exit does that
+            close_process_group()
+            raise
+        code = done.code or 0
     except USER_ERRORS as err:
         if debug:
+            close_process_group()
             raise
         print(f"error: {one_line(err)}", file=sys.stderr)
-        sys.exit(1)
-    finally:
+        code = 1
+    except BaseException:
         close_process_group()
+        raise
+    finish_process(code)
 
 
-def close_process_group() -> None:
-    """Tear down the process group of a `torchrun`/`accelerate launch` run before the interpreter exits:
-    left to exit, gloo's worker threads can abort the process ("terminate called without an active
-    exception") after the run has finished and saved."""
+def close_process_group() -> bool:
+    """Tear down the process group of a `torchrun`/`accelerate launch` run, if this process has one; returns
+    whether it had."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    dist.destroy_process_group()
+    return True
+
+
+def finish_process(code: int) -> NoReturn:
+    """End the process with exit status `code`, its output flushed.
+
+    A process that ran under `torchrun` ends without the interpreter's teardown (`os._exit`): with torch
+    2.13, gloo's worker threads outlive `destroy_process_group` after DDP or FSDP training (the C++ side
+    keeps the group alive; checked by listing /proc/self/task), and a normal exit races them against C++
+    static destructors, which now and then aborts a process that has finished and saved ("terminate called
+    without an active exception", SIGABRT). Trackers and files are closed by then; logging is shut down
+    here."""
+    if close_process_group():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def one_line(err: BaseException) -> str:
