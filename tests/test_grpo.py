@@ -340,6 +340,28 @@ def test_sampling_is_seeded_per_row_and_stops_at_stop_strings(tiny_chat_model_di
     assert cut.finish_reason == "stop" and stop not in cut.text and first[0].text.startswith(cut.text)
 
 
+
+def test_the_samples_of_one_prompt_share_its_prefill(tiny_chat_model_dir, tokenizer) -> None:
+    """G rows of one prompt cost one prompt forward: the first forward sees each distinct prompt once, and
+    every row still draws what it draws alone with its seed."""
+    from transformers import AutoModelForCausalLM
+
+    model = lorakit.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir),
+                                   lorakit.LoraConfig(r=4, target_modules=["q_proj"]))
+    hello, bye = _rendered(tokenizer, "Hello"), _rendered(tokenizer, "Goodbye, see you")
+    shapes: list[tuple[int, ...]] = []
+    embeddings = model.get_input_embeddings()
+    hook = embeddings.register_forward_hook(lambda m, args, out: shapes.append(args[0].shape))
+    together = generate_rows(model, tokenizer, [hello, bye, hello, hello], max_tokens=5, temperature=1.0,
+                             seeds=[4, 5, 6, 7])
+    hook.remove()
+    assert shapes[0] == (2, max(len(hello), len(bye)))
+    assert all(shape[1] == 1 for shape in shapes[1:])  # then one token per row and step
+    for prompt, seed, row in zip([hello, bye, hello, hello], [4, 5, 6, 7], together):
+        alone = generate_rows(model, tokenizer, [prompt], max_tokens=5, temperature=1.0, seeds=[seed])[0]
+        assert alone.tokens == row.tokens
+    assert len({tuple(row.tokens) for row in together}) > 1
+
 # ---- whole runs on the tiny model ------------------------------------------------------------------------
 # The tiny random model never writes a right date: the length reward (target 24 characters) gives its
 # completions rewards that differ, so groups have variance and the adapter moves.

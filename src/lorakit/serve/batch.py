@@ -5,9 +5,10 @@ one set of sampling settings, and no row can join or leave it. Here the batch is
 cache (`DynamicCache`, one (rows, heads, width, head_dim) key and value tensor per layer) that changes
 shape between steps:
 
-* joining: newcomers' prompts are prefilled together (left-padded, one forward, their own cache), then
-  their cache is concatenated to the running one along the batch dimension, the narrower of the two
-  left-padded with zeros to the common width (masked out by the attention mask);
+* joining: newcomers' prompts are prefilled together (left-padded, one forward, their own cache; rows
+  with the same prompt and adapter share one row of it), then their cache is concatenated to the
+  running one along the batch dimension, the narrower of the two left-padded with zeros to the common
+  width (masked out by the attention mask);
 * leaving: finished and cancelled rows are dropped from the cache (`batch_select_indices`), and the
   leading columns that are padding for every remaining row are cut off, so the width follows the longest
   live row rather than the longest row ever seen.
@@ -124,19 +125,29 @@ class Batch:
         from transformers import DynamicCache
 
         device = _device(model)
-        width = max(len(r.prompt_ids) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
+        for row in rows:
+            row.seed_generator(device)
+        # Rows with the same prompt and adapter (GRPO's G samples of a prompt, repeated requests) share one
+        # prefill: each distinct prompt runs once, and its cache and logits are repeated for its rows.
+        distinct: dict[tuple, int] = {}
+        source = [distinct.setdefault((r.adapter, *r.prompt_ids), len(distinct)) for r in rows]
+        firsts = [rows[source.index(i)] for i in range(len(distinct))]
+        width = max(len(r.prompt_ids) for r in firsts)
+        ids = torch.full((len(firsts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(firsts), width), dtype=torch.long)
+        for i, row in enumerate(firsts):
             ids[i, width - len(row.prompt_ids):] = torch.tensor(row.prompt_ids)
             mask[i, width - len(row.prompt_ids):] = 1
-            row.seed_generator(device)
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()  # plain full-attention layers, whatever the config: they can be concatenated
         echo = any(row.prompt_logprobs for row in rows)
-        with row_adapters([r.adapter for r in rows]) if isinstance(model, PeftModel) else ExitStack():
+        with row_adapters([r.adapter for r in firsts]) if isinstance(model, PeftModel) else ExitStack():
             logits = _forward(model, ids, mask, positions, cache, all_logits=echo)
+        if len(firsts) < len(rows):
+            index = torch.tensor(source, device=device)
+            cache.batch_select_indices(index)
+            logits, mask, positions = logits[index], mask[index], positions[index]
         for i, row in enumerate(rows):
             if row.prompt_logprobs:
                 row.emit(_prompt_logprobs(logits[i, width - len(row.prompt_ids):], row))
