@@ -166,11 +166,13 @@ def test_a_second_adapter_training_biases_is_refused() -> None:
     assert added.target_modules == ["q_proj"] and added.bias == "none"
 
 
-def test_from_pretrained_leaves_a_passed_config_alone(tmp_path) -> None:
+@pytest.mark.parametrize("is_trainable", [False, True])
+def test_from_pretrained_keeps_a_passed_config_as_peft_does(tmp_path, is_trainable: bool) -> None:
+    """PEFT keeps the caller's config object and sets its inference_mode to `not is_trainable`."""
     from lorakit import PeftModel
 
     get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"])).save_pretrained(tmp_path)
-    config = LoraConfig(target_modules=["q_proj"])
-    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path, config=config)
-    assert config.inference_mode is False and loaded.peft_config["default"].inference_mode is True
-    assert not any(p.requires_grad for p in loaded.parameters())
+    config = LoraConfig(target_modules=["q_proj"], inference_mode=is_trainable)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path, config=config, is_trainable=is_trainable)
+    assert loaded.peft_config["default"] is config and config.inference_mode is (not is_trainable)
+    assert any(p.requires_grad for p in loaded.parameters()) is is_trainable

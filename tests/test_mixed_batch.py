@@ -230,12 +230,17 @@ def test_grad_and_train_mode_changes_inside_one_call_are_checked() -> None:
 
 
 def test_training_with_gradients_falls_back_and_trains_each_row_adapter() -> None:
+    """In training mode `adapter_names=` is refused as in PEFT; a `row_adapters` block trains each row's
+    adapter."""
     configs = [dict(r=4, target_modules=["q_proj", "v_proj"]), dict(r=2, target_modules=["v_proj"])]
     model = _adapters("llama", configs)
     model.train()
     model.set_requires_grad(["a0", "a1"], True)
     rows = ["a0", "a1", BASE_ROW]
-    out = model(input_ids=input_ids(3, 5), adapter_names=rows).logits
+    with pytest.raises(ValueError, match="Cannot pass `adapter_names` when the model is in training mode"):
+        model(input_ids=input_ids(3, 5), adapter_names=rows)
+    with row_adapters(rows):
+        out = model(input_ids=input_ids(3, 5)).logits
     out.float().pow(2).mean().backward()
     for name in ("a0", "a1"):
         grads = [p.grad for n, p in model.named_parameters() if f".{name}." in n]

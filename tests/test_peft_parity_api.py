@@ -196,6 +196,54 @@ def test_warnings_and_error_classes(tmp_path):
         lorakit.PeftModel.from_pretrained(MLP(), tmp_path / "missing")
 
 
+class Embedded(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed_tokens = nn.Embedding(20, 10)
+        self.lin0 = nn.Linear(10, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lin0(self.embed_tokens(ids))
+
+
+NOT_EXCLUDED = "but no modules were excluded"
+EMBEDDINGS_SAVED = "Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`"
+WARNINGS = [  # (case, config, save?, text, warned?)
+    ("exclude_modules excluding nothing", {"target_modules": ["lin0"], "exclude_modules": ["lin9"]}, False,
+     NOT_EXCLUDED, True),
+    ("exclude_modules excluding a module", {"target_modules": ["lin0", "embed_tokens"],
+                                            "exclude_modules": ["embed_tokens"]}, False, NOT_EXCLUDED, False),
+    ("embed_tokens targeted, saved with 'auto'", {"target_modules": ["embed_tokens", "lin0"]}, True,
+     EMBEDDINGS_SAVED, True),
+    ("no embedding targeted, saved with 'auto'", {"target_modules": ["lin0"]}, True, EMBEDDINGS_SAVED, False),
+]
+
+
+@pytest.mark.parametrize(("config", "save", "text", "warned"), [c[1:] for c in WARNINGS],
+                         ids=[c[0] for c in WARNINGS])
+def test_warnings_peft_users_rely_on(tmp_path, config, save, text, warned):
+    for name, lib in LIBS.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = lib.get_peft_model(Embedded(), lib.LoraConfig(**config))
+            if save:
+                model.save_pretrained(tmp_path / name)
+        messages = [str(w.message) for w in caught]
+        assert any(text in m for m in messages) is warned, (name, messages)
+
+
+def test_from_pretrained_keeps_the_config_object_and_training_mode_refuses_adapter_names(tmp_path):
+    for name, lib in LIBS.items():
+        lib.get_peft_model(MLP(), lib.LoraConfig(target_modules=["lin0"])).save_pretrained(tmp_path / name)
+        config = lib.LoraConfig(target_modules=["lin0"])
+        model = lib.PeftModel.from_pretrained(MLP(), tmp_path / name, config=config, is_trainable=True)
+        assert model.peft_config["default"] is config and config.inference_mode is False, name
+        model.train()
+        with pytest.raises(ValueError, match="Cannot pass `adapter_names` when the model is in training"):
+            model(X, adapter_names=["default"] * 3)
+
+
 def _card(directory) -> dict:
     text = (directory / "README.md").read_text()
     return yaml.safe_load(re.search(r"---\n(.*?)\n---", text, re.DOTALL).group(1))

@@ -116,7 +116,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     saved = config.modules_to_save or []
     layers = config.layers_to_transform
     layers = [layers] if isinstance(layers, int) else layers
-    found, seen_entries = [], set()
+    found, seen_entries, excluded = [], set(), 0
     for name, module in base_modules(model):
         if not name:
             continue
@@ -137,6 +137,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if in_modules_to_save(name, saved):
             continue
         if config.exclude_modules and _name_matches(name, config.exclude_modules):
+            excluded += 1
             continue
         if isinstance(module, ModulesToSaveWrapper):
             continue
@@ -155,6 +156,10 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             f"target_modules: every module matching {config.target_modules!r} is excluded (by "
             "exclude_modules, layers_to_transform or modules_to_save); nothing is left to adapt"
         )
+    if config.exclude_modules and not excluded:
+        warnings.warn(f"You have passed exclude_modules={config.exclude_modules} but no modules were "
+                      "excluded. Please check that exclude_modules was set correctly.", UserWarning,
+                      stacklevel=2)
     return found
 
 

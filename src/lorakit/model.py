@@ -98,6 +98,10 @@ class PeftModel(nn.Module):
         """One adapter per batch row; checked here, before the model runs, with PEFT's messages."""
         if adapter_names is None:
             return nullcontext()
+        if self.training:
+            # PEFT's rule for this argument; mixed batches with gradients stay available through
+            # `lorakit.layers.row_adapters`.
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
         unknown = sorted(set(adapter_names) - set(self.peft_config) - {BASE_ROW})
         if unknown:
             raise ValueError(f"adapter_names: unknown adapter(s) {unknown}; "
@@ -215,6 +219,13 @@ class PeftModel(nn.Module):
         except ValueError as err:
             raise saved.misfit(model, err) from None
         peft_model._load_weights(adapter_name, saved, torch_dtype)
+        if config is not None:
+            # As PEFT: the model records the caller's config object itself, updated with what loading
+            # resolved (inference_mode, concrete target modules, the base model's name).
+            recorded = peft_model.peft_config[adapter_name]
+            for field in dataclasses.fields(config):
+                setattr(config, field.name, getattr(recorded, field.name))
+            peft_model.peft_config[adapter_name] = config
         if not is_trainable:
             # Loaded for inference: dropout off (new LoRA dropout modules start in training mode), as PEFT.
             peft_model.eval()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -88,7 +89,15 @@ def embedding_tensors(model: nn.Module, config: LoraConfig,
     """
     named = _embedding_named_in_targets(model, config)
     if save_embedding_layers == "auto":
-        save_embedding_layers = named or _vocab_resized(model, config)
+        resized = not named and _vocab_resized(model, config)
+        # PEFT's warnings, word for word: scripts and tests written for PEFT look for them.
+        if named:
+            warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in "
+                          "`target_modules`.", UserWarning, stacklevel=2)
+        elif resized:
+            warnings.warn("Setting `save_embedding_layers` to `True` as the embedding layer has been resized "
+                          "during finetuning.", UserWarning, stacklevel=2)
+        save_embedding_layers = named or resized
     if not save_embedding_layers or not hasattr(model, "get_input_embeddings"):
         return {}
     layers = [model.get_input_embeddings(), model.get_output_embeddings()]

@@ -65,11 +65,11 @@ class SavedAdapter:
 
 def read_saved_adapter(model_id: str | os.PathLike, subfolder: str | None = None,
                        config: LoraConfig | None = None, is_trainable: bool = False) -> SavedAdapter:
-    """Read an adapter directory (lorakit's or PEFT's). `config` replaces the saved config; the config kept
-    is a copy whose inference_mode is `not is_trainable` (the caller's is left as it was)."""
+    """Read an adapter directory (lorakit's or PEFT's). `config` replaces the saved config; as in PEFT, the
+    config kept is that object itself, its inference_mode set to `not is_trainable`."""
     directory = peft_format.adapter_directory(model_id, subfolder)
     config = config or LoraConfig.from_pretrained(directory)
-    config = dataclasses.replace(config, inference_mode=not is_trainable)
+    config.inference_mode = not is_trainable
     return SavedAdapter(directory, config, peft_format.read_adapter_weights(directory))
 
 
