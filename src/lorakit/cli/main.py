@@ -6,6 +6,7 @@ anywhere on the command line shows the traceback instead.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     if debug:
         args.remove("--debug")
     command = typer.main.get_command(app)
+    error = None
     try:
         # standalone mode: Click reports usage errors itself (exit 2) and ends every run with SystemExit.
         command.main(args=args, prog_name="lorakit", standalone_mode=True)
@@ -42,11 +44,15 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             close_process_group()
             raise
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        code = 1
+        error, code = f"error: {one_line(err)}", 1
     except BaseException:
         close_process_group()
         raise
+    if error is not None:
+        # Printed once the exception and its frames are gone, so that what they held (a progress bar
+        # closing itself) prints first and the error is the last line.
+        gc.collect()
+        print(error, file=sys.stderr)
     finish_process(code)
 
 
