@@ -225,6 +225,23 @@ def test_sampling_is_row_wise_and_never_raises() -> None:
     assert len(draws) > 5  # temperature 1 does sample
 
 
+def test_sampled_tokens_follow_the_tempered_top_p_distribution() -> None:
+    """4,000 seeded rows at T = 0.7, top_p = 0.9 over 5 tokens: frequencies within 3 standard errors of
+    softmax(logits / T) renormalised over the top-p head; tokens outside the head never drawn."""
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.0, -1.0])
+    probs = torch.softmax(logits / 0.7, dim=-1).double()
+    head = int((probs.cumsum(0) - probs < 0.9).sum())  # tokens whose predecessors hold < 90 % of the mass
+    expected = torch.zeros(5, dtype=torch.float64)
+    expected[:head] = probs[:head] / probs[:head].sum()
+    n = 4000
+    tokens = pick_tokens(logits.expand(n, -1), [0.7] * n, [0.9] * n,
+                         [torch.Generator().manual_seed(s) for s in range(n)])
+    frequency = torch.bincount(tokens, minlength=5).double() / n
+    error = (expected * (1 - expected) / n).sqrt()
+    assert head == 3 and frequency[head:].sum() == 0
+    assert ((frequency - expected).abs() <= 3 * error + 1e-12).all(), (frequency, expected)
+
+
 def test_greedy_rows_take_the_argmax_also_beside_a_nan_row() -> None:
     torch.manual_seed(1)
     logits = torch.randn(3, 50)

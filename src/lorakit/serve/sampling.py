@@ -7,12 +7,14 @@ an overflowing model, T = 1e-300, top_p = 5e-324) cannot change another row's to
     z = (logits - max(logits)) / T          z <= 0, the top token exactly 0: no overflow for any T > 0
     p = exp(z)                               unnormalised softmax(logits / T), the top token 1
     keep the smallest head of p (sorted) whose mass reaches top_p · Σp, always the top token
-    token = argmax over kept tokens of p / E,  E ~ Exp(1) from the row's generator
+    c = cumsum(p over the kept tokens)       c_last = Σp >= 1
+    token = the first i with c_i > u · c_last,  u ~ U[0, 1) from the row's generator
 
-The last line is the exponential race (the "Gumbel-max trick" in exponential form): the winner is token i
-with probability p_i / Σ p over the kept tokens, the same distribution as `torch.multinomial`, but it
-needs no normalised distribution, so it cannot raise "invalid multinomial distribution". Rows with T = 0
-take the argmax. Non-finite logits are made finite first (NaN → -inf, +inf → the largest float64).
+The last line is inverse-CDF sampling: token i wins with probability p_i / Σp over the kept tokens (a
+token of zero mass never: c does not rise there), the distribution of `torch.multinomial`, but it needs
+no normalised distribution, so it cannot raise "invalid multinomial distribution", and it draws one
+number per row rather than one per vocabulary entry. Rows with T = 0 take the argmax. Non-finite logits
+are made finite first (NaN → -inf, +inf → the largest float64).
 
 Log-probabilities are those of the model's own distribution, `log_softmax(logits)` without temperature
 (as OpenAI and vLLM report them), computed in the logits' dtype like `model(...)` followed by
@@ -50,14 +52,19 @@ def pick_tokens(logits: Tensor, temperature: Sequence[float], top_p: Sequence[fl
     if not sampled:
         return chosen
     index = torch.tensor(sampled, device=logits.device)
-    z = clean[index]
+    z = clean if len(sampled) == len(clean) else clean[index]
     top = z.max(dim=-1, keepdim=True).values
     temps = torch.tensor([temperature[i] for i in sampled], dtype=torch.float64, device=logits.device)
-    p = ((z - top) / temps[:, None]).exp()
-    p = p * _top_p_mask(p, [top_p[i] for i in sampled])
-    noise = torch.stack([torch.empty(p.shape[-1], dtype=torch.float64, device=p.device)
-                         .exponential_(generator=generators[i]) for i in sampled])
-    draw = (p / noise).nan_to_num(nan=-1.0).argmax(dim=-1)
+    p = ((z - top) / temps[:, None]).exp_()
+    if any(top_p[i] < 1.0 for i in sampled):
+        p *= _top_p_mask(p, [top_p[i] for i in sampled])
+    cumulative = p.cumsum(dim=-1)
+    total = cumulative[:, -1]
+    u = torch.cat([torch.rand(1, dtype=torch.float64, device=p.device, generator=generators[i])
+                   for i in sampled])
+    # u · c_last can round up to c_last itself; kept below it, the target always falls on a token of mass.
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    draw = torch.searchsorted(cumulative, target[:, None], right=True)[:, 0]
     # A row whose logits were all -inf (or NaN) has no distribution to sample: it keeps the argmax.
     finite = torch.isfinite(top[:, 0])
     chosen[index] = torch.where(finite, draw, chosen[index])
@@ -66,8 +73,6 @@ def pick_tokens(logits: Tensor, temperature: Sequence[float], top_p: Sequence[fl
 
 def _top_p_mask(p: Tensor, top_p: Sequence[float]) -> Tensor:
     """1.0 for the tokens each row keeps under its top_p (p unnormalised), 0.0 for the others."""
-    if all(value >= 1.0 for value in top_p):
-        return torch.ones_like(p)
     limits = torch.tensor(top_p, dtype=torch.float64, device=p.device)[:, None]
     ordered, order = p.sort(dim=-1, descending=True)
     before = ordered.cumsum(dim=-1) - ordered  # mass of the tokens ranked above each token
