@@ -48,9 +48,10 @@ def test_seeded_init_equals_peft(dim, init):
 
 
 @pytest.mark.parametrize("dim", [1, 2, 3])
-def test_outputs_merge_and_files_match_peft(dim, tmp_path):
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_outputs_merge_and_files_match_peft(dim, use_dora, tmp_path):
     x = inputs(dim)
-    config = {"target_modules": ["conv", "head"], "lora_alpha": 16, "lora_dropout": 0.0}
+    config = {"target_modules": ["conv", "head"], "lora_alpha": 16, "lora_dropout": 0.0, "use_dora": use_dora}
     ref = peft.get_peft_model(Net(dim), peft.LoraConfig(init_lora_weights=False, **config))
     ref.save_pretrained(tmp_path)
     kit = lorakit.PeftModel.from_pretrained(Net(dim), tmp_path)
@@ -91,11 +92,46 @@ def test_training_updates_only_the_adapter_and_mixed_rows():
     assert grads == {"base_model.model.conv.lora_A.other.weight", "base_model.model.conv.lora_B.other.weight"}
 
 
-def test_grouped_or_dilated_convolutions_are_refused():
-    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
-    with pytest.raises(ValueError, match="groups=1 and dilation=1"):
-        lorakit.get_peft_model(model, lorakit.LoraConfig(target_modules=["0"]))
+class Grouped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(4, 8, 3, padding=1, groups=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).flatten(1)
+
+
+def test_grouped_convolutions_as_peft_seeded_init_outputs_files_and_refusals(tmp_path):
+    torch.manual_seed(5)
+    x = torch.rand(2, 4, 5, 5)
+    models, outputs = {}, {}
+    for name, lib in LIBS.items():
+        torch.manual_seed(1)
+        with pytest.warns(UserWarning, match="groups > 1. Merging is not supported"):
+            models[name] = lib.get_peft_model(Grouped(), lib.LoraConfig(target_modules=["conv"], r=4))
+        with torch.no_grad():  # B starts at zero: give it values (the same in both) so the update shows
+            torch.manual_seed(2)
+            models[name].base_model.model.conv.lora_B["default"].weight.normal_()
+        outputs[name] = models[name](x)
+        with pytest.raises(NotImplementedError, match="Merging is not supported for _ConvNd layers"):
+            models[name].merge_adapter()
+        with pytest.raises(ValueError, match="the rank is divisible by groups"):
+            lib.get_peft_model(Grouped(), lib.LoraConfig(target_modules=["conv"], r=3))
+    assert models["lorakit"].base_model.model.conv.lora_B["default"].weight.shape == (8, 2, 1, 1)
+    for key, value in peft.get_peft_model_state_dict(models["peft"]).items():
+        assert torch.equal(lorakit.get_peft_model_state_dict(models["lorakit"])[key], value), key
+    torch.testing.assert_close(outputs["lorakit"], outputs["peft"], rtol=0, atol=1e-6)
+    assert (outputs["lorakit"] - Grouped()(x)).abs().max() > 1e-3
+    models["lorakit"].save_pretrained(tmp_path)
+    loaded = peft.PeftModel.from_pretrained(Grouped(), tmp_path)
+    torch.testing.assert_close(loaded(x), outputs["lorakit"], rtol=0, atol=1e-6)
+
+
+def test_dilated_convolutions_and_dora_on_grouped_ones_are_refused():
+    with pytest.raises(ValueError, match="dilation=1"):
+        lorakit.get_peft_model(nn.Sequential(nn.Conv2d(4, 4, 3, dilation=2)),
+                               lorakit.LoraConfig(target_modules=["0"]))
     with pytest.raises(ValueError, match="DoRA"):
-        lorakit.get_peft_model(
-            nn.Sequential(nn.Conv2d(4, 4, 3)), lorakit.LoraConfig(target_modules=["0"], use_dora=True)
-        )
+        lorakit.get_peft_model(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)),
+                               lorakit.LoraConfig(target_modules=["0"], r=4, use_dora=True))

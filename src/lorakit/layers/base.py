@@ -171,7 +171,7 @@ class LoraLayer(TunerLayerAPI, nn.Module):
             self._create(name, spec, init_zeros(weight, spec.r, spec.scaling))
             init = initialise(weight, spec.r, spec.scaling)
             for factor, value in zip(self.factors(name), init[:2]):
-                factor.copy_(value.view_as(factor))
+                factor.copy_(self._factor_layout(factor, value))
             if init.residual is not None:
                 self._store_init_weight(init.residual)
                 self.initial_factors[name] = (
@@ -200,11 +200,20 @@ class LoraLayer(TunerLayerAPI, nn.Module):
                 "load the model without disk/meta offloading to merge"
             )
 
+    def _factor_layout(self, factor: Tensor, value: Tensor) -> Tensor:
+        """An initialiser's A (r, in) or B (out, r) in the layout of the factor's weight."""
+        return value.view_as(factor)
+
+    def _magnitude_layout(self, norm: Tensor) -> Tensor:
+        """DoRA's magnitude (one value per output feature) in the shape PEFT stores for this layer."""
+        return norm
+
     def _create_magnitude(self, name: str) -> None:
         delta = self.delta_weight(name)
         norm = dora_norm(add_delta(self.base_weight(), delta), self.feature_axis)
         module = nn.Module()
-        module.weight = nn.Parameter(norm.to(device=delta.device, dtype=self._adapter_dtype(name)))
+        magnitude = self._magnitude_layout(norm).to(device=delta.device, dtype=self._adapter_dtype(name))
+        module.weight = nn.Parameter(magnitude)
         self.lora_magnitude_vector[name] = module
 
     def _adapter_dtype(self, name: str) -> torch.dtype:

@@ -15,12 +15,13 @@ from lorakit.merge.delta import dora_norm
 def magnitude_scale(
     weight: Tensor, lora_weight: Tensor, scaling: float, magnitude: Tensor, feature_axis: int
 ) -> Tensor:
-    """m / ‖W + s·ΔW‖_c with the norm detached; one entry per output feature.
+    """m / ‖W + s·ΔW‖_c with the norm detached; one entry per output feature, shape (out,).
 
-    weight: the stored base weight; lora_weight: B @ A in that same layout (no scaling applied).
+    weight: the stored base weight; lora_weight: B @ A in that same layout (no scaling applied); magnitude:
+    one value per output feature, in any shape.
     """
     combined = weight.to(lora_weight.dtype) + scaling * lora_weight.detach()
-    return magnitude / dora_norm(combined, feature_axis).detach().to(magnitude.dtype)
+    return magnitude.reshape(-1) / dora_norm(combined, feature_axis).detach().to(magnitude.dtype)
 
 
 def linear_term(base_out: Tensor, adapted_out: Tensor, scale: Tensor) -> Tensor:

@@ -25,24 +25,27 @@ def lora_delta(lora_A: Tensor, lora_B: Tensor, scaling: float, transpose: bool =
 
 
 def dora_norm(weight: Tensor, feature_axis: int) -> Tensor:
-    """Column norm ‖W‖_c of DoRA (Liu et al. 2024, arXiv:2402.09353): one L2 norm per output feature."""
-    return torch.linalg.vector_norm(weight.float(), dim=1 - feature_axis)
+    """Column norm ‖W‖_c of DoRA (Liu et al. 2024, arXiv:2402.09353): one L2 norm per output feature, over
+    every other axis (a convolution's input channels and kernel positions too)."""
+    return torch.linalg.vector_norm(weight.float(), dim=[d for d in range(weight.dim()) if d != feature_axis])
 
 
-def _along(vector: Tensor, feature_axis: int) -> Tensor:
-    return vector.view(-1, 1) if feature_axis == 0 else vector.view(1, -1)
+def _along(vector: Tensor, feature_axis: int, ndim: int) -> Tensor:
+    """One value per output feature, shaped to scale a weight of `ndim` axes feature by feature."""
+    return vector.reshape([-1 if d == feature_axis else 1 for d in range(ndim)])
 
 
 def dora_merge(weight: Tensor, delta: Tensor, magnitude: Tensor, feature_axis: int) -> tuple[Tensor, Tensor]:
-    """Merged DoRA weight m · (W + ΔW) / ‖W + ΔW‖_c, and the norm (needed to unmerge)."""
+    """Merged DoRA weight m · (W + ΔW) / ‖W + ΔW‖_c, and the norm (needed to unmerge). `magnitude` holds one
+    value per output feature, in any shape (PEFT stores a convolution's as (1, out, 1, …))."""
     combined = weight.float() + delta
     norm = dora_norm(combined, feature_axis)
-    return combined.mul_(_along(magnitude.float() / norm, feature_axis)), norm
+    return combined.mul_(_along(magnitude.float().reshape(-1) / norm, feature_axis, combined.dim())), norm
 
 
 def dora_unmerge(merged: Tensor, delta: Tensor, magnitude: Tensor, norm: Tensor, feature_axis: int) -> Tensor:
     """Inverse of `dora_merge` given the norm it returned: W = merged · ‖W + ΔW‖_c / m − ΔW."""
-    return merged.float() * _along(norm / magnitude.float(), feature_axis) - delta
+    return merged.float() * _along(norm / magnitude.float().reshape(-1), feature_axis, merged.dim()) - delta
 
 
 def add_delta(weight: Tensor, delta: Tensor) -> Tensor:
