@@ -102,14 +102,16 @@ class Grouped(nn.Module):
         return self.conv(x).flatten(1)
 
 
-def test_grouped_convolutions_as_peft_seeded_init_outputs_files_and_refusals(tmp_path):
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_grouped_convolutions_as_peft_seeded_init_outputs_files_and_refusals(tmp_path, use_dora):
     torch.manual_seed(5)
     x = torch.rand(2, 4, 5, 5)
     models, outputs = {}, {}
     for name, lib in LIBS.items():
         torch.manual_seed(1)
         with pytest.warns(UserWarning, match="groups > 1. Merging is not supported"):
-            models[name] = lib.get_peft_model(Grouped(), lib.LoraConfig(target_modules=["conv"], r=4))
+            config = lib.LoraConfig(target_modules=["conv"], r=4, use_dora=use_dora)
+            models[name] = lib.get_peft_model(Grouped(), config)
         with torch.no_grad():  # B starts at zero: give it values (the same in both) so the update shows
             torch.manual_seed(2)
             models[name].base_model.model.conv.lora_B["default"].weight.normal_()
@@ -128,10 +130,10 @@ def test_grouped_convolutions_as_peft_seeded_init_outputs_files_and_refusals(tmp
     torch.testing.assert_close(loaded(x), outputs["lorakit"], rtol=0, atol=1e-6)
 
 
-def test_dilated_convolutions_and_dora_on_grouped_ones_are_refused():
+def test_dilated_convolutions_and_pissa_on_grouped_ones_are_refused():
     with pytest.raises(ValueError, match="dilation=1"):
         lorakit.get_peft_model(nn.Sequential(nn.Conv2d(4, 4, 3, dilation=2)),
                                lorakit.LoraConfig(target_modules=["0"]))
-    with pytest.raises(ValueError, match="DoRA"):
+    with pytest.raises(ValueError, match="init_lora_weights='pissa' is not supported on a convolution"):
         lorakit.get_peft_model(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)),
-                               lorakit.LoraConfig(target_modules=["0"], r=4, use_dora=True))
+                               lorakit.LoraConfig(target_modules=["0"], r=4, init_lora_weights="pissa"))

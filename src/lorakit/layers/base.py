@@ -208,8 +208,12 @@ class LoraLayer(TunerLayerAPI, nn.Module):
         """DoRA's magnitude (one value per output feature) in the shape PEFT stores for this layer."""
         return norm
 
+    def _dora_delta(self, name: str) -> Tensor:
+        """s · ΔW as DoRA's initial norm ‖W + s·ΔW‖ sees it (float32, the base weight's layout)."""
+        return self.delta_weight(name)
+
     def _create_magnitude(self, name: str) -> None:
-        delta = self.delta_weight(name)
+        delta = self._dora_delta(name)
         norm = dora_norm(add_delta(self.base_weight(), delta), self.feature_axis)
         module = nn.Module()
         magnitude = self._magnitude_layout(norm).to(device=delta.device, dtype=self._adapter_dtype(name))

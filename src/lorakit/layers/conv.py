@@ -9,7 +9,9 @@ A's to (r, in · prod(kernel))). On disk the factors are `lora_A.weight` (r, in,
 Grouped convolutions (groups g > 1, r a multiple of g) follow PEFT too: A sees every input channel and B
 is grouped like the base (weight (out, r/g, 1…)), so output channel o only mixes the r/g rank channels of
 its group. As in PEFT such an adapter cannot be merged, and the inits that move the base weight (OLoRA,
-PiSSA) and DoRA are refused on it.
+PiSSA) are refused on it. DoRA's norm there uses PEFT's matrix, B's weight viewed as (out/g, r) times A's as
+(r, in · k…), reshaped to the base weight's shape: not the update's ΔW, but what PEFT computes, so that
+grouped DoRA adapters give the same outputs in both libraries.
 
 DoRA (Liu et al. 2024) as PEFT computes it for convolutions: with m the magnitude (stored (1, out, 1…)) and
 n = ‖W + s·ΔW‖ per output channel (detached), the adapter adds (m/n − 1) · conv(x, W) + (m/n) · s · B(A(x)),
@@ -75,9 +77,9 @@ class LoraConv(LoraLayer):
                 "Currently, support is limited to conv layers where the rank is divisible by groups. "
                 "Either choose a different rank or do not target this specific layer."
             )
-        if spec.use_dora or moves_base_weight(spec.init):
-            what = "DoRA (use_dora=True)" if spec.use_dora else f"init_lora_weights={spec.init!r}"
-            raise ValueError(f"{self.module_name}: {what} is not supported on a convolution with groups > 1")
+        if moves_base_weight(spec.init):
+            raise ValueError(f"{self.module_name}: init_lora_weights={spec.init!r} is not supported on a "
+                             "convolution with groups > 1")
         warnings.warn("LoRA adapter added to ConvNd layer with groups > 1. Merging is not supported.",
                       UserWarning, stacklevel=4)
 
@@ -89,6 +91,15 @@ class LoraConv(LoraLayer):
         out, r = value.shape
         blocks = value.reshape(groups, out // groups, groups, r // groups)
         return torch.stack([blocks[g, :, g] for g in range(groups)]).reshape(factor.shape)
+
+    def _dora_direction(self, name: str) -> Tensor:
+        """B·A as DoRA's norm sees it, unscaled, in the base weight's shape (module docstring)."""
+        a, b = self.factors(name)
+        r = a.shape[0]
+        return (b.reshape(-1, r) @ a.reshape(r, -1)).reshape(self.weight.shape)
+
+    def _dora_delta(self, name: str) -> Tensor:
+        return self._dora_direction(name).detach().float() * self.scaling[name]
 
     def _magnitude_layout(self, norm: Tensor) -> Tensor:
         return norm.view(1, -1, *([1] * (self.weight.dim() - 2)))
@@ -146,8 +157,7 @@ class LoraConv(LoraLayer):
         update = lora_b(lora_a(x)) * self.scaling[name]
         if name not in self.lora_magnitude_vector:
             return update
-        a, b = self.factors(name)
-        lora_weight = (b.flatten(1) @ a.flatten(1)).view(self.weight.shape)
+        lora_weight = self._dora_direction(name)
         magnitude, scaling = self.lora_magnitude_vector[name].weight, self.scaling[name]
         scale = dora.magnitude_scale(self.weight, lora_weight, scaling, magnitude, self.feature_axis)
         scale = scale.view(1, -1, *([1] * (x.dim() - 2)))
