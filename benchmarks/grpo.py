@@ -47,7 +47,7 @@ def run_lorakit(output: str, args: argparse.Namespace, evaluate: bool) -> dict:
     options = {"output": output, "max_steps": args.max_steps, "learning_rate": args.learning_rate,
                "num_generations": args.num_generations, "batch_size": args.batch_size,
                "max_completion_length": args.max_completion_length, "warmup_steps": args.warmup_steps,
-               "overwrite": True, "eval_every": args.max_steps}
+               "overwrite": True, "eval_every": args.max_steps, "seed": args.seed}
     if not evaluate:  # no validation or test scoring: the training alone, as TRL runs it
         options["data"] = args.data or str(bundled_dataset_path("train"))
     result = train_grpo(GRPOConfig.from_options(options))
@@ -97,7 +97,7 @@ def run_trl(output: str, args: argparse.Namespace) -> dict:
         save_strategy="no",
         report_to="none",
         use_cpu=True,
-        seed=0,
+        seed=args.seed,
         gradient_checkpointing=False,
         dataloader_num_workers=0,
     )
@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-completion-length", type=int, default=32)
     parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0, help="Both trainers' seed (data order, sampling).")
     parser.add_argument("--train-rows", type=int, default=None,
                         help="Side by side: train on the first N bundled training rows (both trainers).")
     parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
@@ -188,7 +189,7 @@ def main() -> None:
                 ],
             )
         )
-    save_results(f"grpo-{args.part}", payload)
+    save_results(f"grpo-{args.part}" + (f"-seed{args.seed}" if args.seed else ""), payload)
 
 
 if __name__ == "__main__":
