@@ -4,24 +4,16 @@ checked against one process with twice the batch size."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from safetensors.torch import load_file
+from torchrun_support import torchrun
 
 from lorakit.errors import LorakitError
 from lorakit.train.batching import batches_per_epoch, epoch_batches
 from lorakit.train.config import TrainConfig
 from lorakit.train.optim import total_optimizer_steps
 from lorakit.train.sft import train
-
-LAUNCHER = Path(__file__).with_name("dist_train.py")
-
 
 # ---- sharding ---------------------------------------------------------------------------------------
 
@@ -72,37 +64,13 @@ def test_two_cpu_processes_train_like_one_process_with_twice_the_batch(
         eval_max_new_tokens=4,
         seed=3,
     )
-    config = tmp_path / "two.yaml"
-    config.write_text(yaml.safe_dump({**options, "output": str(tmp_path / "two"), "batch_size": 4,
-                                      "report_to": ["tensorboard"]}))
-    # One thread per process: the two processes share the machine's cores.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(LAUNCHER),
-            "train",
-            str(config),
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    rank0, rank1 = torchrun("train", {**options, "batch_size": 4, "report_to": ["tensorboard"]}, tmp_path)
 
     # Both processes end with the same adapter (rank 0 also scored exact match and handed the model back).
-    rank0, rank1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
     assert rank0 and rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
 
-    out = tmp_path / "two"
+    out = tmp_path / "run"
     report = json.loads((out / "report.json").read_text())
     assert report["processes"] == 2 and report["steps"] == 8 and report["test_rows"] == 4
     assert report["final_val_loss"] < report["base_val_loss"]
@@ -112,8 +80,8 @@ def test_two_cpu_processes_train_like_one_process_with_twice_the_batch(
     # Only the main process logged to TensorBoard: one event file, holding each step once.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    assert len(list((out / "logs" / "two").glob("events.out.tfevents.*"))) == 1
-    events = EventAccumulator(str(out / "logs" / "two"))
+    assert len(list((out / "logs" / "run").glob("events.out.tfevents.*"))) == 1
+    events = EventAccumulator(str(out / "logs" / "run"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(two_train, rel=1e-6)

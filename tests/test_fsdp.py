@@ -7,86 +7,20 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
+from torchrun_support import start, torchrun
 
 from lorakit.errors import LorakitError
 from lorakit.train.config import DPOConfig, TrainConfig
 from lorakit.train.dpo import train_dpo
 from lorakit.train.memory import rank_memory
 from lorakit.train.sft import train
-
-LAUNCHER = Path(__file__).with_name("dist_train.py")
-# One thread per process: the two processes share the machine's cores.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def _torchrun(command: str, options: dict, out: Path, *, nodes: int = 1, timeout: int = 600) -> list[dict]:
-    """Run `command` (train/dpo) on 2 processes with `options` (output: out/"run"); the final trainable
-    tensors of each rank. With nodes=2: two torchrun launches of one process each, meeting at a local
-    c10d rendezvous, as two machines would."""
-    out.mkdir(parents=True, exist_ok=True)
-    config = out / "config.yaml"
-    config.write_text(yaml.safe_dump({**options, "output": str(out / "run")}))
-    if nodes == 1:
-        launches = [["--standalone", "--nproc_per_node", "2"]]
-    else:
-        port = _free_port()
-        launches = [
-            [
-                "--nnodes",
-                "2",
-                "--nproc_per_node",
-                "1",
-                "--node_rank",
-                str(rank),
-                "--rdzv-backend",
-                "c10d",
-                "--rdzv-endpoint",
-                f"localhost:{port}",
-                "--rdzv-id",
-                "lorakit-test",
-            ]
-            for rank in range(2)
-        ]
-    processes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                *args,
-                str(LAUNCHER),
-                command,
-                str(config),
-                str(out),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=ENV,
-        )
-        for args in launches
-    ]
-    for process in processes:
-        output, _ = process.communicate(timeout=timeout)
-        ranks = [line for line in output.splitlines() if line.startswith("[rank")]  # the workers' tracebacks
-        assert process.returncode == 0, "\n".join(ranks[-30:]) or output[-4000:]
-    return [load_file(str(out / f"rank{r}.safetensors")) for r in range(2)]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        return sock.getsockname()[1]
 
 
 def _close(got: dict, expected: dict, atol: float = 1e-5) -> None:
@@ -108,8 +42,8 @@ def _sft_options(model_dir: Path, data: dict, **extra) -> dict:
 
 def test_sharded_sft_equals_data_parallel_and_one_process(tmp_path, tiny_chat_model_dir, demo_subset) -> None:
     options = _sft_options(tiny_chat_model_dir, demo_subset)
-    sharded = _torchrun("train", {**options, "fsdp": True}, tmp_path / "fsdp")
-    replicated = _torchrun("train", options, tmp_path / "ddp")
+    sharded = torchrun("train", {**options, "fsdp": True}, tmp_path / "fsdp")
+    replicated = torchrun("train", options, tmp_path / "ddp")
     single = train(TrainConfig.from_options({**options, "batch_size": 8, "output": str(tmp_path / "one")}))
     expected = _trainable(single.model)
     for rank in range(2):
@@ -145,7 +79,7 @@ def test_sharded_dpo_equals_one_process(tmp_path, tiny_chat_model_dir, demo_subs
     pairs.write_text("\n".join(bundled_preference_path("train").read_text().splitlines()[:24]) + "\n")
     options = dict(model=str(tiny_chat_model_dir), data=str(pairs), max_steps=3, eval_every=10, batch_size=2,
                    learning_rate=5e-3, warmup_steps=0, seed=3, fsdp=True)
-    sharded = _torchrun("dpo", options, tmp_path / "fsdp")
+    sharded = torchrun("dpo", options, tmp_path / "fsdp")
     single = train_dpo(DPOConfig.from_options({**options, "fsdp": False, "batch_size": 4,
                                                "output": str(tmp_path / "one")}))
     for rank in range(2):
@@ -161,7 +95,7 @@ def test_dora_olora_patterns_and_checkpointing_shard_like_one_process(tmp_path, 
                            use_rslora=True, rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 4.0},
                            target_modules=["q_proj", "v_proj", "down_proj"], modules_to_save=["lm_head"],
                            gradient_checkpointing=True, max_steps=2)
-    sharded = _torchrun("train", {**options, "fsdp": True}, tmp_path / "fsdp")
+    sharded = torchrun("train", {**options, "fsdp": True}, tmp_path / "fsdp")
     single = train(TrainConfig.from_options({**options, "batch_size": 8, "output": str(tmp_path / "one")}))
     _close(sharded[0], _trainable(single.model))
     ours = load_file(str(tmp_path / "fsdp" / "run" / "adapter" / "adapter_model.safetensors"))
@@ -177,7 +111,7 @@ def test_full_fine_tuning_compile_and_4bit_bases_shard_like_one_process(
     """Full fine-tuning with --compile (every weight trainable and sharded, decoder layers compiled) and a
     bitsandbytes NF4 base (QLoRA: the packed 4-bit weights are sharded as they are stored)."""
     options = _sft_options(tiny_chat_model_dir, demo_subset, max_steps=2, **variant)
-    sharded = _torchrun("train", {**options, "fsdp": True}, tmp_path / "fsdp")
+    sharded = torchrun("train", {**options, "fsdp": True}, tmp_path / "fsdp")
     single = train(TrainConfig.from_options({**options, "batch_size": 8, "output": str(tmp_path / "one")}))
     _close(sharded[0], _trainable(single.model), atol=1e-4 if "compile" in variant else 1e-5)
 
@@ -191,30 +125,9 @@ def test_kill_9_of_one_rank_then_resume_matches_an_uninterrupted_run(tmp_path, t
         "eval_every": 4,
         "save_every": 2,
     }
-    expected = _torchrun("train", options, tmp_path / "whole")[0]
+    expected = torchrun("train", options, tmp_path / "whole")[0]
     out = tmp_path / "killed"
-    out.mkdir()
-    config = out / "config.yaml"
-    config.write_text(yaml.safe_dump({**options, "output": str(out / "run")}))
-    launch = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(LAUNCHER),
-            "train",
-            str(config),
-            str(out),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=ENV,
-        start_new_session=True,
-    )
+    launch, config = start("train", options, out, start_new_session=True)
     state = out / "run" / "checkpoint" / "trainer_state.json"
     deadline = time.monotonic() + 600
     while not (state.is_file() and json.loads(state.read_text())["step"] >= 4):
@@ -224,7 +137,7 @@ def test_kill_9_of_one_rank_then_resume_matches_an_uninterrupted_run(tmp_path, t
     os.kill(int(workers.stdout.split()[-1]), signal.SIGKILL)  # one rank only; torchrun then stops the other
     launch.communicate(timeout=300)
     assert launch.returncode != 0
-    resumed = _torchrun("train", {**options, "resume": True}, out)
+    resumed = torchrun("train", {**options, "resume": True}, out)
     _close(resumed[0], expected)
     steps = [json.loads(line)["step"] for line in (out / "run" / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["kind"] == "train"]
@@ -234,7 +147,7 @@ def test_kill_9_of_one_rank_then_resume_matches_an_uninterrupted_run(tmp_path, t
 @pytest.mark.slow
 def test_two_nodes_train_like_one_process(tmp_path, tiny_chat_model_dir, demo_subset) -> None:
     options = {**_sft_options(tiny_chat_model_dir, demo_subset), "max_steps": 2}
-    nodes = _torchrun("train", {**options, "fsdp": True}, tmp_path / "nodes", nodes=2)
+    nodes = torchrun("train", {**options, "fsdp": True}, tmp_path / "nodes", nodes=2)
     single = train(TrainConfig.from_options({**options, "batch_size": 8, "output": str(tmp_path / "one")}))
     _close(nodes[1], _trainable(single.model))
 
@@ -266,8 +179,8 @@ def test_embedded_model_shards_like_data_parallel_and_one_process(
     options = dict(max_steps=2, eval_every=10, batch_size=2, warmup_steps=0, seed=3, lora_dropout=0.0)
     if command == "train":
         options.update(eval_limit=2, eval_max_new_tokens=4)
-    sharded = _torchrun(command, {**options, "fsdp": True}, tmp_path / "fsdp", timeout=1800)
-    replicated = _torchrun(command, options, tmp_path / "ddp", timeout=1800)
+    sharded = torchrun(command, {**options, "fsdp": True}, tmp_path / "fsdp", timeout=1800)
+    replicated = torchrun(command, options, tmp_path / "ddp", timeout=1800)
     run = train if command == "train" else train_dpo
     config_class = TrainConfig if command == "train" else DPOConfig
     single = run(config_class.from_options({**options, "batch_size": 4, "output": str(tmp_path / "one")}))
