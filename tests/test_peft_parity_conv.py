@@ -93,17 +93,21 @@ def test_training_updates_only_the_adapter_and_mixed_rows():
 
 
 class Grouped(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, kernel: int = 3, groups: int = 2) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.conv = nn.Conv2d(4, 8, 3, padding=1, groups=2)
+        self.conv = nn.Conv2d(4, 8, kernel, padding=1, groups=groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x).flatten(1)
 
 
+# (2, 4): A's kernel holds as many positions as there are groups, so A and a grouped B look alike by size.
+@pytest.mark.parametrize(("kernel", "groups"), [(3, 2), (2, 4)])
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
-def test_grouped_convolutions_as_peft_seeded_init_outputs_files_and_refusals(tmp_path, use_dora):
+def test_grouped_convolutions_as_peft_seeded_init_outputs_files_and_refusals(
+    tmp_path, use_dora, kernel, groups
+):
     torch.manual_seed(5)
     x = torch.rand(2, 4, 5, 5)
     models, outputs = {}, {}
@@ -111,7 +115,7 @@ def test_grouped_convolutions_as_peft_seeded_init_outputs_files_and_refusals(tmp
         torch.manual_seed(1)
         with pytest.warns(UserWarning, match="groups > 1. Merging is not supported"):
             config = lib.LoraConfig(target_modules=["conv"], r=4, use_dora=use_dora)
-            models[name] = lib.get_peft_model(Grouped(), config)
+            models[name] = lib.get_peft_model(Grouped(kernel, groups), config)
         with torch.no_grad():  # B starts at zero: give it values (the same in both) so the update shows
             torch.manual_seed(2)
             models[name].base_model.model.conv.lora_B["default"].weight.normal_()
@@ -119,14 +123,14 @@ def test_grouped_convolutions_as_peft_seeded_init_outputs_files_and_refusals(tmp
         with pytest.raises(NotImplementedError, match="Merging is not supported for _ConvNd layers"):
             models[name].merge_adapter()
         with pytest.raises(ValueError, match="the rank is divisible by groups"):
-            lib.get_peft_model(Grouped(), lib.LoraConfig(target_modules=["conv"], r=3))
-    assert models["lorakit"].base_model.model.conv.lora_B["default"].weight.shape == (8, 2, 1, 1)
+            lib.get_peft_model(Grouped(kernel, groups), lib.LoraConfig(target_modules=["conv"], r=3))
+    assert models["lorakit"].base_model.model.conv.lora_B["default"].weight.shape == (8, 4 // groups, 1, 1)
     for key, value in peft.get_peft_model_state_dict(models["peft"]).items():
         assert torch.equal(lorakit.get_peft_model_state_dict(models["lorakit"])[key], value), key
     torch.testing.assert_close(outputs["lorakit"], outputs["peft"], rtol=0, atol=1e-6)
-    assert (outputs["lorakit"] - Grouped()(x)).abs().max() > 1e-3
+    assert (outputs["lorakit"] - Grouped(kernel, groups)(x)).abs().max() > 1e-3
     models["lorakit"].save_pretrained(tmp_path)
-    loaded = peft.PeftModel.from_pretrained(Grouped(), tmp_path)
+    loaded = peft.PeftModel.from_pretrained(Grouped(kernel, groups), tmp_path)
     torch.testing.assert_close(loaded(x), outputs["lorakit"], rtol=0, atol=1e-6)
 
 

@@ -170,8 +170,8 @@ class LoraLayer(TunerLayerAPI, nn.Module):
             # PEFT's factors for the same seed.
             self._create(name, spec, init_zeros(weight, spec.r, spec.scaling))
             init = initialise(weight, spec.r, spec.scaling)
-            for factor, value in zip(self.factors(name), init[:2]):
-                factor.copy_(self._factor_layout(factor, value))
+            for which, factor, value in zip("AB", self.factors(name), init[:2]):
+                factor.copy_(self._factor_layout(which, factor, value))
             if init.residual is not None:
                 self._store_init_weight(init.residual)
                 self.initial_factors[name] = (
@@ -200,8 +200,9 @@ class LoraLayer(TunerLayerAPI, nn.Module):
                 "load the model without disk/meta offloading to merge"
             )
 
-    def _factor_layout(self, factor: Tensor, value: Tensor) -> Tensor:
-        """An initialiser's A (r, in) or B (out, r) in the layout of the factor's weight."""
+    def _factor_layout(self, which: str, factor: Tensor, value: Tensor) -> Tensor:
+        """An initialiser's A (r, in) or B (out, r) (`which`: "A" or "B") in the layout of the factor's
+        weight."""
         return value.view_as(factor)
 
     def _magnitude_layout(self, norm: Tensor) -> Tensor:

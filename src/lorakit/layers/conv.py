@@ -63,8 +63,8 @@ class LoraConv(LoraLayer):
         # Built in PEFT's order (A, then B) so that their constructors draw what PEFT's draw.
         a = conv(self.in_features, spec.r, base.kernel_size, base.stride, base.padding, bias=False, **kwargs)
         b = conv(spec.r, self.out_features, ones, ones, groups=base.groups, bias=spec.lora_bias, **kwargs)
-        a.weight.copy_(self._factor_layout(a.weight, init.lora_A))
-        b.weight.copy_(self._factor_layout(b.weight, init.lora_B))
+        a.weight.copy_(self._factor_layout("A", a.weight, init.lora_A))
+        b.weight.copy_(self._factor_layout("B", b.weight, init.lora_B))
         if b.bias is not None and spec.init is not False:
             b.bias.zero_()
         self.lora_A[name], self.lora_B[name] = a, b
@@ -83,10 +83,10 @@ class LoraConv(LoraLayer):
         warnings.warn("LoRA adapter added to ConvNd layer with groups > 1. Merging is not supported.",
                       UserWarning, stacklevel=4)
 
-    def _factor_layout(self, factor: Tensor, value: Tensor) -> Tensor:
+    def _factor_layout(self, which: str, factor: Tensor, value: Tensor) -> Tensor:
         """A grouped B keeps, of the initialiser's dense (out, r) matrix, each output channel's own group."""
         groups = self.base_layer.groups
-        if factor.shape[1] * groups != value.shape[1] or groups == 1:
+        if which == "A" or groups == 1:
             return value.view_as(factor)
         out, r = value.shape
         blocks = value.reshape(groups, out // groups, groups, r // groups)
