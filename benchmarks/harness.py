@@ -110,31 +110,48 @@ def machine() -> dict[str, Any]:
 
 
 
-def run_measured(argv: Sequence[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+def run_measured(argv: Sequence[str], env: dict[str, str] | None = None,
+                 min_available_bytes: int = 0) -> dict[str, Any]:
     """Run `argv` as a fresh process: its wall seconds, its peak RSS in bytes and its stdout; raises with
     the tail of stderr when it fails.
 
     The peak is the child's VmHWM read from /proc/<pid>/status every 50 ms until it exits (VmHWM only
     grows, so only a peak reached in the last 50 ms could be missed). Not wait4's ru_maxrss: Linux keeps
     in it the high-water mark of the memory the child had before exec, i.e. this process's RSS at fork,
-    so it never reads below the parent's RSS."""
+    so it never reads below the parent's RSS.
+
+    If the machine's MemAvailable falls under `min_available_bytes`, the child is killed before the
+    OOM killer picks a victim, and the result says so under "stopped" instead of raising."""
     import os
     import tempfile
 
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
         process = subprocess.Popen(list(argv), stdout=out, stderr=err, env={**os.environ, **(env or {})})
-        peak = 0
+        peak, stopped = 0, None
         while process.poll() is None:
             peak = max(peak, _hwm(process.pid))
+            if stopped is None and mem_available() < min_available_bytes:
+                stopped = f"killed when MemAvailable fell under {min_available_bytes / 1e9:.1f} GB"
+                process.kill()
             time.sleep(0.05)
         seconds = time.perf_counter() - start
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
+    if stopped:
+        return {"seconds": seconds, "peak_rss_bytes": peak, "stopped": stopped}
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({process.returncode}):\n{stderr[-3000:]}")
     return {"seconds": seconds, "peak_rss_bytes": peak, "stdout": stdout}
+
+
+def mem_available() -> int:
+    """The machine's MemAvailable in bytes (/proc/meminfo)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 2**62
 
 
 def _hwm(pid: int) -> int:

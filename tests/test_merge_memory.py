@@ -97,3 +97,21 @@ def test_merge_and_export_peak_is_two_largest_tensors(tmp_path: Path, shards: st
     print(f"{shards}: export peak {measured / 2**20:.0f} MiB above import baseline")
     assert exported["tensors"] == 2 + 1 + 9 * LAYERS
     assert measured <= BOUND and exported["memory"]["within_bound"]
+
+
+def test_export_streams_a_tensor_as_large_as_its_input(tmp_path: Path) -> None:
+    """bfloat16 in, f16 out: the encoded embedding is as large as the stored one, so holding it whole
+    beside the input (plus a block's temporaries) would pass 2 × largest + 64 MB; rows are written as they
+    are encoded instead."""
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=1024, intermediate_size=1024, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+    base = tmp_path / "base"
+    write_random_checkpoint(base, config, torch.bfloat16, 2**40)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(resolve_model_source(None) / name, base / name)
+    write_random_adapter(tmp_path / "adapter", config, 16, ["q_proj", "down_proj"])
+    largest = VOCAB * 1024 * 2
+    exported = _run("export", base, tmp_path / "adapter", tmp_path / "model.gguf")
+    measured = exported["VmHWM"] - exported["baseline"]
+    assert exported["memory"]["largest_tensor_bytes"] == largest
+    assert measured <= 2 * largest + 64 * 2**20 and exported["memory"]["within_bound"]

@@ -24,7 +24,14 @@ import torch
 from lorakit.export.architecture import Architecture, describe
 from lorakit.export.tensor_types import FLOAT_TYPES, TYPES, encode, parse_type, stored_shape, tensor_type
 from lorakit.export.tokenizer import add_tokenizer
-from lorakit.export.writer import ExportReport, PlannedTensor, gguf_output, report, write_tensors
+from lorakit.export.writer import (
+    ExportReport,
+    PlannedTensor,
+    StreamedRows,
+    gguf_output,
+    report,
+    write_tensors,
+)
 from lorakit.io.checkpoint import TensorInfo, TensorReader, open_checkpoint
 from lorakit.io.memory import PeakMemory
 from lorakit.merge.adapter_file import open_adapter
@@ -72,7 +79,7 @@ def export_gguf(
         _add_metadata(writer, architecture, output, type)
         add_tokenizer(writer, base_dir, int(architecture.config["vocab_size"]))
 
-        def produce(tensor: PlannedTensor) -> np.ndarray:
+        def produce(tensor: PlannedTensor) -> np.ndarray | StreamedRows:
             name, info = sources[tensor.name]
             target = FLOAT_TYPES.get(tensor.qtype, torch.float32)
             stored = reader.get(info.file, info.name)
@@ -111,22 +118,21 @@ def _plan_tensors(plan: MergePlan, architecture: Architecture,
 
 
 def _assemble(blocks: Iterable[torch.Tensor], tensor: PlannedTensor,
-              order: torch.Tensor | None) -> np.ndarray:
-    """Encode consecutive row blocks into the stored array; with a row order, stored row i goes to the
-    GGUF row r where order[r] = i (every GGUF type encodes rows independently, so this commutes)."""
+              order: torch.Tensor | None) -> np.ndarray | StreamedRows:
+    """Encode consecutive row blocks into the stored data: streamed as they come when the rows keep their
+    order; with a row order, stored row i goes to the GGUF row r where order[r] = i, so the tensor is
+    assembled first (every GGUF type encodes rows independently, so this commutes)."""
     shape, dtype = stored_shape(tensor.shape, tensor.qtype)
+    encoded = (encode(block, tensor.qtype) for block in blocks)
+    if order is None:
+        return StreamedRows(tensor.name, shape, dtype, encoded)
     out = np.empty(shape, dtype)
-    positions = None if order is None else torch.argsort(order).numpy()
+    positions = torch.argsort(order).numpy()
     row = 0
-    for block in blocks:
-        count = block.shape[0] if block.dim() else 1
-        encoded = encode(block, tensor.qtype)
-        if positions is None:
-            out[row:row + count] = encoded
-        else:
-            out[positions[row:row + count]] = encoded
-        row += count
-    if row != (shape[0] if shape else 1):
+    for block in encoded:
+        out[positions[row:row + block.shape[0]]] = block
+        row += block.shape[0]
+    if row != shape[0]:
         raise RuntimeError(f"{tensor.name}: got {row} rows of the planned {tensor.shape}")
     return out
 

@@ -2,9 +2,10 @@
 
 A GGUF file is a header, metadata, the table of every tensor's name/shape/type/offset, then the tensor
 data. The table needs only shapes and types, so it is written before any weight is computed (the plan);
-each tensor is then computed, encoded and appended in table order, and dropped. Memory holds one input
-and one output tensor at a time, as `lorakit merge` does (≤ 2 × largest tensor + 64 MB above the start,
-`lorakit.io.memory`).
+each tensor is then computed, encoded and appended in table order, and dropped. A tensor whose rows keep
+their order is written block of rows by block of rows (`StreamedRows`), so memory holds one input tensor
+and one encoded block, as `lorakit merge` does (≤ 2 × largest tensor + 64 MB above the start,
+`lorakit.io.memory`); one whose rows are reordered (q/k for llama.cpp's rotary layout) is assembled whole.
 
 The file is written under a temporary name beside the output and renamed into place at the end, so an
 interrupted or failed export leaves no file that looks complete, and an existing file stays untouched.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +45,28 @@ class PlannedTensor:
     def nbytes(self) -> int:
         shape, dtype = stored_shape(self.shape, self.qtype)
         return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+
+class StreamedRows:
+    """A tensor's encoded data as consecutive blocks of rows, written to the file as they come.
+
+    It stands in for the whole array in `gguf.GGUFWriter.write_tensor_data`, which reads `nbytes` and
+    calls `tofile` (and `byteswap`, only for a big-endian file, which lorakit never writes).
+    """
+
+    def __init__(self, name: str, shape: tuple[int, ...], dtype: np.dtype, blocks: Iterable[np.ndarray]):
+        self.name, self.shape, self.dtype, self._blocks = name, shape, np.dtype(dtype), blocks
+        self.nbytes = int(np.prod(shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def tofile(self, file: Any) -> None:
+        written = 0
+        for block in self._blocks:
+            block = np.ascontiguousarray(block)
+            block.tofile(file)
+            written += block.nbytes
+        if written != self.nbytes:
+            raise RuntimeError(f"{self.name}: produced {written} bytes of the planned {self.nbytes} "
+                               f"({self.dtype} {self.shape})")
 
 
 @dataclass(frozen=True)
@@ -84,7 +107,7 @@ def gguf_output(path: Path, architecture: str, overwrite: bool) -> Iterator[gguf
 
 
 def write_tensors(writer: gguf.GGUFWriter, plan: Sequence[PlannedTensor],
-                  produce: Callable[[PlannedTensor], np.ndarray], progress: bool) -> None:
+                  produce: Callable[[PlannedTensor], np.ndarray | StreamedRows], progress: bool) -> None:
     """Write metadata and the tensor table, then each tensor as `produce` returns it, in plan order."""
     from tqdm.auto import tqdm
 
