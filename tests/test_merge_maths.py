@@ -42,6 +42,16 @@ def test_add_delta_rounds_once_not_into_the_stored_dtype() -> None:
     assert summed.dtype == torch.float32 and summed.item() == 1.0 + 2.0 ** -10
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_add_delta_equals_the_float32_sum_bit_for_bit(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 96, generator=generator).to(dtype)
+    delta = torch.randn(64, 96, generator=generator) * 1e-3
+    assert torch.equal(add_delta(weight, delta.clone()), weight.float() + delta)
+    transposed = add_delta(weight, delta.T.clone().T)  # a transposed delta keeps the layout of W + ΔW
+    assert torch.equal(transposed, weight.float() + delta) and transposed.stride() == weight.stride()
+
+
 def test_dora_norm_per_output_feature() -> None:
     weight = T([[3.0, 4.0, 0.0], [0.0, 0.0, 5.0]])
     assert torch.equal(dora_norm(weight, feature_axis=0), T([5.0, 5.0]))  # rows: Linear (out, in)

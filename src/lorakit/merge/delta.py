@@ -49,5 +49,10 @@ def dora_unmerge(merged: Tensor, delta: Tensor, magnitude: Tensor, norm: Tensor,
 
 
 def add_delta(weight: Tensor, delta: Tensor) -> Tensor:
-    """W + ΔW computed in float32 (one rounding when the caller casts back)."""
+    """W + ΔW computed in float32 (one rounding when the caller casts back). `delta` is a float32 temporary
+    the caller gives up: when both are contiguous the sum is written into it, one pass over W and no
+    float32 copy of it (a bfloat16 W is widened element by element, exactly), the same bits and layout as
+    `W.float() + ΔW`, which transposed layouts keep (a later norm reduces in layout order)."""
+    if weight.shape == delta.shape and weight.is_contiguous() and delta.is_contiguous():
+        return delta.add_(weight)
     return weight.float() + delta

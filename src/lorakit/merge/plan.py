@@ -349,7 +349,6 @@ def merged_blocks(base: Tensor, plan: TensorPlan | None, adapters: Sequence[Adap
 def _updated(weight: Tensor, updates: list[Op], adapters: Sequence[AdapterFile],
              rows: slice | None) -> Tensor:
     """`weight` (all rows, or the block `rows`) with the updates applied, in float32."""
-    weight = weight.float()
     for op in updates:
         adapter = adapters[op.adapter]
         if isinstance(op, LoraOp):
@@ -366,4 +365,4 @@ def _updated(weight: Tensor, updates: list[Op], adapters: Sequence[AdapterFile],
         elif isinstance(op, BiasOp):
             bias = adapter.get(op.key).float()
             weight = add_delta(weight, op.scaling * (bias if rows is None else bias[rows]))
-    return weight
+    return weight.float()
