@@ -27,6 +27,8 @@ import threading
 import time
 from pathlib import Path
 
+from harness import machine, mem_available, save_results
+
 GB = 10**9
 
 
@@ -35,13 +37,6 @@ def rss() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-def mem_available() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 2**62
 
 
 class Sampler:
@@ -147,7 +142,9 @@ def main() -> None:
                                     for v in s.values() if isinstance(v, torch.Tensor))
     result["steps"] = steps
     result["peak_rss_bytes"] = max(s["peak_rss"] for s in steps)
+    result["machine"] = machine()
     print(json.dumps(result), flush=True)
+    save_results("qlora_8b", result)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -78,6 +79,9 @@ def test_merge_command_writes_verified_model(setup, tmp_path: Path, capsys) -> N
     )
     assert code == 0
     assert "verification" in out and "passed" in out and "4 merged" in out
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    bound = report["memory"]["predicted_peak_above_start_bytes"]
+    assert re.search(rf"above the start \(bound\s+{bound / 2**20:,.0f}\s+MiB", out)
     report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
     assert (
         report["tensors_merged"] == 4

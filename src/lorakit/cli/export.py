@@ -41,10 +41,7 @@ def _print_report(report: ExportReport) -> None:
     for note in report.notes:
         table.add_row("note", note)
     if report.memory is not None:
-        bound = report.memory
-        table.add_row("peak memory", f"{bound.peak_rss_bytes / 2**20:,.0f} MiB RSS; "
-                      f"{bound.measured_peak_above_start_bytes / 2**20:,.0f} MiB above the start "
-                      f"(bound {bound.predicted_peak_above_start_bytes / 2**20:,.0f} MiB)")
+        table.add_row("peak memory", report.memory.summary())
     table.add_row("time", f"{report.seconds:.1f} s")
     Console().print(table)
 

@@ -55,10 +55,7 @@ def _print_report(report: MergeReport) -> None:
         table.add_row("perplexity", f"{outputs.perplexity_reference:.4g} (adapter) → "
                                     f"{outputs.perplexity_merged:.4g} (merged), "
                                     f"Δ {outputs.perplexity_delta:+.3g}")
-    bound = report.memory
-    table.add_row("peak memory", f"{report.peak_rss_bytes / 2**20:,.0f} MiB RSS; "
-                  f"{bound.measured_peak_above_start_bytes / 2**20:,.0f} MiB above the start (bound "
-                  f"{bound.predicted_peak_above_start_bytes / 2**20:,.0f} MiB: 2 × largest tensor + 64 MiB)")
+    table.add_row("peak memory", report.memory.summary())
     table.add_row("time", f"{report.seconds:.1f} s")
     Console().print(table)
 

@@ -36,6 +36,12 @@ class MemoryBound:
     peak_rss_bytes: int
     within_bound: bool
 
+    def summary(self) -> str:
+        """One line for a report table, e.g. "1,410 MiB RSS; 1,155 MiB above the start (bound …)"."""
+        peak, above = self.peak_rss_bytes / 2**20, self.measured_peak_above_start_bytes / 2**20
+        return (f"{peak:,.0f} MiB RSS; {above:,.0f} MiB above the start (bound "
+                f"{self.predicted_peak_above_start_bytes / 2**20:,.0f} MiB: 2 × largest tensor + 64 MiB)")
+
 
 class PeakMemory:
     """Started at the beginning of a job; `bound` compares its peak with 2 × largest tensor + 64 MB."""
