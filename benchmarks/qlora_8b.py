@@ -14,8 +14,8 @@ quantization state counted), LoRA factors and their gradients (bytes of the trai
 optimizer state (bytes of AdamW's exp_avg and exp_avg_sq after the first step), and activations with
 the step's temporaries (peak RSS within a step less the RSS at its start less the gradients). The tokens
 are random ids (memory and time do not depend on them); the weights are random, so the loss means nothing.
---stop-above-gb stops the run (exit, no crash) when RSS passes it, or when the machine's MemAvailable
-falls under 3 GB.
+--stop-above-gb stops the run (exit, no crash) when the anonymous memory (RssAnon) passes it, or when the
+machine's MemAvailable falls under 3 GB.
 """
 
 from __future__ import annotations
@@ -32,30 +32,33 @@ from harness import machine, mem_available, save_results
 GB = 10**9
 
 
-def rss() -> int:
+def rss(field: str = "VmRSS") -> int:
+    """This process's resident memory in bytes: VmRSS (all of it) or RssAnon (anonymous memory only)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return 0
 
 
 class Sampler:
-    """Peak RSS seen since `reset`, sampled every 20 ms; exits the process past `limit` bytes or when the
-    machine's MemAvailable falls under 3 GB (the machine is shared: never push it into the OOM killer)."""
+    """Peak VmRSS and peak RssAnon seen since `reset`, sampled every 20 ms; exits the process when the
+    anonymous memory passes `limit` bytes or the machine's MemAvailable falls under 3 GB (never push the
+    machine into the OOM killer). The limit is on RssAnon because VmRSS also counts the pages of the
+    checkpoint transformers memory-maps while loading, which the kernel drops when memory is short."""
 
     def __init__(self, limit: int) -> None:
-        self.limit, self.peak = limit, 0
+        self.limit, self.peak, self.peak_anon = limit, 0, 0
         threading.Thread(target=self._run, daemon=True).start()
 
     def reset(self) -> None:
-        self.peak = rss()
+        self.peak, self.peak_anon = rss(), rss("RssAnon")
 
     def _run(self) -> None:
         while True:
-            now = rss()
-            self.peak = max(self.peak, now)
-            if now > self.limit or mem_available() < 3 * GB:
-                print(json.dumps({"stopped": f"RSS {now / GB:.1f} GB (limit {self.limit / GB:.1f}), "
+            now, anon = rss(), rss("RssAnon")
+            self.peak, self.peak_anon = max(self.peak, now), max(self.peak_anon, anon)
+            if anon > self.limit or mem_available() < 3 * GB:
+                print(json.dumps({"stopped": f"RssAnon {anon / GB:.1f} GB (limit {self.limit / GB:.1f}), "
                                              f"MemAvailable {mem_available() / GB:.1f} GB"}), flush=True)
                 os._exit(3)
             time.sleep(0.02)
@@ -113,6 +116,7 @@ def main() -> None:
     prepare_for_kbit_training(model, gradient_checkpointing=True)
     model.config.use_cache = False
     result.update(load_seconds=time.perf_counter() - start, load_peak_rss_bytes=sampler.peak,
+                  load_peak_anon_bytes=sampler.peak_anon, weights_anon_bytes=rss("RssAnon"),
                   weights_rss_bytes=rss() - result["baseline_rss_bytes"],
                   weights_tensor_bytes=tensor_bytes(model))
     print(json.dumps(result), flush=True)
@@ -136,12 +140,14 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - start
         steps.append({"seconds": seconds, "loss": float(loss), "rss_before": before, "peak_rss": sampler.peak,
+                      "peak_anon": sampler.peak_anon,
                       "activations_and_temporaries": sampler.peak - before - result["lora_bytes"]})
         print(json.dumps(steps[-1]), flush=True)
     result["optimizer_bytes"] = sum(v.numel() * v.element_size() for s in optimizer.state.values()
                                     for v in s.values() if isinstance(v, torch.Tensor))
     result["steps"] = steps
     result["peak_rss_bytes"] = max(s["peak_rss"] for s in steps)
+    result["peak_anon_bytes"] = max(s["peak_anon"] for s in steps)
     result["machine"] = machine()
     print(json.dumps(result), flush=True)
     save_results("qlora_8b", result)

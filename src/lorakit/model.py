@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lorakit import inject, quant
+from lorakit.checkpointing import disable_activation_checkpointing, enable_activation_checkpointing
 from lorakit.config import LoraConfig
 from lorakit.io import pretrained
 from lorakit.io.model_card import write_model_card
@@ -117,13 +118,13 @@ class PeftModel(nn.Module):
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         model = self.get_base_model()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        enable_activation_checkpointing(model, gradient_checkpointing_kwargs)
         # With a frozen embedding no checkpointed segment's input requires grad, so no gradient would reach
         # the adapters; make the embedding output require grad.
         model.enable_input_require_grads()
 
     def gradient_checkpointing_disable(self) -> None:
-        self.get_base_model().gradient_checkpointing_disable()
+        disable_activation_checkpointing(self.get_base_model())
 
     def enable_input_require_grads(self) -> None:
         self.get_base_model().enable_input_require_grads()

@@ -75,7 +75,7 @@ def export_gguf(
         planned = [t for t, _, _ in tensors]
         sources = {t.name: (name, info) for t, name, info in tensors}
         writer = stack.enter_context(gguf_output(output, architecture.name, overwrite))
-        reader = stack.enter_context(TensorReader(checkpoint.directory))
+        reader = stack.enter_context(TensorReader(checkpoint.directory, reuse=True))
         _add_metadata(writer, architecture, output, type)
         add_tokenizer(writer, base_dir, int(architecture.config["vocab_size"]))
 

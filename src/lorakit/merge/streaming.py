@@ -207,7 +207,7 @@ def _write_tensors(directory: Path, plan: MergePlan, dtype: torch.dtype | None, 
     bar = tqdm(total=sum(i.nbytes for _, i, _ in targets), unit="B", unit_scale=True, desc="merging",
                disable=not progress)
     try:
-        with TensorReader(plan.checkpoint.directory) as reader:
+        with TensorReader(plan.checkpoint.directory, reuse=True) as reader:
             for name, info, target in targets:
                 base = reader.get(info.file, info.name)
                 writer.write(name, merged_blocks(base, plan.tensors.get(name), plan.adapters, target))

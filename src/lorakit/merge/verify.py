@@ -83,7 +83,8 @@ def verify_checkpoint(directory: str | Path, plan: MergePlan, dtype: torch.dtype
     failures += [f"{name}: in the output but not planned" for name in extra[:_MAX_FAILURES]]
     merged = identical = 0
     max_abs = max_ulps = 0.0
-    with TensorReader(plan.checkpoint.directory) as base_reader, TensorReader(directory) as out_reader:
+    with TensorReader(plan.checkpoint.directory, reuse=True) as base_reader, \
+            TensorReader(directory, reuse=True) as out_reader:
         for name, info in tqdm(outputs, desc="verifying", unit="tensor", disable=not progress):
             out_info = written.tensors.get(name)
             target = target_dtype(info.dtype, dtype)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from lorakit.checkpointing import enable_activation_checkpointing
 from lorakit.errors import MissingDependencyError
 from lorakit.quant.weights import is_quantized_param, restore_trainable_4bit_
 
@@ -134,7 +135,7 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = F
             if gradient_checkpointing_kwargs is not None
             else {"use_reentrant": False}
         )
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_activation_checkpointing(model, kwargs)
     return model
 
 
