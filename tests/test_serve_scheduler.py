@@ -291,3 +291,27 @@ def test_each_answer_equals_the_same_request_alone(tiny_chat_model_dir: Path, mo
     for i, row in enumerate(rows):
         assert row.finish_reason == "length" and isinstance(events[i][-1], Finished)
         assert row.tokens == _alone(model, row.adapter, row.prompt_ids, row.max_tokens), i
+
+
+def test_a_row_cancelled_while_it_joins_leaves_once(tiny_chat_model_dir: Path, model: PeftModel) -> None:
+    """The client leaves on the first token, i.e. its row is cancelled during the step that prefilled it
+    (Job.close runs on the event loop while the model thread steps): the row leaves the batch exactly
+    once, at the next step, and the row beside it runs on."""
+    tokenizer = load_tokenizer(tiny_chat_model_dir)
+    batch = Batch(tokenizer, tokenizer.pad_token_id, {tokenizer.eos_token_id})
+    ids = tokenizer("Tell me a story")["input_ids"]
+
+    def leave(event) -> None:
+        leaving.cancelled = True
+
+    leaving = Row(prompt_ids=ids, adapter="beta", max_tokens=50, ignore_eos=True, emit=leave)
+    staying = Row(prompt_ids=ids, adapter="alpha", max_tokens=50, ignore_eos=True, emit=lambda event: None)
+    try:
+        reports = [batch.step(model, [leaving, staying])] + [batch.step(model, []) for _ in range(3)]
+    finally:
+        batch.close()
+    assert [sum(row is leaving for row in report.left) for report in reports] == [0, 1, 0, 0]
+    assert leaving.finish_reason == "cancelled" and len(leaving.tokens) == 1
+    assert [[row is staying for row in report.rows] for report in reports] == [[False, True], [True],
+                                                                               [True], [True]]
+    assert len(staying.tokens) == 4 and not staying.done

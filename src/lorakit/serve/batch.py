@@ -90,8 +90,12 @@ class Batch:
                 log.exception("prefill failed for %d rows", len(joining))
                 self._fail(joining, err)
         self._drop_done()
+        # Newcomers cancelled before the step never ran: they end here. One cancelled while it joined (its
+        # client leaves on the first token) is running now and ends at the next step like any running row;
+        # ending it here would leave a finished row in the batch, reported again by the next step.
+        joined = {id(row) for row in joining}
         for row in newcomers:
-            if row.cancelled and not row.done:
+            if id(row) not in joined and not row.done:
                 row.finish("cancelled")
         gone = [row for row in [*before, *newcomers] if row.done]
         return StepReport(tuple(self.rows), tuple(gone), sum(len(r.prompt_ids) for r in joining), decoded)
