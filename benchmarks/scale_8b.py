@@ -16,8 +16,7 @@
    scaling), each a fresh process: wall time, peak RSS (VmHWM, polled) less the `import torch, transformers`
    baseline, GB/s of weights written.
 4. PEFT `merge_and_unload` + `save_pretrained` on the same files (it needs the whole model in memory),
-   killed if the machine's MemAvailable falls under 1 GB; the result records how far it got. Beside it,
-   the estimate from PEFT's peak/checkpoint ratio on the 1 GB checkpoint (benchmarks/merge_memory.py).
+   killed if the machine's MemAvailable falls under 1 GB; the result records how far it got.
 Everything is deleted at the end (the base too unless --keep-base).
 """
 
@@ -35,8 +34,6 @@ from harness import import_baseline_rss, machine, mem_available, run_measured, s
 
 GB = 10**9
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# PEFT's peak above baseline over the checkpoint size on the 1 GB float32 checkpoint (merge_memory.py).
-PEFT_RATIO_DEFAULT = 1.27
 
 
 def llama31_8b_config(layers: int = 32):
@@ -146,13 +143,11 @@ def lorakit(args: list[str]) -> dict:
     return run_measured([sys.executable, "-m", "lorakit", *args])
 
 
-def peft_merge(root: Path, checkpoint_bytes: int, baseline: int, ratio: float) -> dict:
+def peft_merge(root: Path, baseline: int) -> dict:
     """PEFT's merge_and_unload + save_pretrained, which holds the whole model in memory. It runs with a
     guard: if MemAvailable falls under 1 GB the process is killed (before the OOM killer picks one) and
     the result says how far it got."""
-    available = mem_available()
-    result = {"mem_available_bytes": available, "peft_ratio_on_1gb": ratio,
-              "estimated_peak_bytes": int(checkpoint_bytes * ratio) + baseline}
+    result = {"mem_available_bytes": mem_available()}
     code = ("import sys, torch, peft, transformers\n"
             "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)\n"
             "peft.PeftModel.from_pretrained(m, sys.argv[2]).merge_and_unload().save_pretrained(sys.argv[3], "
@@ -174,7 +169,6 @@ def main() -> None:
     parser.add_argument("--keep-base", action="store_true", help="keep base/, adapter/ and inputs.json")
     parser.add_argument("--reuse", action="store_true", help="reuse the inputs a --keep-base run left")
     parser.add_argument("--layers", type=int, default=32, help="fewer for a quick check of the script")
-    parser.add_argument("--peft-ratio", type=float, default=PEFT_RATIO_DEFAULT)
     args = parser.parse_args()
     root = Path(args.workdir)
     if shutil.disk_usage(root.parent).free < 40 * GB:
@@ -202,12 +196,12 @@ def main() -> None:
         report = json.loads((root / "merged" / "merge_report.json").read_text())
         merge_only = report["seconds"] - report["verify_seconds"]
         floor = size / disk["read_Bps"] + size / disk["write_Bps"]
+        probe_floor = size / disk["probe_read_Bps"] + size / disk["write_Bps"]
         results["merge"] = {
             "seconds": run["seconds"], "report_seconds": report["seconds"],
             "verify_seconds": report["verify_seconds"], "merge_seconds": merge_only,
             "read_plus_write_floor_seconds": floor, "ratio_to_floor": merge_only / floor,
-            "probe_floor_seconds": size / disk["probe_read_Bps"] + size / disk["write_Bps"],
-            "ratio_to_probe_floor": merge_only / (size / disk["probe_read_Bps"] + size / disk["write_Bps"]),
+            "probe_floor_seconds": probe_floor, "ratio_to_probe_floor": merge_only / probe_floor,
             "copy_floor_seconds": size / disk["copy_Bps"],
             "ratio_to_copy": merge_only / (size / disk["copy_Bps"]),
             "GBps_written": size / merge_only / GB, "peak_rss_bytes": run["peak_rss_bytes"],
@@ -228,7 +222,7 @@ def main() -> None:
                              "within_bound": run["peak_rss_bytes"] - baseline <= bound}
         print(json.dumps(results["export"]), flush=True)
         (root / "model.gguf").unlink()
-        results["peft"] = peft_merge(root, size, baseline, args.peft_ratio)
+        results["peft"] = peft_merge(root, baseline)
         print(json.dumps(results["peft"]), flush=True)
     finally:
         save_results("scale_8b" if args.layers == 32 else f"scale_8b_{args.layers}_layers", results)
